@@ -1,0 +1,176 @@
+"""The ``sdstudio`` command: translates arguments to requests and results to files, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from importlib import resources
+from pathlib import Path
+
+from sdstudio.errors import SdStudioError
+
+log = logging.getLogger("sdstudio")
+
+EMBEDDED_MODEL = "toyworld.safetensors"
+
+
+def embedded_model_path() -> Path | None:
+    path = resources.files("sdstudio") / "assets" / EMBEDDED_MODEL
+    return Path(str(path)) if path.is_file() else None
+
+
+def _output_paths(args: argparse.Namespace, seeds: int) -> list[Path]:
+    """Where each image of the batch goes; checked before any work so nothing is half-written."""
+    if args.output:
+        out = Path(args.output)
+        if out.suffix.lower() != ".png":
+            raise SdStudioError(f"{out}: the output file must end in .png")
+        paths = [out] if seeds == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(seeds)]
+    else:
+        outdir = Path(args.outdir)
+        if outdir.exists() and not outdir.is_dir():
+            raise SdStudioError(f"{outdir}: exists and is not a folder; pass another --outdir")
+        taken = [int(m.group(1)) for p in outdir.glob("*.png") if (m := re.match(r"(\d{5})-", p.name))]
+        start = max(taken, default=-1) + 1
+        paths = [outdir / f"{start + i:05d}-{{seed}}.png" for i in range(seeds)]
+    if not args.overwrite:
+        for p in paths:
+            if "{seed}" not in p.name and p.exists():
+                raise SdStudioError(f"{p}: already exists; pass --overwrite to replace it or choose another -o")
+    return paths
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from sdstudio.engine import Pipeline
+    from sdstudio.io.images import save_png
+    from sdstudio.models.loading import parse_dtype
+    from sdstudio.pipelines.txt2img import plan
+    from sdstudio.types import GenerationRequest
+
+    model_path = args.model or embedded_model_path()
+    if model_path is None:
+        raise SdStudioError(
+            "no --model given and the embedded default model is not shipped yet: pass --model PATH "
+            "(a .safetensors or .ckpt file, or a diffusers folder); "
+            "`sdstudio checkpoint random --arch tiny -o tiny.safetensors` makes a random one for testing"
+        )
+    request = GenerationRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative,
+        sampler=args.sampler,
+        scheduler=args.scheduler,
+        steps=args.steps,
+        cfg_scale=args.cfg,
+        seed=args.seed,
+        width=args.width,
+        height=args.height,
+        batch_size=args.batch,
+        clip_skip=args.clip_skip,
+        eta=args.eta,
+    )
+    paths = _output_paths(args, request.batch_size)
+    pipeline = Pipeline.from_file(
+        model_path, dtype=parse_dtype(args.dtype), use_ema=args.ema, prediction=args.prediction
+    )
+    plan(pipeline.model, request)  # fail on bad options before any work
+    bar = tqdm(total=request.steps, disable=args.quiet, file=sys.stderr, desc="sampling", unit="step")
+    with bar:
+        result = pipeline(request, callback=lambda step: bar.update(1))
+    for path, generated in zip(paths, result.images):
+        path = path.with_name(path.name.format(seed=generated.seed))
+        save_png(generated.image, path, generated.infotext, overwrite=args.overwrite)
+        print(path)
+    for warning in result.warnings:
+        log.warning(warning)
+    return 0
+
+
+def cmd_checkpoint_random(args: argparse.Namespace) -> int:
+    from sdstudio.models.configs import preset
+    from sdstudio.models.loading import parse_dtype, save_model
+    from sdstudio.models.stablediffusion import random_model
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise SdStudioError(f"{out}: already exists; pass --overwrite to replace it")
+    try:
+        config = preset(args.arch)
+    except ValueError as e:
+        raise SdStudioError(str(e)) from None
+    model = random_model(config, seed=args.seed)
+    save_model(model, out, dtype=parse_dtype(args.dtype), overwrite=args.overwrite)
+    print(out)
+    return 0
+
+
+def cmd_checkpoint_info(args: argparse.Namespace) -> int:
+    from sdstudio.models.loading import checkpoint_info
+
+    print(json.dumps(checkpoint_info(args.file), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdstudio", description="Stable Diffusion: generate, edit, train, evaluate.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate images from a text prompt (txt2img)")
+    gen.add_argument("prompt", help="the prompt")
+    gen.add_argument("--negative", default="", help="negative prompt")
+    gen.add_argument("--model", help="checkpoint: .safetensors, .ckpt or a diffusers folder (default: embedded)")
+    gen.add_argument("--sampler", default="Euler a", help="sampler name as AUTOMATIC1111 shows it (default: Euler a)")
+    gen.add_argument("--scheduler", default="Automatic", help="schedule type: Automatic, Uniform, Karras, ...")
+    gen.add_argument("--steps", type=int, default=20)
+    gen.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale (default 7)")
+    gen.add_argument("--seed", type=int, default=-1, help="seed of the first image (-1: random)")
+    gen.add_argument("--width", type=int, help="width in pixels, a multiple of 8 (default: the model's size)")
+    gen.add_argument("--height", type=int, help="height in pixels, a multiple of 8")
+    gen.add_argument("--batch", type=int, default=1, help="images to make, with seeds seed..seed+N-1")
+    gen.add_argument("--clip-skip", type=int, help="use the N-th text encoder layer from the end (1 = last)")
+    gen.add_argument("--eta", type=float, help="noise multiplier for ancestral and DDIM samplers")
+    gen.add_argument("--dtype", default="fp32", help="weights' precision: fp32, bf16 or fp16 (default fp32)")
+    gen.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
+    gen.add_argument("--prediction", choices=["epsilon", "v"], help="override the model's prediction type")
+    out = gen.add_mutually_exclusive_group()
+    out.add_argument("-o", "--output", help="output PNG file (a batch adds -0, -1, ...)")
+    out.add_argument("--outdir", default="outputs", help="output folder (default: outputs)")
+    gen.add_argument("--overwrite", action="store_true", help="replace existing files")
+    gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    gen.set_defaults(func=cmd_generate)
+
+    ckpt = sub.add_parser("checkpoint", help="make or inspect checkpoints")
+    ckpt_sub = ckpt.add_subparsers(dest="checkpoint_command", required=True)
+    rnd = ckpt_sub.add_parser("random", help="write a randomly initialised checkpoint of a preset")
+    rnd.add_argument("--arch", required=True, help="preset: sd15, sd15-inpaint, sd2, sd2-v, sd2-inpaint, tiny, ...")
+    rnd.add_argument("--seed", type=int, default=0)
+    rnd.add_argument("--dtype", default="fp16", help="fp16 (default), bf16 or fp32")
+    rnd.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    rnd.add_argument("--overwrite", action="store_true")
+    rnd.set_defaults(func=cmd_checkpoint_random)
+    info = ckpt_sub.add_parser("info", help="print a checkpoint's architecture as JSON")
+    info.add_argument("file")
+    info.set_defaults(func=cmd_checkpoint_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="sdstudio: %(message)s")
+    try:
+        return args.func(args)
+    except SdStudioError as e:
+        print(f"sdstudio: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sdstudio: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""The UNet as a denoiser in sigma space, for sampling (``__call__``) and training (``loss``) alike.
+
+k-diffusion's ``DiscreteEpsDDPMDenoiser`` / ``DiscreteVDDPMDenoiser`` (Karras et al. 2022, Table 1 and
+Appendix B.6; v-prediction from Salimans & Ho 2022): ``D(x, sigma) = c_skip x + c_out F(c_in x, t(sigma))``.
+One object serves both directions so the trainer cannot drift from the sampler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sdstudio.diffusion.schedule import DiscreteSchedule
+from sdstudio.models.configs import Prediction
+
+
+@dataclass(frozen=True)
+class Denoiser:
+    unet: nn.Module
+    schedule: DiscreteSchedule
+    prediction: Prediction = "epsilon"
+    quantize: bool = True  # feed the nearest training timestep (as AUTOMATIC1111 and diffusers do)
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(c_skip, c_out, c_in), each [B, 1, 1, 1]; sigma_data = 1 as in SD."""
+        sigma = sigma.float()[:, None, None, None]
+        c_in = 1 / (sigma**2 + 1) ** 0.5
+        if self.prediction == "v":
+            return 1 / (sigma**2 + 1), -sigma * c_in, c_in
+        return torch.ones_like(sigma), -sigma, c_in
+
+    def raw(self, x: Tensor, sigma: Tensor, context: Tensor, extra: Tensor | None = None) -> Tensor:
+        """The network's own output F (eps or v) for the VE latent ``x`` at ``sigma``. [B, C, h, w]"""
+        _, _, c_in = self.scalings(sigma)
+        t = self.schedule.sigma_to_t(sigma.float(), quantize=self.quantize)
+        inp = x.float() * c_in
+        if extra is not None:  # inpainting models: mask and masked-image latents as extra channels
+            inp = torch.cat([inp, extra.float()], dim=1)
+        dtype = next(self.unet.parameters()).dtype
+        return self.unet(inp.to(dtype), t, context.to(dtype)).float()
+
+    def __call__(self, x: Tensor, sigma: Tensor, context: Tensor, extra: Tensor | None = None) -> Tensor:
+        """The x0 estimate, float32. x [B, C, h, w], sigma [B], context [B, tokens, width]."""
+        c_skip, c_out, _ = self.scalings(sigma)
+        return x.float() * c_skip + self.raw(x, sigma, context, extra) * c_out
+
+    def loss(
+        self, x0: Tensor, noise: Tensor, sigma: Tensor, context: Tensor, extra: Tensor | None = None
+    ) -> Tensor:
+        """Per-sample MSE between F and its target (eps, or v), the DDPM objective. [B]"""
+        c_skip, c_out, _ = self.scalings(sigma)
+        noised = x0.float() + noise.float() * sigma.float()[:, None, None, None]
+        target = (x0.float() - c_skip * noised) / c_out
+        return (self.raw(noised, sigma, context, extra) - target).pow(2).flatten(1).mean(1)

@@ -1,0 +1,214 @@
+"""Architecture configs of the three networks, presets, and (de)serialisation to checkpoint metadata.
+
+Field names follow the original LDM yaml configs (``model_channels``, ``channel_mult``, ``ch``...) so a
+config reads like the ``v1-inference.yaml`` people know.  Detection from a state dict lives in
+``sdstudio.models.detect``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Prediction = Literal["epsilon", "v"]
+TextEncoderKind = Literal["clip", "open_clip"]
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """``ldm.modules.diffusionmodules.openaimodel.UNetModel`` as used by SD 1.x / 2.x."""
+
+    in_channels: int = 4  # 9 for inpainting models (latent 4 + mask 1 + masked-image latent 4)
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    # Downsampling factors (1, 2, 4, ...) at which a SpatialTransformer follows each ResBlock.
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)
+    num_heads: int = 8  # used when num_head_channels == -1 (SD 1.x)
+    num_head_channels: int = -1  # SD 2.x: 64, with num_heads = -1
+    transformer_depth: int = 1
+    context_dim: int = 768
+    use_linear_in_transformer: bool = False  # SD 2.x: proj_in / proj_out are Linear, not 1x1 Conv
+    norm_groups: int = 32
+
+    def heads_at(self, channels: int) -> tuple[int, int]:
+        """(heads, head_dim) of the attention layers at a level with ``channels`` channels."""
+        if self.num_head_channels == -1:
+            return self.num_heads, channels // self.num_heads
+        return channels // self.num_head_channels, self.num_head_channels
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """``ldm.models.autoencoder.AutoencoderKL`` (``ddconfig`` + ``embed_dim``)."""
+
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 4
+    embed_dim: int = 4
+    norm_groups: int = 32
+    scale_factor: float = 0.18215
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """A CLIP text transformer: HF layout (``clip``, SD 1.x) or OpenCLIP layout (``open_clip``, SD 2.x)."""
+
+    kind: TextEncoderKind = "clip"
+    vocab_size: int = 49408
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    max_positions: int = 77
+    mlp_ratio: int = 4
+    activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
+    # Which hidden layer feeds the UNet by default, counted as AUTOMATIC1111's "Clip skip":
+    # 1 = last layer, 2 = penultimate (SD 2.x always uses the penultimate layer). The final
+    # layer norm is applied to whichever layer is taken.
+    default_clip_skip: int = 1
+    # Token id used to pad a 77-token chunk after EOS: EOS for SD 1.x, 0 ("!") for SD 2.x.
+    pad_with_eos: bool = True
+    projection_dim: int = 0  # OpenCLIP's text_projection (unused by SD, kept for round trips)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The training noise schedule (DDPM, "scaled linear" betas)."""
+
+    linear_start: float = 0.00085
+    linear_end: float = 0.012
+    timesteps: int = 1000
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A whole Stable Diffusion model."""
+
+    name: str = "sd15"
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    prediction: Prediction = "epsilon"
+    default_size: int = 512
+
+    @property
+    def is_inpainting(self) -> bool:
+        return self.unet.in_channels == 9
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        return config_from_dict(json.loads(text))
+
+
+def _build(kind: type, data: dict[str, Any]) -> Any:
+    names = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = set(data) - set(names)
+    if unknown:
+        raise ValueError(f"unknown {kind.__name__} fields: {sorted(unknown)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return kind(**values)
+
+
+def config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    data = dict(data)
+    parts = {
+        "unet": UNetConfig,
+        "vae": VAEConfig,
+        "text": TextEncoderConfig,
+        "schedule": ScheduleConfig,
+    }
+    for key, kind in parts.items():
+        if key in data:
+            data[key] = _build(kind, data[key])
+    return _build(ModelConfig, data)
+
+
+METADATA_KEY = "sdstudio.config"
+
+SD1_TEXT = TextEncoderConfig()
+SD2_TEXT = TextEncoderConfig(
+    kind="open_clip",
+    width=1024,
+    layers=24,
+    heads=16,
+    activation="gelu",
+    default_clip_skip=2,
+    pad_with_eos=False,
+    projection_dim=1024,
+)
+SD2_UNET = UNetConfig(
+    num_heads=-1, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True
+)
+
+PRESETS: dict[str, ModelConfig] = {
+    "sd15": ModelConfig(name="sd15"),
+    "sd15-inpaint": ModelConfig(name="sd15-inpaint", unet=UNetConfig(in_channels=9)),
+    "sd2": ModelConfig(name="sd2", unet=SD2_UNET, text=SD2_TEXT),
+    "sd2-v": ModelConfig(name="sd2-v", unet=SD2_UNET, text=SD2_TEXT, prediction="v", default_size=768),
+    "sd2-inpaint": ModelConfig(
+        name="sd2-inpaint", unet=dataclasses.replace(SD2_UNET, in_channels=9), text=SD2_TEXT
+    ),
+    # Small enough for unit tests in seconds; keeps the real vocabulary so the real tokenizer works.
+    "tiny": ModelConfig(
+        name="tiny",
+        unet=UNetConfig(
+            model_channels=32,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            attention_resolutions=(2, 1),
+            num_heads=2,
+            context_dim=32,
+            norm_groups=8,
+        ),
+        vae=VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8),
+        text=TextEncoderConfig(width=32, layers=2, heads=2),
+        default_size=64,
+    ),
+    "tiny-sd2": ModelConfig(
+        name="tiny-sd2",
+        unet=UNetConfig(
+            model_channels=32,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            attention_resolutions=(2, 1),
+            num_heads=-1,
+            num_head_channels=8,
+            context_dim=32,
+            use_linear_in_transformer=True,
+            norm_groups=8,
+        ),
+        vae=VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8),
+        text=TextEncoderConfig(
+            kind="open_clip",
+            width=32,
+            layers=2,
+            heads=2,
+            activation="gelu",
+            default_clip_skip=2,
+            pad_with_eos=False,
+            projection_dim=32,
+        ),
+        default_size=64,
+    ),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown architecture preset {name!r}; choose one of: {', '.join(PRESETS)}") from None

@@ -1,0 +1,131 @@
+"""txt2img: prompt -> conditioning -> sampler over the guided denoiser -> latents -> VAE -> images."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from sdstudio import __version__
+from sdstudio.diffusion.denoiser import Denoiser
+from sdstudio.diffusion.guidance import CFGDenoiser
+from sdstudio.diffusion.noise import ImageNoise
+from sdstudio.diffusion.samplers import SamplerInfo, SamplerStep, resolve_sampler
+from sdstudio.diffusion.schedule import DiscreteSchedule
+from sdstudio.diffusion.schedulers import get_sigmas
+from sdstudio.errors import SdStudioError
+from sdstudio.io.images import to_pil
+from sdstudio.io.infotext import format_infotext, format_number
+from sdstudio.models.loading import LoadedModel
+from sdstudio.models.tokenizer import ClipTokenizer
+from sdstudio.prompt.conditioning import encode_pair
+from sdstudio.types import GeneratedImage, GenerationRequest, GenerationResult
+
+log = logging.getLogger(__name__)
+
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A request with every default resolved and every value checked."""
+
+    sampler: SamplerInfo
+    scheduler: str
+    width: int
+    height: int
+    seeds: tuple[int, ...]
+    clip_skip: int
+    eta: float | None
+
+
+def plan(model: LoadedModel, request: GenerationRequest) -> Plan:
+    """Check a request against a model; raise ``SdStudioError`` naming the problem and the fix."""
+    config = model.config
+    try:
+        sampler, legacy_scheduler = resolve_sampler(request.sampler)
+    except ValueError as e:
+        raise SdStudioError(str(e)) from None
+    scheduler = legacy_scheduler or request.scheduler
+    width = request.width or config.default_size
+    height = request.height or config.default_size
+    multiple = config.vae.downsample * 2 ** (len(config.unet.channel_mult) - 1)
+    for name, value in (("width", width), ("height", height)):
+        if value < 8 or value % 8:
+            raise SdStudioError(f"{name} {value} is not a positive multiple of 8; use e.g. {max(8, value // 8 * 8)}")
+        if value % multiple:
+            raise SdStudioError(
+                f"{name} {value} is not a multiple of {multiple}, which this model's UNet needs; "
+                f"use {max(multiple, round(value / multiple) * multiple)}"
+            )
+    if request.steps < 1:
+        raise SdStudioError(f"steps must be at least 1 (got {request.steps})")
+    if request.batch_size < 1:
+        raise SdStudioError(f"batch size must be at least 1 (got {request.batch_size})")
+    if request.cfg_scale < 0:
+        raise SdStudioError(f"CFG scale must be >= 0 (got {request.cfg_scale})")
+    clip_skip = request.clip_skip if request.clip_skip is not None else config.text.default_clip_skip
+    if not 1 <= clip_skip <= config.text.layers:
+        raise SdStudioError(f"clip skip must be between 1 and {config.text.layers} (got {clip_skip})")
+    if request.eta is not None and not sampler.uses_eta:
+        raise SdStudioError(f"sampler {sampler.name!r} does not use eta; leave --eta out or pick an ancestral/DDIM sampler")
+    seed = request.seed if request.seed >= 0 else secrets.randbelow(MAX_SEED)
+    if seed > MAX_SEED:
+        raise SdStudioError(f"seed must be at most {MAX_SEED} (got {seed})")
+    seeds = tuple((seed + i) % (MAX_SEED + 1) for i in range(request.batch_size))
+    return Plan(sampler, scheduler, width, height, seeds, clip_skip, request.eta)
+
+
+def infotext(model: LoadedModel, request: GenerationRequest, p: Plan, seed: int) -> str:
+    params: dict[str, object] = {
+        "Steps": request.steps,
+        "Sampler": p.sampler.name,
+        "Schedule type": p.scheduler if p.scheduler != "Automatic" else None,
+        "CFG scale": format_number(request.cfg_scale),
+        "Seed": seed,
+        "Size": f"{p.width}x{p.height}",
+        "Model hash": model.short_hash or None,
+        "Model": model.name,
+        "Clip skip": p.clip_skip if p.clip_skip != 1 else None,
+        "Eta": format_number(p.eta) if p.eta is not None else None,
+        "Version": f"sdstudio {__version__}",
+    }
+    return format_infotext(request.prompt, request.negative_prompt, params)
+
+
+def txt2img(
+    model: LoadedModel,
+    tokenizer: ClipTokenizer,
+    request: GenerationRequest,
+    callback: Callable[[SamplerStep], None] | None = None,
+) -> GenerationResult:
+    p = plan(model, request)
+    sd, config = model.model, model.config
+    schedule = DiscreteSchedule.from_config(config.schedule)
+    denoiser = Denoiser(sd.unet, schedule, config.prediction)
+    with torch.inference_mode():
+        cond, uncond = encode_pair(
+            sd.text_encoder, tokenizer, config.text, request.prompt, request.negative_prompt, p.clip_skip
+        )
+        batch = len(p.seeds)
+        guided = CFGDenoiser(denoiser, cond.expand(batch, -1, -1), uncond.expand(batch, -1, -1), request.cfg_scale)
+        sigmas = get_sigmas(p.scheduler, schedule, request.steps, p.sampler)
+        down = config.vae.downsample
+        noise = ImageNoise(list(p.seeds), (config.unet.out_channels, p.height // down, p.width // down))
+        x = noise.draw() * p.sampler.initial_scale(sigmas[0])
+        settings = {"eta": p.eta} if p.eta is not None else {}
+        latents = p.sampler.function(guided, x, sigmas, noise=noise, callback=callback, **settings)
+        latents = latents * p.sampler.final_scale(sigmas[-1])
+        vae_dtype = next(sd.vae.parameters()).dtype
+        decoded = sd.vae.decode((latents / config.vae.scale_factor).to(vae_dtype))
+    images = to_pil(decoded)
+    return GenerationResult(
+        request=request,
+        images=tuple(
+            GeneratedImage(image=img, seed=seed, infotext=infotext(model, request, p, seed))
+            for img, seed in zip(images, p.seeds)
+        ),
+    )

@@ -1,0 +1,107 @@
+"""The CLI contract: images with infotext, and one clear error line (exit 2, no output) on bad input."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from PIL import Image
+
+from sdstudio.cli import main
+from sdstudio.io.infotext import parse_infotext
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    assert main(["checkpoint", "random", "--arch", "tiny", "--seed", "3", "-o", str(path)]) == 0
+    return path
+
+
+def run_error(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("sdstudio: error: "), err
+    return err[0]
+
+
+def test_generate_writes_png_with_a1111_infotext(tmp_path, tiny_ckpt, capsys):
+    out = tmp_path / "cat.png"
+    argv = ["generate", "a cat", "--negative", "dog", "--model", str(tiny_ckpt), "--steps", "3",
+            "--seed", "42", "--sampler", "Euler", "-o", str(out), "--quiet"]
+    assert main(argv) == 0
+    with Image.open(out) as im:
+        assert im.size == (64, 64)
+        prompt, negative, params = parse_infotext(im.info["parameters"])
+    assert (prompt, negative) == ("a cat", "dog")
+    assert params["Steps"] == "3" and params["Sampler"] == "Euler" and params["Seed"] == "42"
+    assert params["CFG scale"] == "7" and params["Size"] == "64x64" and params["Model"] == "tiny"
+    assert len(params["Model hash"]) == 10
+    # the same seed gives the same image; existing files are not overwritten
+    code = main(argv)
+    assert code == 2 and "already exists" in capsys.readouterr().err
+    again = tmp_path / "again.png"
+    assert main(argv[:-3] + ["-o", str(again), "--quiet"]) == 0
+    assert Image.open(again).tobytes() == Image.open(out).tobytes()
+
+
+def test_batch_seeds_and_outdir(tmp_path, tiny_ckpt):
+    argv = ["generate", "x", "--model", str(tiny_ckpt), "--steps", "2", "--seed", "7", "--batch", "2",
+            "--outdir", str(tmp_path), "--quiet"]
+    assert main(argv) == 0
+    names = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert names == ["00000-7.png", "00001-8.png"]
+    # image 1 of the batch equals generating seed 8 alone
+    single = tmp_path / "single" / "s.png"
+    assert main(["generate", "x", "--model", str(tiny_ckpt), "--steps", "2", "--seed", "8", "-o", str(single), "-q"]) == 0
+    a = torch.tensor(list(Image.open(tmp_path / "00001-8.png").getdata()), dtype=torch.float32)
+    b = torch.tensor(list(Image.open(single).getdata()), dtype=torch.float32)
+    assert (a - b).abs().max() <= 1
+
+
+def test_checkpoint_info_json(tiny_ckpt, capsys):
+    assert main(["checkpoint", "info", str(tiny_ckpt)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["architecture"] == "tiny" and info["ema"] is False and info["dtypes"] == ["float16"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--width", "60"], "width 60 is not a positive multiple of 8"),
+        (["--height", "0"], "height 0 is not a positive multiple of 8"),
+        (["--steps", "0"], "steps must be at least 1"),
+        (["--sampler", "Nope"], "unknown sampler 'Nope'.*Euler a"),
+        (["--clip-skip", "9"], "clip skip must be between 1 and 2"),
+    ],
+)
+def test_bad_options(tmp_path, tiny_ckpt, capsys, extra, message):
+    import re
+
+    out = tmp_path / "o.png"
+    line = run_error(capsys, ["generate", "x", "--model", str(tiny_ckpt), "-o", str(out), "-q", *extra])
+    assert re.search(message, line), line
+    assert not out.exists()
+
+
+def test_bad_model_files(tmp_path, capsys):
+    out = tmp_path / "o.png"
+    assert "no such file" in run_error(capsys, ["generate", "x", "--model", str(tmp_path / "nope.ckpt"), "-o", str(out)])
+    text = tmp_path / "readme.safetensors"
+    text.write_text("not weights")
+    assert "not a valid .safetensors" in run_error(capsys, ["generate", "x", "--model", str(text), "-o", str(out)])
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"x": pickle.PickleError("x")}, evil)
+    assert "needs code" in run_error(capsys, ["generate", "x", "--model", str(evil), "-o", str(out)])
+    weird = tmp_path / "weird.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"first_stage_model.encoder.conv_in.weight": torch.zeros(8, 3, 3, 3)}, weird)
+    assert "no UNet" in run_error(capsys, ["generate", "x", "--model", str(weird), "-o", str(out)])
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_unknown_preset(tmp_path, capsys):
+    line = run_error(capsys, ["checkpoint", "random", "--arch", "sd9", "-o", str(tmp_path / "x.safetensors")])
+    assert "unknown architecture preset 'sd9'" in line and "sd15" in line
