@@ -96,6 +96,37 @@ def infotext(model: LoadedModel, request: GenerationRequest, p: Plan, seed: int)
     return format_infotext(request.prompt, request.negative_prompt, params)
 
 
+def sample_latents(
+    model: LoadedModel,
+    p: Plan,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    steps: int,
+    cfg_scale: float,
+    callback: Callable[[SamplerStep], None] | None = None,
+) -> torch.Tensor:
+    """Run the sampler from the seeds' noise; the clean latents (unscaled, as the UNet sees them). [B, 4, h, w]"""
+    config = model.config
+    schedule = DiscreteSchedule.from_config(config.schedule)
+    denoiser = Denoiser(model.model.unet, schedule, config.prediction)
+    batch = len(p.seeds)
+    guided = CFGDenoiser(denoiser, cond.expand(batch, -1, -1), uncond.expand(batch, -1, -1), cfg_scale)
+    sigmas = get_sigmas(p.scheduler, schedule, steps, p.sampler)
+    down = config.vae.downsample
+    noise = ImageNoise(list(p.seeds), (config.unet.out_channels, p.height // down, p.width // down))
+    x = noise.draw() * p.sampler.initial_scale(sigmas[0])
+    settings = {"eta": p.eta} if p.eta is not None else {}
+    latents = p.sampler.function(guided, x, sigmas, noise=noise, callback=callback, **settings)
+    return latents * p.sampler.final_scale(sigmas[-1])
+
+
+def decode_latents(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [-1, 1], float32. [B, 3, H, W]"""
+    vae = model.model.vae
+    dtype = next(vae.parameters()).dtype
+    return vae.decode((latents / model.config.vae.scale_factor).to(dtype)).float()
+
+
 def txt2img(
     model: LoadedModel,
     tokenizer: ClipTokenizer,
@@ -103,25 +134,13 @@ def txt2img(
     callback: Callable[[SamplerStep], None] | None = None,
 ) -> GenerationResult:
     p = plan(model, request)
-    sd, config = model.model, model.config
-    schedule = DiscreteSchedule.from_config(config.schedule)
-    denoiser = Denoiser(sd.unet, schedule, config.prediction)
+    sd = model.model
     with torch.inference_mode():
         cond, uncond = encode_pair(
-            sd.text_encoder, tokenizer, config.text, request.prompt, request.negative_prompt, p.clip_skip
+            sd.text_encoder, tokenizer, model.config.text, request.prompt, request.negative_prompt, p.clip_skip
         )
-        batch = len(p.seeds)
-        guided = CFGDenoiser(denoiser, cond.expand(batch, -1, -1), uncond.expand(batch, -1, -1), request.cfg_scale)
-        sigmas = get_sigmas(p.scheduler, schedule, request.steps, p.sampler)
-        down = config.vae.downsample
-        noise = ImageNoise(list(p.seeds), (config.unet.out_channels, p.height // down, p.width // down))
-        x = noise.draw() * p.sampler.initial_scale(sigmas[0])
-        settings = {"eta": p.eta} if p.eta is not None else {}
-        latents = p.sampler.function(guided, x, sigmas, noise=noise, callback=callback, **settings)
-        latents = latents * p.sampler.final_scale(sigmas[-1])
-        vae_dtype = next(sd.vae.parameters()).dtype
-        decoded = sd.vae.decode((latents / config.vae.scale_factor).to(vae_dtype))
-    images = to_pil(decoded)
+        latents = sample_latents(model, p, cond, uncond, request.steps, request.cfg_scale, callback)
+        images = to_pil(decode_latents(model, latents))
     return GenerationResult(
         request=request,
         images=tuple(

@@ -1,0 +1,285 @@
+"""The CLIP text encoders of Stable Diffusion, in the original single-file checkpoint layouts.
+
+Two layouts of the same architecture (a pre-LayerNorm causal transformer, Radford et al. 2021,
+"Learning Transferable Visual Models From Natural Language Supervision"):
+
+* ``FrozenCLIPEmbedder`` (SD 1.x): OpenAI CLIP ViT-L/14 in the Hugging Face ``CLIPTextModel`` layout,
+  stored under ``cond_stage_model.transformer.text_model.*``.
+* ``FrozenOpenCLIPEmbedder`` (SD 2.x): OpenCLIP ViT-H/14 in the OpenCLIP layout, stored under
+  ``cond_stage_model.model.*`` (packed q/k/v ``in_proj``, ``text_projection`` as a bare matrix).
+
+Attribute names equal the checkpoint keys with ``cond_stage_model.`` stripped, so weights load with
+``load_state_dict`` and no renaming (the class names are those of ``ldm.modules.encoders.modules``).
+Both return the hidden states that condition the UNet: the output of one transformer layer, chosen
+as AUTOMATIC1111's "Clip skip" (1 = last, 2 = penultimate), followed by the final LayerNorm.
+Despite the names nothing is frozen here: whoever trains or infers sets ``requires_grad`` and ``eval``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sdstudio.models.configs import TextEncoderConfig
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    """OpenAI CLIP's sigmoid approximation of GELU, which its weights were trained with."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def _activation(name: str) -> Callable[[Tensor], Tensor]:
+    if name == "quick_gelu":
+        return quick_gelu
+    if name == "gelu":
+        return F.gelu  # exact (erf) GELU, as OpenCLIP's nn.GELU
+    raise ValueError(f"unknown text encoder activation {name!r}")
+
+
+def _causal_attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
+    """Multi-head causal self-attention over projected ``q, k, v`` [batch, tokens, width]."""
+    batch, tokens, width = q.shape
+    # [batch, tokens, width] -> [batch, heads, tokens, head_dim]
+    q, k, v = (t.view(batch, tokens, heads, width // heads).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [batch, heads, tokens, head_dim]
+    return out.transpose(1, 2).reshape(batch, tokens, width)
+
+
+def _check_clip_skip(clip_skip: int, layers: int) -> None:
+    if not 1 <= clip_skip <= layers:
+        raise ValueError(f"clip_skip must be in [1, {layers}], got {clip_skip}")
+
+
+def _embed(embedding: nn.Embedding, positions: Tensor, tokens: Tensor, token_embeds: Tensor | None) -> Tensor:
+    """Token plus position embeddings, [batch, tokens, width], in the weights' dtype.
+
+    ``positions`` is the [max_positions, width] table; ``token_embeds`` [batch, tokens, width] replaces
+    the lookup of ``tokens`` (textual inversion builds it with its own vectors spliced in).
+    """
+    if token_embeds is None:
+        token_embeds = embedding(tokens)
+    elif token_embeds.shape[:2] != tokens.shape or token_embeds.shape[2] != embedding.embedding_dim:
+        raise ValueError(
+            f"token_embeds {tuple(token_embeds.shape)} do not match tokens {tuple(tokens.shape)} "
+            f"and width {embedding.embedding_dim}"
+        )
+    length = tokens.shape[1]
+    if length > positions.shape[0]:
+        raise ValueError(f"{length} tokens exceed the {positions.shape[0]} positions of the text encoder")
+    return token_embeds.to(embedding.weight.dtype) + positions[:length]
+
+
+# ---------------------------------------------------------------------------------------------
+# SD 1.x: Hugging Face CLIPTextModel layout
+
+
+class _CLIPAttention(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: Tensor) -> Tensor:  # [batch, tokens, width]
+        out = _causal_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads)
+        return self.out_proj(out)
+
+
+class _CLIPMLP(nn.Module):
+    def __init__(self, width: int, hidden: int, activation: str) -> None:
+        super().__init__()
+        self.act = _activation(activation)
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class _CLIPEncoderLayer(nn.Module):
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.self_attn = _CLIPAttention(config.width, config.heads)
+        self.layer_norm1 = nn.LayerNorm(config.width)
+        self.mlp = _CLIPMLP(config.width, config.width * config.mlp_ratio, config.activation)
+        self.layer_norm2 = nn.LayerNorm(config.width)
+
+    def forward(self, x: Tensor) -> Tensor:  # [batch, tokens, width]
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class _CLIPEmbeddings(nn.Module):
+    # No ``position_ids`` buffer: some checkpoints carry one, and the loader drops that key.
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
+        self.position_embedding = nn.Embedding(config.max_positions, config.width)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.position_embedding.weight, std=0.01)
+
+
+class _CLIPEncoder(nn.Module):
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_CLIPEncoderLayer(config) for _ in range(config.layers))
+
+
+class _CLIPTextTransformer(nn.Module):
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.embeddings = _CLIPEmbeddings(config)
+        self.encoder = _CLIPEncoder(config)
+        self.final_layer_norm = nn.LayerNorm(config.width)
+
+
+class _CLIPTextModel(nn.Module):
+    """Holds ``text_model`` only so that parameter names gain the ``transformer.text_model.`` prefix."""
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.text_model = _CLIPTextTransformer(config)
+
+
+class FrozenCLIPEmbedder(nn.Module):
+    """SD 1.x text encoder (OpenAI CLIP text transformer, Hugging Face layout)."""
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        if config.kind != "clip":
+            raise ValueError(f"FrozenCLIPEmbedder needs a 'clip' config, got {config.kind!r}")
+        self.config = config
+        self.transformer = _CLIPTextModel(config)
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.transformer.text_model.embeddings.token_embedding
+
+    def forward(self, tokens: Tensor, clip_skip: int, token_embeds: Tensor | None = None) -> Tensor:
+        """Hidden states [batch, tokens, width] of ``tokens`` [batch, tokens] (ids, BOS and EOS included).
+
+        The output of layer ``layers - clip_skip + 1``, then the final LayerNorm.
+        """
+        text = self.transformer.text_model
+        _check_clip_skip(clip_skip, len(text.encoder.layers))
+        x = _embed(
+            text.embeddings.token_embedding, text.embeddings.position_embedding.weight, tokens, token_embeds
+        )
+        for layer in text.encoder.layers[: len(text.encoder.layers) - clip_skip + 1]:
+            x = layer(x)  # [batch, tokens, width]
+        return text.final_layer_norm(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# SD 2.x: OpenCLIP layout
+
+
+class _PackedAttention(nn.Module):
+    """``nn.MultiheadAttention``'s parameter names (packed q/k/v), always causal, batch first."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # rows: q, k, v
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, x: Tensor) -> Tensor:  # [batch, tokens, width]
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        return self.out_proj(_causal_attention(q, k, v, self.heads))
+
+
+class _OpenCLIPMLP(nn.Module):
+    def __init__(self, width: int, hidden: int, activation: str) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(width, hidden)
+        self.act = _activation(activation)
+        self.c_proj = nn.Linear(hidden, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class _ResidualAttentionBlock(nn.Module):
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.width)
+        self.attn = _PackedAttention(config.width, config.heads)
+        self.ln_2 = nn.LayerNorm(config.width)
+        self.mlp = _OpenCLIPMLP(config.width, config.width * config.mlp_ratio, config.activation)
+
+    def forward(self, x: Tensor) -> Tensor:  # [batch, tokens, width]
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class _OpenCLIPTransformer(nn.Module):
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.resblocks = nn.ModuleList(_ResidualAttentionBlock(config) for _ in range(config.layers))
+
+
+class _OpenCLIPTextModel(nn.Module):
+    """The text half of ``open_clip.CLIP`` (SD 2.x deletes the visual tower)."""
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        width = config.width
+        self.token_embedding = nn.Embedding(config.vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(config.max_positions, width))
+        self.transformer = _OpenCLIPTransformer(config)
+        self.ln_final = nn.LayerNorm(width)
+        # Unused by SD; kept so that a checkpoint round-trips and keeps its keys.
+        if config.projection_dim > 0:
+            self.text_projection = nn.Parameter(torch.empty(width, config.projection_dim))
+            nn.init.normal_(self.text_projection, std=width**-0.5)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+
+
+class FrozenOpenCLIPEmbedder(nn.Module):
+    """SD 2.x text encoder (OpenCLIP text transformer, OpenCLIP layout)."""
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        if config.kind != "open_clip":
+            raise ValueError(f"FrozenOpenCLIPEmbedder needs an 'open_clip' config, got {config.kind!r}")
+        self.config = config
+        self.model = _OpenCLIPTextModel(config)
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.model.token_embedding
+
+    def forward(self, tokens: Tensor, clip_skip: int, token_embeds: Tensor | None = None) -> Tensor:
+        """Hidden states [batch, tokens, width] of ``tokens`` [batch, tokens] (ids, BOS and EOS included).
+
+        The output of layer ``layers - clip_skip + 1``, then the final LayerNorm (SD 2.x: clip_skip 2).
+        """
+        model = self.model
+        blocks = model.transformer.resblocks
+        _check_clip_skip(clip_skip, len(blocks))
+        x = _embed(model.token_embedding, model.positional_embedding, tokens, token_embeds)
+        for block in blocks[: len(blocks) - clip_skip + 1]:
+            x = block(x)  # [batch, tokens, width]
+        return model.ln_final(x)
+
+
+TextEncoder = FrozenCLIPEmbedder | FrozenOpenCLIPEmbedder
+
+
+def build_text_encoder(config: TextEncoderConfig) -> TextEncoder:
+    """The text encoder of ``config.kind``, randomly initialised (load weights with ``load_state_dict``)."""
+    if config.kind == "clip":
+        return FrozenCLIPEmbedder(config)
+    if config.kind == "open_clip":
+        return FrozenOpenCLIPEmbedder(config)
+    raise ValueError(f"unknown text encoder kind {config.kind!r}")

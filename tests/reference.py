@@ -1,0 +1,125 @@
+"""Reference implementations holding our weights: diffusers / transformers models built from a
+single-file state dict through diffusers' own converters. Test-only; nothing here is ours to trust."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from sdstudio.models.configs import ModelConfig, UNetConfig, VAEConfig
+
+
+def randomise_(model: nn.Module, seed: int) -> None:
+    """Fan-in-scaled Gaussian weights, so activations stay O(1) through every residual branch.
+
+    LDM zero-inits each residual branch's last layer, which would make parity comparisons vacuous.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * p[0].numel() ** -0.5)
+            elif name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+def ldm_yaml(unet: UNetConfig, vae: VAEConfig) -> dict[str, Any]:
+    """An original LDM yaml (as a dict) describing these networks, for diffusers' config readers."""
+    params: dict[str, Any] = {
+        "in_channels": unet.in_channels,
+        "out_channels": unet.out_channels,
+        "model_channels": unet.model_channels,
+        "channel_mult": list(unet.channel_mult),
+        "num_res_blocks": unet.num_res_blocks,
+        "attention_resolutions": list(unet.attention_resolutions),
+        "transformer_depth": unet.transformer_depth,
+        "context_dim": unet.context_dim,
+        "use_linear_in_transformer": unet.use_linear_in_transformer,
+    }
+    if unet.num_head_channels == -1:  # the real yamls name exactly one of these
+        params["num_heads"] = unet.num_heads
+    else:
+        params["num_head_channels"] = unet.num_head_channels
+    ddconfig = {
+        "double_z": True,
+        "z_channels": vae.z_channels,
+        "resolution": 256,
+        "in_channels": vae.in_channels,
+        "out_ch": vae.out_ch,
+        "ch": vae.ch,
+        "ch_mult": list(vae.ch_mult),
+        "num_res_blocks": vae.num_res_blocks,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    }
+    return {
+        "model": {
+            "params": {
+                "scale_factor": vae.scale_factor,
+                "unet_config": {"params": params},
+                "first_stage_config": {"params": {"embed_dim": vae.embed_dim, "ddconfig": ddconfig}},
+            }
+        }
+    }
+
+
+def diffusers_unet(config: ModelConfig, state: dict[str, torch.Tensor]):
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dconfig = create_unet_diffusers_config_from_ldm(ldm_yaml(config.unet, config.vae), {}, image_size=512)
+    dconfig["norm_num_groups"] = config.unet.norm_groups  # LDM hard-codes 32; our tiny presets do not
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**dconfig)
+    result = unet.load_state_dict(convert_ldm_unet_checkpoint(state, dconfig), strict=True, assign=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    return unet.eval()
+
+
+def diffusers_vae(config: ModelConfig, state: dict[str, torch.Tensor]):
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dconfig = create_vae_diffusers_config_from_ldm(ldm_yaml(config.unet, config.vae), {}, image_size=512)
+    dconfig["norm_num_groups"] = config.vae.norm_groups
+    dconfig["scaling_factor"] = config.vae.scale_factor
+    with torch.device("meta"):
+        vae = AutoencoderKL(**dconfig)
+    result = vae.load_state_dict(convert_ldm_vae_checkpoint(state, dconfig), strict=True, assign=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    return vae.eval()
+
+
+def transformers_clip(config: ModelConfig, state: dict[str, torch.Tensor]):
+    """SD 1.x text encoder as transformers' CLIPTextModel."""
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text = config.text
+    assert text.kind == "clip"
+    hf = CLIPTextConfig(
+        vocab_size=text.vocab_size,
+        hidden_size=text.width,
+        intermediate_size=text.width * text.mlp_ratio,
+        num_hidden_layers=text.layers,
+        num_attention_heads=text.heads,
+        max_position_embeddings=text.max_positions,
+        hidden_act=text.activation,
+    )
+    model = CLIPTextModel(hf)
+    converted = convert_ldm_clip_checkpoint(state)
+    converted = {k: v for k, v in converted.items() if not k.endswith("position_ids")}
+    if not hasattr(model, "text_model"):  # transformers >= 5 flattened CLIPTextModel
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    result = model.load_state_dict(converted, strict=False)
+    assert not result.unexpected_keys and all("position_ids" in k for k in result.missing_keys), result
+    return model.eval()
