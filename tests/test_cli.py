@@ -3,6 +3,7 @@
 import json
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -55,9 +56,9 @@ def test_batch_seeds_and_outdir(tmp_path, tiny_ckpt):
     # image 1 of the batch equals generating seed 8 alone
     single = tmp_path / "single" / "s.png"
     assert main(["generate", "x", "--model", str(tiny_ckpt), "--steps", "2", "--seed", "8", "-o", str(single), "-q"]) == 0
-    a = torch.tensor(list(Image.open(tmp_path / "00001-8.png").getdata()), dtype=torch.float32)
-    b = torch.tensor(list(Image.open(single).getdata()), dtype=torch.float32)
-    assert (a - b).abs().max() <= 1
+    a = np.asarray(Image.open(tmp_path / "00001-8.png"), dtype=np.int16)
+    b = np.asarray(Image.open(single), dtype=np.int16)
+    assert np.abs(a - b).max() <= 1  # batched and single convolutions may round differently
 
 
 def test_checkpoint_info_json(tiny_ckpt, capsys):

@@ -50,17 +50,11 @@ def plan(model: LoadedModel, request: GenerationRequest) -> Plan:
     except ValueError as e:
         raise SdStudioError(str(e)) from None
     scheduler = legacy_scheduler or request.scheduler
-    width = request.width or config.default_size
-    height = request.height or config.default_size
-    multiple = config.vae.downsample * 2 ** (len(config.unet.channel_mult) - 1)
+    width = config.default_size if request.width is None else request.width
+    height = config.default_size if request.height is None else request.height
     for name, value in (("width", width), ("height", height)):
         if value < 8 or value % 8:
             raise SdStudioError(f"{name} {value} is not a positive multiple of 8; use e.g. {max(8, value // 8 * 8)}")
-        if value % multiple:
-            raise SdStudioError(
-                f"{name} {value} is not a multiple of {multiple}, which this model's UNet needs; "
-                f"use {max(multiple, round(value / multiple) * multiple)}"
-            )
     if request.steps < 1:
         raise SdStudioError(f"steps must be at least 1 (got {request.steps})")
     if request.batch_size < 1:
