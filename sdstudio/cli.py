@@ -46,6 +46,7 @@ def _output_paths(args: argparse.Namespace, seeds: int) -> list[Path]:
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from sdstudio.diffusion.samplers import SamplerStep
     from sdstudio.engine import Pipeline
     from sdstudio.io.images import save_png
     from sdstudio.models.loading import parse_dtype
@@ -79,8 +80,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     plan(pipeline.model, request)  # fail on bad options before any work
     bar = tqdm(total=request.steps, disable=args.quiet, file=sys.stderr, desc="sampling", unit="step")
+
+    def progress(step: SamplerStep) -> None:
+        bar.total = step.total  # DDIM/PLMS may run one step more than asked, as AUTOMATIC1111 does
+        bar.update(1)
+
     with bar:
-        result = pipeline(request, callback=lambda step: bar.update(1))
+        result = pipeline(request, callback=progress)
     for path, generated in zip(paths, result.images):
         path = path.with_name(path.name.format(seed=generated.seed))
         save_png(generated.image, path, generated.infotext, overwrite=args.overwrite)

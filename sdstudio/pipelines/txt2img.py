@@ -13,7 +13,13 @@ from sdstudio import __version__
 from sdstudio.diffusion.denoiser import Denoiser
 from sdstudio.diffusion.guidance import CFGDenoiser
 from sdstudio.diffusion.noise import ImageNoise
-from sdstudio.diffusion.samplers import SamplerInfo, SamplerStep, resolve_sampler
+from sdstudio.diffusion.samplers import (
+    BrownianTreeNoiseSampler,
+    NoiseSampler,
+    SamplerInfo,
+    SamplerStep,
+    resolve_sampler,
+)
 from sdstudio.diffusion.schedule import DiscreteSchedule
 from sdstudio.diffusion.schedulers import get_sigmas
 from sdstudio.errors import SdStudioError
@@ -110,7 +116,10 @@ def sample_latents(
     noise = ImageNoise(list(p.seeds), (config.unet.out_channels, p.height // down, p.width // down))
     x = noise.draw() * p.sampler.initial_scale(sigmas[0])
     settings = {"eta": p.eta} if p.eta is not None else {}
-    latents = p.sampler.function(guided, x, sigmas, noise=noise, callback=callback, **settings)
+    step_noise: NoiseSampler = noise
+    if p.sampler.brownian_noise:  # SDE samplers: one Brownian tree per image, from its seed
+        step_noise = BrownianTreeNoiseSampler.for_sigmas(x.shape, sigmas, p.seeds)
+    latents = p.sampler.function(guided, x, sigmas, noise=step_noise, callback=callback, **settings)
     return latents * p.sampler.final_scale(sigmas[-1])
 
 

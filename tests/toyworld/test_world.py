@@ -1,0 +1,269 @@
+import hashlib
+
+import numpy as np
+import pytest
+
+from sdstudio.toyworld.world import (
+    BACKGROUNDS,
+    CELL,
+    COLOURS,
+    HELDOUT_PAIRS,
+    IMAGE_SIZE,
+    PALETTE,
+    POSITIONS,
+    SHAPES,
+    VOCABULARY,
+    Description,
+    ObjectDescription,
+    ObjectSpec,
+    Scene,
+    caption,
+    dataset,
+    describe,
+    is_heldout,
+    parse_caption,
+    relation_holds,
+    render,
+    sample_scene,
+    tokenize,
+    unknown_words,
+)
+
+# sha256 over the images and captions of dataset(0, 8, "any"). A change here changes what the
+# embedded model was trained on: retrain it, or keep the old world.
+GOLDEN_DATASET_SHA256 = "60f0c0f7c50945fcb8a5450820e8965be64e122dfc55c7d72fd096509018605a"
+
+
+def _digest(seed: int, n: int, split: str = "any") -> str:
+    h = hashlib.sha256()
+    for image, text, _ in dataset(seed, n, split):  # type: ignore[arg-type]
+        h.update(image.tobytes())
+        h.update(text.encode())
+    return h.hexdigest()
+
+
+def test_dataset_is_deterministic_in_seed() -> None:
+    assert _digest(3, 40) == _digest(3, 40)
+    assert _digest(3, 40) != _digest(4, 40)
+
+
+def test_dataset_golden_digest() -> None:
+    assert _digest(0, 8) == GOLDEN_DATASET_SHA256
+
+
+def test_dataset_yields_images_captions_scenes() -> None:
+    for image, text, scene in dataset(1, 20, "train"):
+        assert image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and image.dtype == np.uint8
+        assert isinstance(text, str) and isinstance(scene, Scene)
+        assert np.array_equal(render(scene), image)
+    assert {len(s.objects) for _, _, s in dataset(1, 40)} == {1, 2}
+    assert {len(s.objects) for _, _, s in dataset(1, 20, n_objects=2)} == {2}
+
+
+def test_render_golden_pixels() -> None:
+    scene = Scene((ObjectSpec("square", "red", "large", "centre"),), "gray")
+    image = render(scene)
+    # A 17 px square centred at (32, 32) covers pixels 24..39 fully, and half of 23 and 40.
+    assert image[32, 32].tolist() == list(PALETTE["red"])
+    assert image[24, 24].tolist() == list(PALETTE["red"])
+    assert image[0, 0].tolist() == list(BACKGROUNDS["gray"])
+    assert image[32, 21].tolist() == list(BACKGROUNDS["gray"])
+    half = np.rint((np.array(PALETTE["red"]) + np.array(BACKGROUNDS["gray"])) / 2).tolist()
+    assert image[32, 23].tolist() == half
+    assert (image != np.array(BACKGROUNDS["gray"])).any(axis=-1).sum() == 18 * 18
+
+
+def test_objects_stay_in_canvas_cell_and_apart() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        scene = sample_scene(rng, "any", 2)
+        for obj in scene.objects:
+            cx, cy = obj.centre
+            half = obj.extent / 2
+            assert 0 <= cx - half and cx + half <= IMAGE_SIZE and 0 <= cy - half and cy + half <= IMAGE_SIZE
+            assert POSITIONS[int(cy // CELL) * 3 + int(cx // CELL)] == obj.position
+        a, b = scene.objects
+        gap_x = abs(a.centre[0] - b.centre[0]) - (a.extent + b.extent) / 2
+        gap_y = abs(a.centre[1] - b.centre[1]) - (a.extent + b.extent) / 2
+        assert max(gap_x, gap_y) > 1.0
+        assert a.colour != b.colour
+        assert scene.relation is not None and relation_holds(scene.relation, a.position, b.position)
+
+
+def test_jitter_gives_diversity() -> None:
+    rng = np.random.default_rng(0)
+    images = {render(sample_scene(rng, "any", 1)).tobytes() for _ in range(200)}
+    assert len(images) == 200
+
+
+def test_heldout_pairs_never_in_train() -> None:
+    rng = np.random.default_rng(0)
+    seen: set[tuple[str, str]] = set()
+    for i in range(4000):
+        scene = sample_scene(rng, "train", 1 + i % 2)
+        for obj in scene.objects:
+            seen.add((obj.colour, obj.shape))
+    assert not seen & HELDOUT_PAIRS
+    # Every other pair is reachable.
+    assert seen == {(c, s) for c in COLOURS for s in SHAPES} - HELDOUT_PAIRS
+    assert not any(is_heldout(o) for _, _, sc in dataset(5, 2000, "train") for o in sc.objects)
+
+
+def test_heldout_split_names_a_heldout_pair_first() -> None:
+    rng = np.random.default_rng(1)
+    firsts = set()
+    for i in range(600):
+        scene = sample_scene(rng, "heldout", 1 + i % 2)
+        assert is_heldout(scene.objects[0])
+        firsts.add((scene.objects[0].colour, scene.objects[0].shape))
+    assert firsts == set(HELDOUT_PAIRS)
+    anys = {(o.colour, o.shape) for i in range(600) for o in sample_scene(rng, "any", 1).objects}
+    assert anys & HELDOUT_PAIRS
+
+
+def test_heldout_pairs_are_a_fixed_set() -> None:
+    assert HELDOUT_PAIRS == {
+        ("yellow", "circle"),
+        ("purple", "square"),
+        ("green", "triangle"),
+        ("blue", "star"),
+        ("orange", "diamond"),
+        ("white", "cross"),
+    }
+
+
+def test_captions_parse_back_to_their_scene() -> None:
+    rng = np.random.default_rng(2)
+    for _, text, scene in dataset(7, 3000, "any"):
+        parsed = parse_caption(text)
+        assert parsed is not None, text
+        assert parsed.matches(scene), (text, scene)
+    # With every attribute stated, one-object captions parse to the full description exactly.
+    for _ in range(300):
+        scene = sample_scene(rng, "any", 1)
+        text = caption(scene, rng, p_size=1.0, p_position=1.0, p_background=1.0)
+        assert parse_caption(text) == describe(scene), text
+
+
+def test_caption_vocabulary_is_closed() -> None:
+    words: set[str] = set()
+    for _, text, _ in dataset(8, 3000, "any"):
+        assert unknown_words(text) == [], text
+        words.update(tokenize(text))
+    # Captions use (nearly) the whole vocabulary, so a text encoder sees every word in training.
+    assert words <= VOCABULARY
+    assert len(VOCABULARY - words) <= 2, VOCABULARY - words
+
+
+def test_unknown_words() -> None:
+    assert unknown_words("A red circle next to a dog, next to a DOG") == ["next", "dog"]
+    assert unknown_words("a small crimson disc in the upper-left corner") == []
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a red circle", Description((ObjectDescription("circle", "red"),))),
+        (
+            "a small crimson disc in the upper left corner on a teal background",
+            Description((ObjectDescription("circle", "red", "small", "top left"),), background="teal"),
+        ),
+        (
+            "there is a large blue square at the bottom",
+            Description((ObjectDescription("square", "blue", "large", "bottom"),)),
+        ),
+        (
+            "In the top-right, a tiny golden plus",
+            Description((ObjectDescription("cross", "yellow", "small", "top right"),)),
+        ),
+        (
+            "a red circle left of a blue square",
+            Description(
+                (ObjectDescription("circle", "red"), ObjectDescription("square", "blue")), relation="left of"
+            ),
+        ),
+        (
+            "a huge violet star at the bottom, right of an ebony rhombus in the lower left, grey background",
+            Description(
+                (
+                    ObjectDescription("star", "purple", "large", "bottom"),
+                    ObjectDescription("diamond", "black", None, "bottom left"),
+                ),
+                background="gray",
+                relation="right of",
+            ),
+        ),
+        (
+            "a white box in the middle and a green triangle on the left side",
+            Description(
+                (
+                    ObjectDescription("square", "white", None, "centre"),
+                    ObjectDescription("triangle", "green", None, "left"),
+                )
+            ),
+        ),
+        (
+            "an orange disk beneath a cobalt cross",
+            Description(
+                (ObjectDescription("circle", "orange"), ObjectDescription("cross", "blue")), relation="below"
+            ),
+        ),
+    ],
+)
+def test_parse_caption_examples(text: str, expected: Description) -> None:
+    assert parse_caption(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "a circle",  # no colour
+        "a red",  # adjective without a noun
+        "a red circle next to a blue square",  # unknown word
+        "a red circle left of",  # relation without a second object
+        "left of a red circle",
+        "a red blue circle",
+        "a red circle on a gray background on a sky background",
+        "a red circle in the top left in the bottom",  # dangling position
+    ],
+)
+def test_parse_caption_rejects(text: str) -> None:
+    assert parse_caption(text) is None
+
+
+def test_scene_validation() -> None:
+    a = ObjectSpec("circle", "red", "small", "left")
+    b = ObjectSpec("square", "blue", "small", "right")
+    assert Scene((a, b), "gray", "left of").relation == "left of"
+    with pytest.raises(ValueError):
+        Scene((a, b), "gray", "right of")
+    with pytest.raises(ValueError):
+        Scene((a,), "red")  # object colours are not backgrounds
+    with pytest.raises(ValueError):
+        ObjectSpec("hexagon", "red", "small", "left")
+
+
+def test_description_matches_either_order() -> None:
+    a = ObjectSpec("circle", "red", "small", "top left")
+    b = ObjectSpec("square", "blue", "large", "bottom right")
+    scene = Scene((a, b), "sky", "above")
+    swapped = parse_caption("a blue square to the right of a red circle")
+    assert swapped is not None and swapped.matches(scene)
+    assert not Description(
+        (ObjectDescription("square", "blue"), ObjectDescription("circle", "red")), relation="above"
+    ).matches(scene)
+    assert [relation_holds(r, "top left", "centre") for r in ("left of", "right of", "above", "below")] == [
+        True,
+        False,
+        True,
+        False,
+    ]
+    assert [
+        relation_holds(r, "bottom", "bottom right") for r in ("left of", "right of", "above", "below")
+    ] == [
+        True,
+        False,
+        False,
+        False,
+    ]
