@@ -9,8 +9,12 @@ import re
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sdstudio.errors import SdStudioError
+
+if TYPE_CHECKING:
+    from sdstudio.prompt.parser import ParsedPrompt
 
 log = logging.getLogger("sdstudio")
 
@@ -76,7 +80,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     paths = _output_paths(args, request.batch_size)
     pipeline = Pipeline.from_file(
-        model_path, dtype=parse_dtype(args.dtype), use_ema=args.ema, prediction=args.prediction
+        model_path,
+        dtype=parse_dtype(args.dtype),
+        use_ema=args.ema,
+        prediction=args.prediction,
+        embeddings_dir=args.embeddings,
+        skip_bad_embeddings=args.skip_bad_embeddings,
     )
     plan(pipeline.model, request)  # fail on bad options before any work
     bar = tqdm(total=request.steps, disable=args.quiet, file=sys.stderr, desc="sampling", unit="step")
@@ -94,6 +103,50 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for warning in result.warnings:
         log.warning(warning)
     return 0
+
+
+def cmd_prompt(args: argparse.Namespace) -> int:
+    """The parsed prompt as JSON (``to_json_dict``); with ``--model``, chunk token counts and warnings too."""
+    from sdstudio.prompt.parser import parse, to_json_dict
+
+    for name, value in (("--steps", args.steps), ("--hires-steps", args.hires_steps)):
+        if value is not None and value < 1:
+            raise SdStudioError(f"{name} must be at least 1 (got {value})")
+    if args.embeddings and not args.model:
+        raise SdStudioError("--embeddings needs --model: an embedding must match the model's text encoder width")
+    parsed = parse(args.prompt, args.steps, args.hires_steps)
+    out = to_json_dict(parsed)
+    if parsed.hires is not None:
+        out["hires"] = to_json_dict(parsed.hires)
+    if args.model:
+        _add_token_counts(args, parsed, out)
+    print(json.dumps(out, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _add_token_counts(args: argparse.Namespace, parsed: ParsedPrompt, out: dict) -> None:
+    """Add ``chunk_token_counts`` to every schedule entry of ``out`` (and its hires part) and ``warnings``."""
+    from sdstudio.models.detect import detect_config
+    from sdstudio.models.loading import load_state
+    from sdstudio.models.tokenizer import ClipTokenizer
+    from sdstudio.prompt.conditioning import prompt_warnings, tokenize_attention
+    from sdstudio.prompt.embeddings import load_embeddings
+
+    stored, state, _ = load_state(args.model)
+    text = (stored or detect_config({k: tuple(v.shape) for k, v in state.items()})).text
+    del state
+    tokenizer = ClipTokenizer()
+    embeddings = None
+    if args.embeddings:
+        embeddings = load_embeddings(args.embeddings, text.width, tokenizer, skip_bad=args.skip_bad_embeddings)
+    for part, part_json in ((parsed, out), (parsed.hires, out.get("hires"))):
+        if part is None:
+            continue
+        for sub, sub_json in zip(part.subprompts, part_json["subprompts"]):
+            for entry, entry_json in zip(sub.schedule, sub_json["schedule"]):
+                chunks = tokenize_attention(entry.attention, tokenizer, text, embeddings)
+                entry_json["chunk_token_counts"] = [chunk.length for chunk in chunks]
+    out["warnings"] = [*(embeddings.warnings if embeddings else ()), *prompt_warnings(parsed, embeddings)]
 
 
 def cmd_checkpoint_random(args: argparse.Namespace) -> int:
@@ -143,12 +196,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="fp32", help="weights' precision: fp32, bf16 or fp16 (default fp32)")
     gen.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     gen.add_argument("--prediction", choices=["epsilon", "v"], help="override the model's prediction type")
+    gen.add_argument("--embeddings", metavar="DIR", help="folder of textual inversion embeddings (name = file stem)")
+    gen.add_argument("--skip-bad-embeddings", action="store_true", help="warn about unusable embedding files, don't fail")
     out = gen.add_mutually_exclusive_group()
     out.add_argument("-o", "--output", help="output PNG file (a batch adds -0, -1, ...)")
     out.add_argument("--outdir", default="outputs", help="output folder (default: outputs)")
     gen.add_argument("--overwrite", action="store_true", help="replace existing files")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)
+
+    pr = sub.add_parser("prompt", help="print how a prompt parses (AUTOMATIC1111 syntax) as JSON")
+    pr.add_argument("prompt", help="the prompt")
+    pr.add_argument("--steps", type=int, default=20, help="sampling steps the schedule is for (default 20)")
+    pr.add_argument("--hires-steps", type=int, help="also schedule a hires-fix second pass of M steps")
+    pr.add_argument("--model", help="checkpoint: adds each chunk's token count and any warnings")
+    pr.add_argument("--embeddings", metavar="DIR", help="folder of textual inversion embeddings (needs --model)")
+    pr.add_argument("--skip-bad-embeddings", action="store_true", help="warn about unusable embedding files, don't fail")
+    pr.set_defaults(func=cmd_prompt)
 
     ckpt = sub.add_parser("checkpoint", help="make or inspect checkpoints")
     ckpt_sub = ckpt.add_subparsers(dest="checkpoint_command", required=True)

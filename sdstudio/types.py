@@ -26,6 +26,33 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class CondSchedule:
+    """Which conditioning each sampling step uses: entry k (row ``index[k]`` of a stack of
+    conditionings) is in force through step ``end_at_step[k]``.
+
+    Steps are counted from 0, as AUTOMATIC1111's ``reconstruct_cond_batch`` counts them, so
+    ``[a:b:10]`` at 20 steps uses ``a`` for steps 0..10 and ``b`` for 11..19, exactly as there.
+    """
+
+    end_at_step: tuple[int, ...]
+    index: tuple[int, ...]
+
+    def at(self, step: int) -> int:
+        for end, row in zip(self.end_at_step, self.index):
+            if step <= end:
+                return row
+        return self.index[-1]
+
+
+@dataclass(frozen=True)
+class WeightedCond:
+    """One composable (``AND``) sub-prompt: its weight and its schedule."""
+
+    weight: float
+    schedule: CondSchedule
+
+
+@dataclass(frozen=True)
 class GeneratedImage:
     image: Image.Image
     seed: int

@@ -1,4 +1,4 @@
-"""Classifier-free guidance (Ho & Salimans 2022) as a denoiser wrapper the samplers call like any other."""
+"""Classifier-free guidance (Ho & Salimans 2022) as denoiser wrappers the samplers call like any other."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from sdstudio.diffusion.denoiser import Denoiser
+from sdstudio.types import CondSchedule, WeightedCond
 
 
 @dataclass(frozen=True)
@@ -34,3 +35,58 @@ class CFGDenoiser:
 
 
 DenoiserFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class PromptGuidedDenoiser:
+    """CFG over scheduled, composable prompts (AUTOMATIC1111's ``CFGDenoiser`` without its counter).
+
+    ``D(x) = D_u(x) + sum_i w_i scale (D_i(x) - D_u(x))`` over the AND sub-prompts ``i`` (Liu et al.
+    2022, "Compositional Visual Generation with Composable Diffusion Models"), where each sub-prompt
+    and the negative pick their row of ``conds`` for the current step from their schedules.
+
+    The step is derived from sigma, never counted: an evaluation at noise level ``sigma`` belongs to
+    step ``i`` with ``sigmas[i + 1] < sigma <= sigmas[i]``. So the second evaluation of Heun-like
+    samplers (at ``sigmas[i + 1]``) sees the conditioning of the noise level it evaluates, midpoint
+    evaluations (DPM2, DPM++ 2S/SDE) that of their step, and one object can be called in any order.
+    Every distinct row in use at a step goes through the UNet in one batch.
+    """
+
+    denoiser: Denoiser
+    conds: Tensor  # [n_texts, tokens, width], every distinct text's conditioning
+    positive: tuple[WeightedCond, ...]
+    negative: CondSchedule
+    scale: float
+    sigmas: tuple[float, ...]  # the sampler's sigma list, decreasing
+    extra: Tensor | None = None  # [B, extra_channels, h, w] for inpainting models
+
+    def step_at(self, sigma: float) -> int:
+        """The 0-based step whose interval ``(sigmas[i + 1], sigmas[i]]`` holds ``sigma``."""
+        # sigma reaches us as float32; the list is float64: allow for that rounding
+        threshold = sigma * (1 - 1e-5)
+        for i in range(len(self.sigmas) - 2, -1, -1):
+            if self.sigmas[i] >= threshold:
+                return i
+        return 0
+
+    def rows_at(self, step: int) -> tuple[list[tuple[float, int]], int]:
+        """((weight, row) per sub-prompt, negative row) in force at ``step``."""
+        return [(c.weight, c.schedule.at(step)) for c in self.positive], self.negative.at(step)
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        positive, negative = self.rows_at(self.step_at(float(sigma[0])))
+        batch = x.shape[0]
+        if self.scale == 1.0 and len(positive) == 1 and positive[0][0] == 1.0:  # plain prompt, no CFG
+            context = self.conds[positive[0][1]].expand(batch, -1, -1)
+            return self.denoiser(x, sigma, context, self.extra)
+        rows = list(dict.fromkeys([row for _, row in positive] + [negative]))  # distinct, in order
+        n = len(rows)
+        context = self.conds[rows].repeat_interleave(batch, dim=0)  # [n * B, tokens, width], row-major
+        extra = None if self.extra is None else self.extra.repeat(n, *([1] * (self.extra.ndim - 1)))
+        out = self.denoiser(x.repeat(n, 1, 1, 1), sigma.repeat(n), context, extra)
+        out = out.view(n, batch, *out.shape[1:])  # [n, B, C, h, w]
+        uncond = out[rows.index(negative)]
+        denoised = uncond
+        for weight, row in positive:
+            denoised = denoised + (out[rows.index(row)] - uncond) * (weight * self.scale)
+        return denoised

@@ -11,7 +11,7 @@ import torch
 
 from sdstudio import __version__
 from sdstudio.diffusion.denoiser import Denoiser
-from sdstudio.diffusion.guidance import CFGDenoiser
+from sdstudio.diffusion.guidance import PromptGuidedDenoiser
 from sdstudio.diffusion.noise import ImageNoise
 from sdstudio.diffusion.samplers import (
     BrownianTreeNoiseSampler,
@@ -27,7 +27,9 @@ from sdstudio.io.images import to_pil
 from sdstudio.io.infotext import format_infotext, format_number
 from sdstudio.models.loading import LoadedModel
 from sdstudio.models.tokenizer import ClipTokenizer
-from sdstudio.prompt.conditioning import encode_pair
+from sdstudio.prompt.conditioning import Conditioning, encode_conditioning, prompt_warnings
+from sdstudio.prompt.embeddings import EmbeddingDatabase
+from sdstudio.prompt.parser import ParsedPrompt, parse
 from sdstudio.types import GeneratedImage, GenerationRequest, GenerationResult
 
 log = logging.getLogger(__name__)
@@ -99,8 +101,7 @@ def infotext(model: LoadedModel, request: GenerationRequest, p: Plan, seed: int)
 def sample_latents(
     model: LoadedModel,
     p: Plan,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
+    cond: Conditioning,
     steps: int,
     cfg_scale: float,
     callback: Callable[[SamplerStep], None] | None = None,
@@ -109,9 +110,10 @@ def sample_latents(
     config = model.config
     schedule = DiscreteSchedule.from_config(config.schedule)
     denoiser = Denoiser(model.model.unet, schedule, config.prediction)
-    batch = len(p.seeds)
-    guided = CFGDenoiser(denoiser, cond.expand(batch, -1, -1), uncond.expand(batch, -1, -1), cfg_scale)
     sigmas = get_sigmas(p.scheduler, schedule, steps, p.sampler)
+    guided = PromptGuidedDenoiser(
+        denoiser, cond.tensors, cond.positive, cond.negative, cfg_scale, tuple(sigmas.tolist())
+    )
     down = config.vae.downsample
     noise = ImageNoise(list(p.seeds), (config.unet.out_channels, p.height // down, p.width // down))
     x = noise.draw() * p.sampler.initial_scale(sigmas[0])
@@ -130,19 +132,28 @@ def decode_latents(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode((latents / model.config.vae.scale_factor).to(dtype)).float()
 
 
+def parse_request(request: GenerationRequest) -> tuple[ParsedPrompt, ParsedPrompt]:
+    """The prompt (composable) and the negative (scheduled, not composable), for the request's steps."""
+    return parse(request.prompt, request.steps), parse(request.negative_prompt, request.steps, composable=False)
+
+
 def txt2img(
     model: LoadedModel,
     tokenizer: ClipTokenizer,
     request: GenerationRequest,
     callback: Callable[[SamplerStep], None] | None = None,
+    embeddings: EmbeddingDatabase | None = None,
 ) -> GenerationResult:
     p = plan(model, request)
     sd = model.model
+    positive, negative = parse_request(request)
+    warnings = [*(embeddings.warnings if embeddings else ()), *prompt_warnings(positive, embeddings)]
+    warnings += prompt_warnings(negative, embeddings)
     with torch.inference_mode():
-        cond, uncond = encode_pair(
-            sd.text_encoder, tokenizer, model.config.text, request.prompt, request.negative_prompt, p.clip_skip
+        cond = encode_conditioning(
+            sd.text_encoder, tokenizer, model.config.text, positive, negative, p.clip_skip, embeddings
         )
-        latents = sample_latents(model, p, cond, uncond, request.steps, request.cfg_scale, callback)
+        latents = sample_latents(model, p, cond, request.steps, request.cfg_scale, callback)
         images = to_pil(decode_latents(model, latents))
     return GenerationResult(
         request=request,
@@ -150,4 +161,5 @@ def txt2img(
             GeneratedImage(image=img, seed=seed, infotext=infotext(model, request, p, seed))
             for img, seed in zip(images, p.seeds)
         ),
+        warnings=tuple(dict.fromkeys(warnings)),
     )

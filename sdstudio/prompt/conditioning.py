@@ -1,48 +1,280 @@
-"""Text -> conditioning tensors: 75-token chunks with BOS/EOS, each encoded on its own, concatenated.
+"""Parsed prompt -> conditioning tensors, as AUTOMATIC1111's ``modules/sd_hijack_clip.py`` builds them.
 
-AUTOMATIC1111 and ComfyUI encode prompts longer than 75 tokens as several 77-token chunks whose hidden
-states are concatenated along the token axis; the UNet's cross-attention takes any token count.
+Each scheduled text's attention runs are tokenized run by run and packed into chunks of 75 tokens
+framed as ``[BOS, 75 tokens, EOS]`` (:func:`tokenize_attention`, A1111's ``tokenize_line``):
+
+* a full chunk whose last comma is at most ``comma_backtrack`` (A1111's ``comma_padding_backtrack``,
+  default 20) tokens back moves the text after that comma to the next chunk;
+* ``BREAK`` ends the current chunk (padding it);
+* textual inversion embeddings replace the tokens of their names and never straddle two chunks.
+
+Padding is EOS for SD 1.x and, for SD 2.x (``pad_with_eos=False``), 0 after the first EOS, as A1111's
+``process_tokens`` does. Every chunk goes through the text encoder on its own (positions 0..76) and
+the hidden states of a text's chunks are concatenated along the token axis. A1111's "Original"
+emphasis then scales each token's hidden state by its attention weight and rescales the chunk so its
+mean is what it was: ``z *= w; z *= mean_before / mean_after``.
+
+:func:`encode_conditioning` encodes every distinct text of a prompt and its negative once, pads them
+to one token count with encoded empty chunks (A1111's ``pad_cond``) and returns step schedules that
+index those rows, for the guided denoiser.
+
+Differences from A1111, each deliberate: the emphasis mean is taken per chunk of one text (A1111 takes
+it over all texts encoded in the same batch, so a text's conditioning there depends on its batch
+neighbours); AND sub-prompts of unequal length are padded with empty chunks like the negative (A1111
+repeats the last vector); an embedding moved to the next chunk by the comma rule keeps its vectors
+(A1111 leaves its fix behind in the old chunk).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from sdstudio.models.configs import TextEncoderConfig
 from sdstudio.models.tokenizer import ClipTokenizer
+from sdstudio.prompt.embeddings import Embedding, EmbeddingDatabase
+from sdstudio.prompt.parser import ParsedPrompt, ScheduleEntry
+from sdstudio.types import CondSchedule, WeightedCond
+
+BOS = ClipTokenizer.BOS
+EOS = ClipTokenizer.EOS
+CHUNK = ClipTokenizer.CHUNK  # prompt tokens per chunk
+WINDOW = CHUNK + 2  # with BOS and EOS: the text encoder's 77 positions
+COMMA_BACKTRACK = 20  # A1111's default comma_padding_backtrack
+
+
+def frame_chunk(body: Sequence[int], pad_with_eos: bool) -> list[int]:
+    """``[BOS, *body, EOS, pad...]`` of 77 ids; ``body`` holds at most 75 ids."""
+    if len(body) > CHUNK:
+        raise ValueError(f"a chunk holds at most {CHUNK} tokens, got {len(body)}")
+    ids = [BOS, *body] + [EOS] * (CHUNK - len(body)) + [EOS]
+    if not pad_with_eos:  # SD 2.x: 0 after the first EOS (A1111's process_tokens)
+        end = ids.index(EOS)
+        ids[end + 1 :] = [0] * (WINDOW - end - 1)
+    return ids
 
 
 def chunk_tokens(ids: list[int], config: TextEncoderConfig) -> list[list[int]]:
-    """Split token ids into chunks of 75 and frame each as [BOS, ..., EOS, pad...] of 77 ids."""
-    per = ClipTokenizer.CHUNK
-    pad = ClipTokenizer.EOS if config.pad_with_eos else 0
-    pieces = [ids[i : i + per] for i in range(0, len(ids), per)] or [[]]
-    return [[ClipTokenizer.BOS, *p, ClipTokenizer.EOS] + [pad] * (per - len(p)) for p in pieces]
+    """Plain token ids (no weights, no embeddings) split into chunks of 75, each framed to 77 ids."""
+    pieces = [ids[i : i + CHUNK] for i in range(0, len(ids), CHUNK)] or [[]]
+    return [frame_chunk(piece, config.pad_with_eos) for piece in pieces]
 
 
-def encode_chunks(text_encoder: nn.Module, chunks: list[list[int]], clip_skip: int) -> Tensor:
-    """[1, 77 * n_chunks, width] hidden states, in float32."""
+@dataclass(frozen=True)
+class PromptChunk:
+    """One 77-token window: ids, per-token attention weights, and embeddings spliced in."""
+
+    tokens: tuple[int, ...]  # 77 ids, BOS and EOS included; 0 where an embedding's vectors go
+    multipliers: tuple[float, ...]  # 77 weights, 1.0 for BOS, EOS and padding
+    fixes: tuple[tuple[int, Embedding], ...] = ()  # (position in the 77, embedding) pairs
+    length: int = 0  # prompt tokens in the chunk (embedding vectors count one each), without padding
+
+
+class _ChunkBuilder:
+    """The chunk being filled (tokenizer-internal, mutable)."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.multipliers: list[float] = []
+        self.fixes: list[tuple[int, Embedding]] = []  # positions in ``tokens`` (before BOS)
+
+    def finish(self, pad_with_eos: bool) -> PromptChunk:
+        padding = CHUNK - len(self.tokens)
+        return PromptChunk(
+            tokens=tuple(frame_chunk(self.tokens, pad_with_eos)),
+            multipliers=(1.0, *self.multipliers, *([1.0] * padding), 1.0),
+            fixes=tuple((offset + 1, embedding) for offset, embedding in self.fixes),
+            length=len(self.tokens),
+        )
+
+
+def tokenize_attention(
+    attention: Sequence[tuple[str, float]],
+    tokenizer: ClipTokenizer,
+    config: TextEncoderConfig,
+    embeddings: EmbeddingDatabase | None = None,
+    comma_backtrack: int = COMMA_BACKTRACK,
+) -> tuple[PromptChunk, ...]:
+    """Pack ``(fragment, weight)`` runs (the parser's ``attention``) into 77-token chunks (A1111's
+    ``tokenize_line``); ``("BREAK", -1.0)`` starts a new chunk. Always at least one chunk."""
+    comma = tokenizer.token_for(",")
+    chunks: list[PromptChunk] = []
+    chunk = _ChunkBuilder()
+    last_comma = -1
+
+    def next_chunk() -> None:
+        nonlocal chunk, last_comma
+        chunks.append(chunk.finish(config.pad_with_eos))
+        chunk = _ChunkBuilder()
+        last_comma = -1
+
+    for text, weight in attention:
+        if text == "BREAK" and weight == -1:
+            next_chunk()
+            continue
+        tokens = tokenizer.encode(text)
+        position = 0
+        while position < len(tokens):
+            token = tokens[position]
+            if token == comma:
+                last_comma = len(chunk.tokens)
+            elif (
+                comma_backtrack != 0
+                and len(chunk.tokens) == CHUNK
+                and last_comma != -1
+                and len(chunk.tokens) - last_comma <= comma_backtrack
+            ):
+                # the full chunk ends mid-phrase: move the words after its last comma to the next one
+                cut = last_comma + 1
+                moved = chunk.tokens[cut:], chunk.multipliers[cut:]
+                moved_fixes = [(offset - cut, emb) for offset, emb in chunk.fixes if offset >= cut]
+                chunk.tokens, chunk.multipliers = chunk.tokens[:cut], chunk.multipliers[:cut]
+                chunk.fixes = [(offset, emb) for offset, emb in chunk.fixes if offset < cut]
+                next_chunk()
+                chunk.tokens, chunk.multipliers = list(moved[0]), list(moved[1])
+                chunk.fixes = moved_fixes
+            if len(chunk.tokens) == CHUNK:
+                next_chunk()
+            found = embeddings.match(tokens, position) if embeddings is not None else None
+            if found is None:
+                chunk.tokens.append(token)
+                chunk.multipliers.append(weight)
+                position += 1
+                continue
+            embedding, name_tokens = found
+            if len(chunk.tokens) + embedding.n_vectors > CHUNK:
+                next_chunk()
+            chunk.fixes.append((len(chunk.tokens), embedding))
+            chunk.tokens += [0] * embedding.n_vectors
+            chunk.multipliers += [weight] * embedding.n_vectors
+            position += name_tokens
+    if chunk.tokens or not chunks:
+        next_chunk()
+    return tuple(chunks)
+
+
+def encode_chunks(text_encoder: nn.Module, chunks: Sequence[PromptChunk], clip_skip: int) -> Tensor:
+    """Hidden states of each chunk with its embeddings and emphasis applied, float32. [n_chunks, 77, width]"""
     device = next(text_encoder.parameters()).device
-    tokens = torch.tensor(chunks, dtype=torch.long, device=device)  # [n_chunks, 77]
-    hidden = text_encoder(tokens, clip_skip).float()  # [n_chunks, 77, width]
-    return hidden.reshape(1, -1, hidden.shape[-1])
+    tokens = torch.tensor([c.tokens for c in chunks], dtype=torch.long, device=device)  # [n, 77]
+    token_embeds = None
+    if any(c.fixes for c in chunks):
+        token_embeds = text_encoder.token_embedding(tokens).clone()  # [n, 77, width]
+        for row, chunk in enumerate(chunks):
+            for offset, embedding in chunk.fixes:
+                count = min(embedding.n_vectors, WINDOW - offset)
+                token_embeds[row, offset : offset + count] = embedding.vectors[:count].to(token_embeds)
+    hidden = text_encoder(tokens, clip_skip, token_embeds=token_embeds).float()  # [n, 77, width]
+    rows = []
+    for row, chunk in zip(hidden, chunks):
+        if any(m != 1.0 for m in chunk.multipliers):
+            # A1111's "Original" emphasis: weight each token's state, then restore the chunk's mean
+            original_mean = row.mean()
+            row = row * torch.tensor(chunk.multipliers, dtype=row.dtype, device=row.device)[:, None]
+            row = row * (original_mean / row.mean())
+        rows.append(row)
+    return torch.stack(rows)
 
 
-def encode_pair(
+@dataclass(frozen=True)
+class Conditioning:
+    """Every distinct text of a prompt and its negative, encoded once, with the schedules over them.
+
+    ``tensors[k]`` is text ``texts[k]`` (texts with identical tokens and weights share a row); all rows have the same token count (77 per chunk of the
+    longest text; shorter texts end in encoded empty chunks), so any of them batch together.
+    """
+
+    tensors: Tensor  # [n_texts, 77 * n_chunks, width], float32
+    texts: tuple[str, ...]
+    chunk_lengths: tuple[tuple[int, ...], ...]  # per text, the prompt tokens in each of its chunks
+    positive: tuple[WeightedCond, ...]  # one per AND sub-prompt
+    negative: CondSchedule
+
+    @property
+    def tokens(self) -> int:
+        return int(self.tensors.shape[1])
+
+
+def encode_conditioning(
     text_encoder: nn.Module,
     tokenizer: ClipTokenizer,
     config: TextEncoderConfig,
-    prompt: str,
-    negative: str,
+    positive: ParsedPrompt,
+    negative: ParsedPrompt,
     clip_skip: int,
-) -> tuple[Tensor, Tensor]:
-    """Conditioning for a prompt and its negative, padded with empty chunks to the same token count."""
-    cond_chunks = chunk_tokens(tokenizer.encode(prompt), config)
-    uncond_chunks = chunk_tokens(tokenizer.encode(negative), config)
-    empty = chunk_tokens([], config)[0]
-    n = max(len(cond_chunks), len(uncond_chunks))
-    cond_chunks += [empty] * (n - len(cond_chunks))
-    uncond_chunks += [empty] * (n - len(uncond_chunks))
-    both = encode_chunks(text_encoder, cond_chunks + uncond_chunks, clip_skip)  # [1, 2 * 77n, width]
-    return both[:, : 77 * n], both[:, 77 * n :]
+    embeddings: EmbeddingDatabase | None = None,
+    comma_backtrack: int = COMMA_BACKTRACK,
+) -> Conditioning:
+    """Conditioning for a parsed prompt and its parsed negative (``parse(..., composable=False)``).
+
+    One text-encoder call for all chunks of all distinct texts, each text counted once however many
+    sub-prompts or steps use it.
+    """
+    if len(negative.subprompts) != 1:
+        raise ValueError("the negative prompt must be parsed with composable=False (one sub-prompt)")
+    by_text: dict[str, tuple[PromptChunk, ...]] = {}
+    # Texts that tokenize the same (" cat" and "cat") share one row: chunks -> row, first-use order.
+    rows: dict[tuple[PromptChunk, ...], int] = {}
+    texts: list[str] = []
+
+    def schedule_of(entries: Sequence[ScheduleEntry]) -> CondSchedule:
+        indices = []
+        for entry in entries:
+            chunks = by_text.get(entry.text)
+            if chunks is None:
+                chunks = by_text[entry.text] = tokenize_attention(
+                    entry.attention, tokenizer, config, embeddings, comma_backtrack
+                )
+            if chunks not in rows:
+                rows[chunks] = len(rows)
+                texts.append(entry.text)
+            indices.append(rows[chunks])
+        return CondSchedule(tuple(e.end_at_step for e in entries), tuple(indices))
+
+    weighted = tuple(WeightedCond(sub.weight, schedule_of(sub.schedule)) for sub in positive.subprompts)
+    uncond = schedule_of(negative.subprompts[0].schedule)
+    per_text = list(rows)
+    n_chunks = max(len(chunks) for chunks in per_text)
+    flat = [chunk for chunks in per_text for chunk in chunks]
+    needs_padding = any(len(chunks) < n_chunks for chunks in per_text)
+    if needs_padding:
+        flat.append(tokenize_attention([("", 1.0)], tokenizer, config)[0])
+    hidden = encode_chunks(text_encoder, flat, clip_skip)  # [total_chunks (+1), 77, width]
+    empty = hidden[-1:] if needs_padding else None
+    stacked, start = [], 0
+    for chunks in per_text:
+        parts = [hidden[start : start + len(chunks)]]
+        if len(chunks) < n_chunks:
+            parts.append(empty.expand(n_chunks - len(chunks), -1, -1))  # type: ignore[union-attr]
+        start += len(chunks)
+        stacked.append(torch.cat(parts).reshape(-1, hidden.shape[-1]))  # [77 * n_chunks, width]
+    return Conditioning(
+        tensors=torch.stack(stacked),
+        texts=tuple(texts),
+        chunk_lengths=tuple(tuple(c.length for c in chunks) for chunks in per_text),
+        positive=weighted,
+        negative=uncond,
+    )
+
+
+_NOT_YET = {"lora": "LoRA", "lyco": "LoRA", "hypernet": "hypernetworks"}
+
+
+def prompt_warnings(parsed: ParsedPrompt, embeddings: EmbeddingDatabase | None = None) -> list[str]:
+    """What a prompt asks for that generation will not do: extra networks, skipped embeddings."""
+    warnings = []
+    for tag in parsed.extra_networks:
+        written = f"<{tag.kind}:{':'.join(tag.args)}>"
+        feature = _NOT_YET.get(tag.kind)
+        if feature is not None:
+            warnings.append(f"{feature} not supported yet: {written} ignored ({tag.args[0]!r} unknown)")
+        else:
+            warnings.append(f"unknown extra network kind {tag.kind!r}: {written} ignored")
+    if embeddings is not None:
+        texts = dict.fromkeys(entry.text for sub in parsed.subprompts for entry in sub.schedule)
+        for name in dict.fromkeys(name for text in texts for name in embeddings.skipped_names_in(text)):
+            warnings.append(f"embedding {name!r} was skipped (bad file), so the prompt uses it as plain text")
+    return warnings

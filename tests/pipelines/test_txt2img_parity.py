@@ -11,8 +11,8 @@ from sdstudio.models.configs import PRESETS
 from sdstudio.models.loading import LoadedModel
 from sdstudio.models.stablediffusion import random_model
 from sdstudio.models.tokenizer import ClipTokenizer
-from sdstudio.pipelines.txt2img import decode_latents, plan, sample_latents
-from sdstudio.prompt.conditioning import chunk_tokens, encode_pair
+from sdstudio.pipelines.txt2img import decode_latents, parse_request, plan, sample_latents
+from sdstudio.prompt.conditioning import chunk_tokens, encode_conditioning
 from sdstudio.types import GenerationRequest
 from tests.reference import diffusers_unet, diffusers_vae, randomise_, transformers_clip
 
@@ -29,7 +29,7 @@ def test_ddim_txt2img_equals_diffusers(cfg):
         prompt="a red circle left of a blue square",
         negative_prompt="blurry",
         sampler="DDIM",
-        steps=12,
+        steps=10,
         cfg_scale=cfg,
         seed=1234,
         width=64,
@@ -38,8 +38,8 @@ def test_ddim_txt2img_equals_diffusers(cfg):
     tokenizer = ClipTokenizer()
     p = plan(loaded, request)
     with torch.inference_mode():
-        cond, uncond = encode_pair(model.text_encoder, tokenizer, config.text, request.prompt, request.negative_prompt, 1)
-        ours = decode_latents(loaded, sample_latents(loaded, p, cond, uncond, request.steps, request.cfg_scale))
+        cond = encode_conditioning(model.text_encoder, tokenizer, config.text, *parse_request(request), 1)
+        ours = decode_latents(loaded, sample_latents(loaded, p, cond, request.steps, request.cfg_scale))
 
     state = model.state_dict()
     clip = transformers_clip(config, state)
@@ -81,4 +81,5 @@ def test_ddim_txt2img_equals_diffusers(cfg):
     assert ours01.std() > 0.05  # a real picture, not a flat one
     torch.testing.assert_close(ours01, theirs, rtol=0, atol=2e-4)
     # the text conditioning itself agrees with transformers' hidden states
-    torch.testing.assert_close(cond[0], embeds[0], rtol=0, atol=1e-5)
+    assert cond.texts == (request.prompt, request.negative_prompt)
+    torch.testing.assert_close(cond.tensors, embeds, rtol=0, atol=1e-5)

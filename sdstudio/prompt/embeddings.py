@@ -1,0 +1,198 @@
+"""Textual inversion embeddings (Gal et al. 2022) used by name in a prompt, as AUTOMATIC1111 does.
+
+An embedding is a few learned token vectors ``[n_vectors, width]``. Its name (the file's stem) is
+tokenized, and wherever that token sequence occurs in a prompt fragment the embedding's vectors take
+the place of those tokens (A1111's ``EmbeddingDatabase.find_embedding_at_position``; longest names
+are tried first). The vectors then enter the text encoder through ``token_embeds``.
+
+Files understood (A1111's ``create_embedding_from_data``):
+
+* A1111 ``.pt``: ``{"string_to_param": {"*": tensor [n, width]}, "name": ..., "step": ...}``,
+  loaded with ``torch.load(weights_only=True)`` only, so a file that needs code to load is refused;
+* A1111 ``.safetensors``: one tensor (e.g. ``emb_params``) ``[n, width]``;
+* diffusers ``learned_embeds.safetensors`` / ``.bin``: ``{token: tensor [width] or [n, width]}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from sdstudio.errors import SdStudioError
+from sdstudio.models.tokenizer import CHUNK, ClipTokenizer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Embedding", "EmbeddingDatabase", "load_embedding", "load_embeddings"]
+
+SUFFIXES = (".pt", ".bin", ".safetensors")
+
+
+@dataclass(frozen=True, eq=False)  # identity equality: chunks holding an embedding are dict keys
+class Embedding:
+    name: str
+    vectors: Tensor  # [n_vectors, width], float32, CPU
+    path: Path | None = None
+
+    @property
+    def n_vectors(self) -> int:
+        return int(self.vectors.shape[0])
+
+
+@dataclass(frozen=True)
+class EmbeddingDatabase:
+    """Embeddings by name, indexed by the token ids of their names; build with :meth:`build`.
+
+    ``skipped`` maps the names of files that failed to load (only kept when the caller asked to skip
+    bad files) to the reason; ``warnings`` says what was skipped, for the generation result.
+    """
+
+    embeddings: Mapping[str, Embedding]
+    # first token id of a name -> ((name's token ids, embedding), ...), longest first
+    by_first_token: Mapping[int, tuple[tuple[tuple[int, ...], Embedding], ...]]
+    skipped: Mapping[str, str] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+
+    @classmethod
+    def build(
+        cls,
+        embeddings: Iterable[Embedding],
+        tokenizer: ClipTokenizer,
+        skipped: Mapping[str, str] | None = None,
+        warnings: Sequence[str] = (),
+    ) -> EmbeddingDatabase:
+        by_name: dict[str, Embedding] = {}
+        notes = list(warnings)
+        index: dict[int, list[tuple[tuple[int, ...], Embedding]]] = {}
+        for embedding in embeddings:
+            if embedding.name in by_name:
+                notes.append(
+                    f"embedding {embedding.name!r}: {embedding.path} ignored, {by_name[embedding.name].path} has the same name"
+                )
+                continue
+            ids = tuple(tokenizer.encode(embedding.name))
+            if not ids:
+                notes.append(f"embedding {embedding.name!r}: the name has no tokens, so no prompt can use it")
+                continue
+            by_name[embedding.name] = embedding
+            index.setdefault(ids[0], []).append((ids, embedding))
+        lookup = {
+            first: tuple(sorted(v, key=lambda e: len(e[0]), reverse=True)) for first, v in index.items()
+        }
+        return cls(by_name, lookup, dict(skipped or {}), tuple(notes))
+
+    def match(self, tokens: Sequence[int], position: int) -> tuple[Embedding, int] | None:
+        """The embedding whose name's tokens start at ``tokens[position]``, and that token count."""
+        for ids, embedding in self.by_first_token.get(tokens[position], ()):
+            if tuple(tokens[position : position + len(ids)]) == ids:
+                return embedding, len(ids)
+        return None
+
+    def skipped_names_in(self, text: str) -> list[str]:
+        """Names of skipped (bad) embedding files that ``text`` uses as words; they stay plain text."""
+        return [
+            name
+            for name in self.skipped
+            if re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text, re.IGNORECASE) is not None
+        ]
+
+
+def _read(path: Path) -> object:
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise SdStudioError(
+                f"{path}: not a valid .safetensors embedding ({str(e).splitlines()[0][:160]})"
+            ) from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"needs code to be executed to load ({found.group(1)})" if found else "is a corrupt pickle"
+        raise SdStudioError(
+            f"{path}: refusing to load the embedding: it {what}; re-save it as .safetensors"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # a damaged zip or pickle
+        raise SdStudioError(
+            f"{path}: not a readable embedding file ({str(e).splitlines()[0][:160]})"
+        ) from None
+
+
+def _vectors(path: Path, data: object) -> Tensor:
+    """The one tensor of an embedding file's contents, per A1111's formats."""
+    if isinstance(data, dict) and "string_to_param" in data:
+        params = data["string_to_param"]
+        if not isinstance(params, dict) or len(params) != 1:
+            raise SdStudioError(f"{path}: 'string_to_param' must hold exactly one tensor")
+        tensor = next(iter(params.values()))
+    elif isinstance(data, dict) and "clip_g" in data and "clip_l" in data:
+        raise SdStudioError(f"{path}: an SDXL embedding (clip_g/clip_l); SDXL is not supported")
+    elif isinstance(data, dict) and len(data) == 1:
+        tensor = next(iter(data.values()))
+    else:
+        raise SdStudioError(
+            f"{path}: not an embedding (expected A1111's string_to_param, or a file with exactly one tensor)"
+        )
+    if not isinstance(tensor, Tensor):
+        raise SdStudioError(f"{path}: the embedding's value is not a tensor")
+    return tensor
+
+
+def load_embedding(path: str | Path, width: int, name: str | None = None) -> Embedding:
+    """One embedding file for a text encoder of ``width``; ``SdStudioError`` naming the file if unusable."""
+    path = Path(path)
+    tensor = _vectors(path, _read(path)).detach()
+    if tensor.ndim == 1:  # diffusers stores a single vector as [width]
+        tensor = tensor[None]
+    if tensor.ndim != 2 or tensor.shape[0] == 0:
+        raise SdStudioError(
+            f"{path}: embedding tensor has shape {tuple(tensor.shape)}; expected [vectors, {width}]"
+        )
+    if tensor.shape[1] != width:
+        raise SdStudioError(
+            f"{path}: embedding vectors are {tensor.shape[1]} wide, this model's text encoder expects {width} "
+            "(an embedding made for another model family)"
+        )
+    if tensor.shape[0] > CHUNK:
+        raise SdStudioError(f"{path}: {tensor.shape[0]} vectors do not fit in one {CHUNK}-token chunk")
+    if not torch.isfinite(tensor).all():
+        raise SdStudioError(f"{path}: embedding contains NaN or infinite values")
+    return Embedding(name or path.stem, tensor.to(torch.float32).contiguous(), path)
+
+
+def load_embeddings(
+    folder: str | Path, width: int, tokenizer: ClipTokenizer, *, skip_bad: bool = False
+) -> EmbeddingDatabase:
+    """Every embedding file under ``folder`` (recursively; name = file stem), for a text encoder of ``width``.
+
+    A bad file raises ``SdStudioError`` unless ``skip_bad``: then it is left out, logged, and named in
+    the database's ``skipped`` and ``warnings``.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SdStudioError(f"{folder}: embeddings folder does not exist or is not a folder")
+    loaded: list[Embedding] = []
+    skipped: dict[str, str] = {}
+    notes: list[str] = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES):
+        try:
+            loaded.append(load_embedding(path, width))
+        except SdStudioError as e:
+            if not skip_bad:
+                raise
+            log.warning("skipping embedding: %s", e)
+            skipped[path.stem] = str(e)
+            notes.append(f"embedding skipped: {e}")
+    log.info("loaded %d embeddings from %s", len(loaded), folder)
+    return EmbeddingDatabase.build(loaded, tokenizer, skipped, notes)
