@@ -178,6 +178,23 @@ PRESETS: dict[str, ModelConfig] = {
         text=TextEncoderConfig(width=32, layers=2, heads=2),
         default_size=64,
     ),
+    # The embedded default model, trained from scratch on the synthetic toyworld (sdstudio.toyworld):
+    # 64x64 images, 8x8x4 latents, a 4-layer CLIP text transformer with the real vocabulary.
+    "toyworld": ModelConfig(
+        name="toyworld",
+        unet=UNetConfig(
+            model_channels=64,
+            channel_mult=(1, 2, 2),
+            num_res_blocks=1,
+            attention_resolutions=(4, 2, 1),
+            num_heads=4,
+            context_dim=128,
+            norm_groups=16,
+        ),
+        vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, norm_groups=16),
+        text=TextEncoderConfig(width=128, layers=4, heads=4),
+        default_size=64,
+    ),
     "tiny-sd2": ModelConfig(
         name="tiny-sd2",
         unet=UNetConfig(

@@ -1,0 +1,303 @@
+"""The embedded default model's recipe: train all three networks of a small Stable Diffusion from scratch
+on the toyworld, with the project's own trainer, models and denoiser.
+
+Stages (each resumable, each can be run alone in order):
+1. ``vae``: KL autoencoder, 64x64x3 -> 8x8x4, L1 + gradient-L1 + KL on 32x32 crops (the network is
+   fully convolutional; crops cost a quarter of full images), then the scale factor 1/std(latents).
+2. ``text``: the SD 1.x text transformer at small width, trained contrastively (symmetric InfoNCE,
+   learned temperature) against a small image encoder on caption-image pairs; then frozen.
+3. ``latents``: a fixed set of training scenes encoded once by the VAE (mean and std kept, sampled anew
+   each time a scene is used).
+4. ``unet``: epsilon prediction on SD's noise schedule through ``Denoiser.loss`` (the sampler's own
+   parametrisation), captions re-drawn each time, 10 % caption dropout for classifier-free guidance,
+   EMA weights shipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from sdstudio.diffusion.denoiser import Denoiser
+from sdstudio.diffusion.schedule import DiscreteSchedule
+from sdstudio.errors import SdStudioError
+from sdstudio.models.configs import PRESETS, ModelConfig
+from sdstudio.models.loading import load_model, save_model
+from sdstudio.models.stablediffusion import StableDiffusion, random_model
+from sdstudio.models.tokenizer import ClipTokenizer
+from sdstudio.prompt.conditioning import chunk_tokens
+from sdstudio.toyworld import world
+from sdstudio.training.contrastive import ContrastiveHead, ImageEncoder, pooled_text
+from sdstudio.training.trainer import TrainConfig, train
+
+log = logging.getLogger(__name__)
+
+STAGES = ("vae", "text", "latents", "unet")
+WORK_MODEL = "model.safetensors"  # fp32, the latest finished stage
+FINAL_MODEL = "toyworld.safetensors"  # fp16, EMA UNet: what ships
+IMAGE_ENCODER = "image_encoder.safetensors"
+LATENTS = "latents.pt"
+RECIPE = "recipe.json"
+
+
+@dataclass(frozen=True)
+class ToyRecipe:
+    seed: int = 0
+    config: ModelConfig = field(default_factory=lambda: PRESETS["toyworld"])
+    vae: TrainConfig = TrainConfig(steps=1400, lr=1e-3, warmup=100, bf16=False, checkpoint_every=250)
+    vae_batch: int = 32
+    vae_crop: int = 32
+    kl_weight: float = 1e-6
+    grad_weight: float = 0.5
+    text: TrainConfig = TrainConfig(steps=900, lr=1e-3, warmup=100, bf16=False, checkpoint_every=250)
+    text_batch: int = 256
+    latent_scenes: int = 20000
+    unet: TrainConfig = TrainConfig(
+        steps=2000, lr=6e-4, warmup=200, bf16=False, ema_decay=0.998, ema_start=800, checkpoint_every=250
+    )
+    unet_batch: int = 128
+    caption_dropout: float = 0.1
+    p_two_objects: float = 0.5
+
+    @classmethod
+    def smoke(cls) -> ToyRecipe:
+        """A few steps of each stage: checks the plumbing, not the quality."""
+        quick = dict(warmup=2, bf16=False, checkpoint_every=3, log_every=1)
+        return cls(
+            vae=TrainConfig(steps=6, lr=1e-3, **quick),
+            vae_batch=4,
+            text=TrainConfig(steps=6, lr=1e-3, **quick),
+            text_batch=8,
+            latent_scenes=32,
+            unet=TrainConfig(steps=6, lr=1e-3, ema_decay=0.9, ema_start=2, **quick),
+            unet_batch=8,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+
+
+Progress = Callable[[str, int, int, float], None]  # stage, step, total, smoothed loss
+
+
+def _rng(seed: int, stage: str, step: int) -> np.random.Generator:
+    """Scene randomness as a pure function of (seed, stage, step), so a resumed run sees the same data."""
+    return np.random.default_rng([seed, STAGES.index(stage), step])
+
+
+def _scenes(rng: np.random.Generator, n: int, p_two: float) -> list[world.Scene]:
+    return [world.sample_scene(rng, "train", 2 if rng.random() < p_two else 1) for _ in range(n)]
+
+
+def _images(scenes: list[world.Scene]) -> torch.Tensor:
+    """[B, 3, 64, 64] float32 in [-1, 1]."""
+    arr = np.stack([world.render(s) for s in scenes]).astype(np.float32) / 127.5 - 1
+    return torch.from_numpy(arr).permute(0, 3, 1, 2)
+
+
+def _tokens(captions: list[str], config: ModelConfig, tokenizer: ClipTokenizer) -> torch.Tensor:
+    """[B, 77] ids framed exactly as inference frames a one-chunk prompt."""
+    return torch.tensor([chunk_tokens(tokenizer.encode(c), config.text)[0] for c in captions])
+
+
+def _finite_diff_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+    return (dx(a) - dx(b)).abs().mean() + (dy(a) - dy(b)).abs().mean()
+
+
+def train_vae(recipe: ToyRecipe, model: StableDiffusion, out: Path, progress: Progress) -> None:
+    vae = model.first_stage_model.requires_grad_(True)
+    crop = recipe.vae_crop
+
+    def loss_fn(step: int, gen: torch.Generator) -> torch.Tensor:
+        rng = _rng(recipe.seed, "vae", step)
+        x = _images(_scenes(rng, recipe.vae_batch, recipe.p_two_objects))
+        if crop < x.shape[-1]:
+            oy, ox = (int(v) for v in rng.integers(0, x.shape[-1] - crop + 1, size=2))
+            x = x[..., oy : oy + crop, ox : ox + crop]
+        dist = vae.encode(x)
+        recon = vae.decode(dist.sample(torch.randn(dist.mean.shape, generator=gen)))
+        kl = 0.5 * (dist.mean.pow(2) + dist.logvar.exp() - 1 - dist.logvar).flatten(1).sum(1).mean()
+        rec = (recon - x).abs().mean() + recipe.grad_weight * _finite_diff_l1(recon, x)
+        return rec + recipe.kl_weight * kl
+
+    train(vae, loss_fn, recipe.vae, out / "vae", progress=lambda s, l: progress("vae", s, recipe.vae.steps, l))
+    vae.requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def latent_scale(recipe: ToyRecipe, model: StableDiffusion, n: int = 512) -> float:
+    """LDM's scale factor: 1 / std of the latents, so the diffusion sees unit-variance data."""
+    x = _images(_scenes(_rng(recipe.seed, "latents", 1), n, recipe.p_two_objects))
+    z = torch.cat([model.first_stage_model.encode(b).mean for b in x.split(64)])
+    return float(1 / z.std())
+
+
+def train_text(recipe: ToyRecipe, model: StableDiffusion, out: Path, progress: Progress) -> ImageEncoder:
+    text_encoder = model.cond_stage_model.requires_grad_(True)
+    width = recipe.config.text.width
+    image_encoder = ImageEncoder(width)
+    head = ContrastiveHead(width, width)
+    modules = torch.nn.ModuleDict({"text": text_encoder, "image": image_encoder, "head": head})
+    tokenizer = ClipTokenizer()
+
+    def loss_fn(step: int, gen: torch.Generator) -> torch.Tensor:
+        rng = _rng(recipe.seed, "text", step)
+        scenes = _scenes(rng, recipe.text_batch, recipe.p_two_objects)
+        tokens = _tokens([world.caption(s, rng) for s in scenes], recipe.config, tokenizer)
+        # Causal attention: positions up to the last EOS do not depend on what follows, so the
+        # padding can be cut off for this objective without changing any embedding it uses.
+        length = int((tokens == ClipTokenizer.EOS).int().argmax(dim=1).max()) + 1
+        tokens = tokens[:, :length]
+        hidden = text_encoder(tokens, 1)
+        loss, _ = head(pooled_text(hidden, tokens), image_encoder(_images(scenes)))
+        return loss
+
+    train(modules, loss_fn, recipe.text, out / "text", progress=lambda s, l: progress("text", s, recipe.text.steps, l))
+    text_encoder.requires_grad_(False).eval()
+    image_encoder.requires_grad_(False).eval()
+    return image_encoder
+
+
+@torch.no_grad()
+def encode_latents(recipe: ToyRecipe, model: StableDiffusion, out: Path, progress: Progress) -> None:
+    rng = _rng(recipe.seed, "latents", 0)
+    scenes = _scenes(rng, recipe.latent_scenes, recipe.p_two_objects)
+    means, stds = [], []
+    vae = model.first_stage_model
+    for i in range(0, len(scenes), 256):
+        dist = vae.encode(_images(scenes[i : i + 256]))
+        means.append(dist.mean)
+        stds.append(dist.std)
+        progress("latents", min(i + 256, len(scenes)), len(scenes), 0.0)
+    seeds = [int(v) for v in rng.integers(0, 2**31, size=len(scenes))]
+    torch.save(
+        {"mean": torch.cat(means), "std": torch.cat(stds), "caption_seeds": torch.tensor(seeds),
+         "scenes": json.dumps([dataclasses.asdict(s) for s in scenes])},
+        out / LATENTS,
+    )
+
+
+def _scene_from_dict(d: dict) -> world.Scene:
+    objects = tuple(world.ObjectSpec(**o) for o in d["objects"])
+    return world.Scene(objects=objects, background=d["background"], relation=d["relation"])
+
+
+def train_unet(recipe: ToyRecipe, model: StableDiffusion, out: Path, progress: Progress) -> None:
+    data = torch.load(out / LATENTS, weights_only=True)
+    means, stds = data["mean"], data["std"]
+    scenes = [_scene_from_dict(d) for d in json.loads(data["scenes"])]
+    config = model.config
+    scale = config.vae.scale_factor
+    unet = model.model.diffusion_model.requires_grad_(True)
+    denoiser = Denoiser(unet, DiscreteSchedule.from_config(config.schedule), config.prediction)
+    sigmas = denoiser.schedule.sigmas
+    tokenizer = ClipTokenizer()
+    text_encoder = model.cond_stage_model
+
+    def loss_fn(step: int, gen: torch.Generator) -> torch.Tensor:
+        rng = _rng(recipe.seed, "unet", step)
+        idx = rng.integers(0, len(scenes), size=recipe.unet_batch)
+        x0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scale
+        captions = ["" if rng.random() < recipe.caption_dropout else world.caption(scenes[i], rng) for i in idx]
+        with torch.no_grad():
+            context = text_encoder(_tokens(captions, config, tokenizer), config.text.default_clip_skip)
+        t = torch.randint(0, len(sigmas), (recipe.unet_batch,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        return denoiser.loss(x0, noise, sigmas[t], context).mean()
+
+    _, ema = train(unet, loss_fn, recipe.unet, out / "unet", progress=lambda s, l: progress("unet", s, recipe.unet.steps, l))
+    if ema is not None:
+        ema.copy_to(unet)
+    unet.requires_grad_(False).eval()
+
+
+def _check_out_dir(out: Path, recipe: ToyRecipe) -> None:
+    marker = out / RECIPE
+    if marker.exists():
+        if marker.read_text() != recipe.to_json():
+            raise SdStudioError(
+                f"{out}: holds a run of a different recipe ({RECIPE} differs); use another --out folder"
+            )
+        return
+    if out.exists() and any(out.iterdir()):
+        raise SdStudioError(f"{out}: is not empty and holds no toyworld run to resume; use an empty or new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(recipe.to_json())
+
+
+def _done(out: Path) -> list[str]:
+    path = out / "stages.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def _mark_done(out: Path, stage: str) -> None:
+    done = _done(out) + [stage]
+    tmp = out / "stages.json.tmp"
+    tmp.write_text(json.dumps(done))
+    os.replace(tmp, out / "stages.json")
+
+
+def run_recipe(
+    out_dir: str | os.PathLike,
+    recipe: ToyRecipe | None = None,
+    stages: tuple[str, ...] = STAGES,
+    progress: Progress | None = None,
+) -> Path:
+    """Run (or resume) the recipe's stages into ``out_dir``; returns the shipped fp16 checkpoint's path."""
+    recipe = recipe or ToyRecipe()
+    out = Path(out_dir)
+    _check_out_dir(out, recipe)
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise SdStudioError(f"unknown stage(s) {sorted(unknown)}; stages are: {', '.join(STAGES)}")
+    if progress is None:
+        bars: dict[str, tqdm] = {}
+
+        def progress(stage: str, step: int, total: int, loss: float) -> None:
+            bar = bars.get(stage) or bars.setdefault(stage, tqdm(total=total, desc=stage, leave=True))
+            bar.n = step
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=True)
+
+    torch.manual_seed(recipe.seed)
+    work = out / WORK_MODEL
+    model = load_model(work).model if work.exists() else random_model(recipe.config, seed=recipe.seed)
+    for stage in STAGES:
+        if stage not in stages or stage in _done(out):
+            continue
+        missing = [s for s in STAGES[: STAGES.index(stage)] if s not in _done(out)]
+        if missing:
+            raise SdStudioError(f"stage {stage!r} needs {', '.join(missing)} first")
+        log.info("toyworld: stage %s", stage)
+        if stage == "vae":
+            train_vae(recipe, model, out, progress)
+            scaled = dataclasses.replace(model.config.vae, scale_factor=latent_scale(recipe, model))
+            model.config = dataclasses.replace(model.config, vae=scaled)
+        elif stage == "text":
+            image_encoder = train_text(recipe, model, out, progress)
+            save_file({k: v.contiguous() for k, v in image_encoder.state_dict().items()}, out / IMAGE_ENCODER)
+        elif stage == "latents":
+            encode_latents(recipe, model, out, progress)
+        else:
+            train_unet(recipe, model, out, progress)
+            save_model(model, out / FINAL_MODEL, dtype=torch.float16, overwrite=True)
+        save_model(model, work, dtype=None, overwrite=True)
+        _mark_done(out, stage)
+    return out / FINAL_MODEL
+
+
+def load_image_encoder(path: str | os.PathLike, width: int = 128) -> ImageEncoder:
+    encoder = ImageEncoder(width)
+    encoder.load_state_dict(load_file(path))
+    return encoder.eval().requires_grad_(False)

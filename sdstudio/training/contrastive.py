@@ -1,0 +1,60 @@
+"""Contrastive language-image pre-training of a text encoder (Radford et al. 2021, "Learning Transferable
+Visual Models From Natural Language Supervision", Fig. 3): symmetric InfoNCE over a batch of pairs with
+a learned temperature, against a small image encoder that exists only for this objective.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sdstudio.models.tokenizer import ClipTokenizer
+
+
+class ImageEncoder(nn.Module):
+    """A small strided CNN for 64x64 images -> an embedding; the flatten keeps spatial layout, which
+    the captions talk about (left, top, ...)."""
+
+    def __init__(self, width: int = 128, channels: tuple[int, ...] = (32, 64, 128, 128), size: int = 64) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for c in channels:
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(8, c), nn.SiLU()]
+            c_in = c
+        self.features = nn.Sequential(*layers)
+        side = size // 2 ** len(channels)
+        self.proj = nn.Linear(c_in * side * side, width)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """[B, 3, 64, 64] in [-1, 1] -> [B, width]."""
+        return self.proj(self.features(images).flatten(1))
+
+
+def pooled_text(hidden: Tensor, tokens: Tensor) -> Tensor:
+    """CLIP's text embedding: the hidden state at the (first) EOS token. [B, width]"""
+    eos = (tokens == ClipTokenizer.EOS).int().argmax(dim=1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), eos]
+
+
+class ContrastiveHead(nn.Module):
+    """Projections into the joint space and the learned temperature (init 1/0.07, capped at 100)."""
+
+    def __init__(self, text_width: int, image_width: int, dim: int = 128) -> None:
+        super().__init__()
+        self.text_proj = nn.Linear(text_width, dim, bias=False)
+        self.image_proj = nn.Linear(image_width, dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, text: Tensor, image: Tensor) -> tuple[Tensor, Tensor]:
+        """Symmetric InfoNCE loss and the in-batch retrieval accuracy (text -> image)."""
+        t = F.normalize(self.text_proj(text).float(), dim=-1)
+        i = F.normalize(self.image_proj(image).float(), dim=-1)
+        logits = self.logit_scale.clamp(max=math.log(100)).exp() * t @ i.T  # [B, B]
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        accuracy = (logits.argmax(dim=1) == labels).float().mean()
+        return loss, accuracy
