@@ -11,6 +11,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from PIL import Image
+
 from sdstudio.errors import SdStudioError
 
 if TYPE_CHECKING:
@@ -19,10 +21,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("sdstudio")
 
 EMBEDDED_MODEL = "toyworld.safetensors"
+EMBEDDED_IMAGE_ENCODER = "toyworld_image_encoder.safetensors"
 
 
-def embedded_model_path() -> Path | None:
-    path = resources.files("sdstudio") / "assets" / EMBEDDED_MODEL
+def embedded_model_path(name: str = EMBEDDED_MODEL) -> Path | None:
+    path = resources.files("sdstudio") / "assets" / name
     return Path(str(path)) if path.is_file() else None
 
 
@@ -51,9 +54,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from sdstudio.diffusion.samplers import SamplerStep
-    from sdstudio.engine import Pipeline
+    from sdstudio.engine import Pipeline, choose_dtype
     from sdstudio.io.images import save_png
-    from sdstudio.models.loading import parse_dtype
     from sdstudio.pipelines.txt2img import plan
     from sdstudio.types import GenerationRequest
 
@@ -81,7 +83,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     paths = _output_paths(args, request.batch_size)
     pipeline = Pipeline.from_file(
         model_path,
-        dtype=parse_dtype(args.dtype),
+        dtype=choose_dtype(args.precision),
         use_ema=args.ema,
         prediction=args.prediction,
         embeddings_dir=args.embeddings,
@@ -98,7 +100,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         result = pipeline(request, callback=progress)
     for path, generated in zip(paths, result.images):
         path = path.with_name(path.name.format(seed=generated.seed))
-        save_png(generated.image, path, generated.infotext, overwrite=args.overwrite)
+        image, infotext = generated.image, generated.infotext
+        if args.upscale > 1:  # for viewing small images; says so in the metadata
+            image = image.resize((image.width * args.upscale, image.height * args.upscale), Image.LANCZOS)
+            infotext += f", Postprocess upscale by: {args.upscale}, Postprocess upscaler: Lanczos (plain resampling)"
+        save_png(image, path, infotext, overwrite=args.overwrite)
         print(path)
     for warning in result.warnings:
         log.warning(warning)
@@ -174,6 +180,36 @@ def cmd_checkpoint_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_toyworld(args: argparse.Namespace) -> int:
+    from sdstudio.toyworld.recipe import STAGES, ToyRecipe, run_recipe
+
+    recipe = ToyRecipe.smoke() if args.smoke else ToyRecipe(seed=args.seed)
+    stages = tuple(args.stage) if args.stage else STAGES
+    path = run_recipe(args.out, recipe, stages)
+    if path.exists():
+        print(path)
+    return 0
+
+
+def cmd_eval_toyworld(args: argparse.Namespace) -> int:
+    from sdstudio.toyworld.evaluate import evaluate, format_table
+
+    model = args.model or embedded_model_path()
+    if model is None:
+        raise SdStudioError("no --model given and the embedded default model is not shipped yet")
+    if args.json and Path(args.json).exists() and not args.overwrite:
+        raise SdStudioError(f"{args.json}: already exists; pass --overwrite to replace it")
+    encoder = args.image_encoder or embedded_model_path(EMBEDDED_IMAGE_ENCODER)
+    results = evaluate(model, image_encoder_path=encoder, extra_prompts=args.prompt or (), **(
+        {"prompts_per_set": args.prompts} if args.prompts else {}))
+    print(format_table(results))
+    if args.json:
+        from sdstudio.io.files import write_text_atomic
+
+        write_text_atomic(Path(args.json), json.dumps(results, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdstudio", description="Stable Diffusion: generate, edit, train, evaluate.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -193,7 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch", type=int, default=1, help="images to make, with seeds seed..seed+N-1")
     gen.add_argument("--clip-skip", type=int, help="use the N-th text encoder layer from the end (1 = last)")
     gen.add_argument("--eta", type=float, help="noise multiplier for ancestral and DDIM samplers")
-    gen.add_argument("--dtype", default="fp32", help="weights' precision: fp32, bf16 or fp16 (default fp32)")
+    gen.add_argument(
+        "--precision",
+        "--dtype",
+        default="auto",
+        help="compute precision: auto (fastest safe choice for this machine), fp32, bf16 or fp16",
+    )
+    gen.add_argument("--upscale", type=int, default=1, help="enlarge the saved image N times (plain Lanczos resampling)")
     gen.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     gen.add_argument("--prediction", choices=["epsilon", "v"], help="override the model's prediction type")
     gen.add_argument("--embeddings", metavar="DIR", help="folder of textual inversion embeddings (name = file stem)")
@@ -213,6 +255,27 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--embeddings", metavar="DIR", help="folder of textual inversion embeddings (needs --model)")
     pr.add_argument("--skip-bad-embeddings", action="store_true", help="warn about unusable embedding files, don't fail")
     pr.set_defaults(func=cmd_prompt)
+
+    trn = sub.add_parser("train", help="train models")
+    trn_sub = trn.add_subparsers(dest="train_command", required=True)
+    tw = trn_sub.add_parser("toyworld", help="train the embedded toy-world model from scratch (VAE, text, UNet)")
+    tw.add_argument("--out", required=True, help="run folder: an empty one, or a run of the same recipe to resume")
+    tw.add_argument("--stage", action="append", choices=["vae", "text", "latents", "unet"],
+                    help="run only this stage (repeatable; earlier stages must be done)")
+    tw.add_argument("--seed", type=int, default=0)
+    tw.add_argument("--smoke", action="store_true", help="a few steps per stage, to check the set-up")
+    tw.set_defaults(func=cmd_train_toyworld)
+
+    ev = sub.add_parser("eval", help="measure models")
+    ev_sub = ev.add_subparsers(dest="eval_command", required=True)
+    ew = ev_sub.add_parser("toyworld", help="prompt adherence, VAE PSNR and FID of a toy-world model")
+    ew.add_argument("--model", help="checkpoint (default: the embedded model)")
+    ew.add_argument("--image-encoder", help="toy image encoder for FID (default: the embedded one)")
+    ew.add_argument("--prompts", type=int, help="prompts per set")
+    ew.add_argument("--prompt", action="append", help="also generate for this prompt and report unknown words")
+    ew.add_argument("--json", help="also write the table as JSON to this file")
+    ew.add_argument("--overwrite", action="store_true")
+    ew.set_defaults(func=cmd_eval_toyworld)
 
     ckpt = sub.add_parser("checkpoint", help="make or inspect checkpoints")
     ckpt_sub = ckpt.add_subparsers(dest="checkpoint_command", required=True)

@@ -2,17 +2,52 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from sdstudio.diffusion.samplers import SamplerStep
+from sdstudio.errors import SdStudioError
 from sdstudio.models.loading import LoadedModel, load_model
 from sdstudio.models.tokenizer import ClipTokenizer
 from sdstudio.pipelines.txt2img import txt2img
 from sdstudio.prompt.embeddings import EmbeddingDatabase, load_embeddings
 from sdstudio.types import GenerationRequest, GenerationResult
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> frozenset[str]:
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def choose_dtype(precision: str, device: str = "cpu", flags: frozenset[str] | None = None) -> torch.dtype:
+    """The compute dtype for ``precision``; ``auto`` picks what is fast on this machine.
+
+    On CPUs, bf16 is only fast with native bf16 units (AVX-512 BF16 or AMX); without them PyTorch falls
+    back to scalar code that runs hundreds of times slower than fp32 (measured on an AVX2-only EPYC:
+    a 2048^2 matmul at 0.3 GFLOP/s in bf16 against 162 GFLOP/s in fp32). On GPUs, fp16.
+    """
+    if precision not in PRECISIONS:
+        raise SdStudioError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if device.startswith("cuda"):
+        return torch.float16
+    flags = cpu_flags() if flags is None else flags
+    return torch.bfloat16 if {"avx512_bf16", "amx_bf16"} & flags else torch.float32
 
 
 class Pipeline:

@@ -70,7 +70,10 @@ def ldm_yaml(unet: UNetConfig, vae: VAEConfig) -> dict[str, Any]:
 
 def diffusers_unet(config: ModelConfig, state: dict[str, torch.Tensor]):
     from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        create_unet_diffusers_config_from_ldm,
+    )
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -85,7 +88,10 @@ def diffusers_unet(config: ModelConfig, state: dict[str, torch.Tensor]):
 
 def diffusers_vae(config: ModelConfig, state: dict[str, torch.Tensor]):
     from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_vae_checkpoint,
+        create_vae_diffusers_config_from_ldm,
+    )
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -106,3 +106,16 @@ def test_bad_model_files(tmp_path, capsys):
 def test_unknown_preset(tmp_path, capsys):
     line = run_error(capsys, ["checkpoint", "random", "--arch", "sd9", "-o", str(tmp_path / "x.safetensors")])
     assert "unknown architecture preset 'sd9'" in line and "sd15" in line
+
+
+def test_upscale_for_viewing_is_stated_in_metadata(tmp_path, tiny_ckpt):
+    out = tmp_path / "big.png"
+    argv = ["generate", "x", "--model", str(tiny_ckpt), "--steps", "2", "--seed", "1", "--upscale", "4",
+            "-o", str(out), "-q"]
+    assert main(argv) == 0
+    with Image.open(out) as im:
+        assert im.size == (256, 256)
+        params = parse_infotext(im.info["parameters"])[2]
+    assert params["Size"] == "64x64"
+    assert params["Postprocess upscale by"] == "4"
+    assert "plain resampling" in params["Postprocess upscaler"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from sdstudio.errors import SdStudioError
+from sdstudio.io.files import atomic_write
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -33,16 +33,7 @@ def save_png(image: Image.Image, path: str | os.PathLike, infotext: str | None, 
     info = PngImagePlugin.PngInfo()
     if infotext is not None:
         info.add_text("parameters", infotext)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def read_infotext(path: str | os.PathLike) -> str | None:

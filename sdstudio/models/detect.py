@@ -66,7 +66,7 @@ def detect_unet(shapes: Shapes) -> UNetConfig:
     context_dim = shapes[first_attn][1] if first_attn else 768
     linear = any(len(s) == 2 for k, s in shapes.items() if k.startswith(UNET) and k.endswith("proj_in.weight"))
     depth = _count(shapes, re.escape(UNET) + r"middle_block\.1\.transformer_blocks\.(\d+)\.") or 1
-    heads = dict(num_heads=-1, num_head_channels=64) if linear else dict(num_heads=8, num_head_channels=-1)
+    heads = {"num_heads": -1, "num_head_channels": 64} if linear else {"num_heads": 8, "num_head_channels": -1}
     return UNetConfig(
         in_channels=in_channels,
         out_channels=out_channels,

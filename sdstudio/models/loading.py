@@ -13,7 +13,6 @@ import os
 import pickle
 import re
 import struct
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from sdstudio.errors import CheckpointError
+from sdstudio.io.files import atomic_write
 from sdstudio.models.configs import METADATA_KEY, ModelConfig
 from sdstudio.models.detect import detect_config
 from sdstudio.models.stablediffusion import EMA_PREFIX, UNET_PREFIX, StableDiffusion, ema_key
@@ -254,22 +254,13 @@ def save_model(
             v = v.to(dtype)
         tensors[k] = v.contiguous()
     header = {METADATA_KEY: model.config.to_json(), **(metadata or {})}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
 def checkpoint_info(path: str | os.PathLike) -> dict:
     """What ``sdstudio checkpoint info`` prints: architecture, prediction, dtypes, parameter counts, EMA."""
     path = Path(path)
-    stored, state, metadata = load_state(path)
+    stored, state, _ = load_state(path)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     config = stored or detect_config(shapes)
     prefixes = {"unet": UNET_PREFIX, "vae": "first_stage_model.", "text_encoder": "cond_stage_model."}

@@ -54,16 +54,22 @@ RECIPE = "recipe.json"
 class ToyRecipe:
     seed: int = 0
     config: ModelConfig = field(default_factory=lambda: PRESETS["toyworld"])
-    vae: TrainConfig = TrainConfig(steps=1400, lr=1e-3, warmup=100, bf16=False, checkpoint_every=250)
+    vae: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=1400, lr=1e-3, warmup=100, bf16=False, checkpoint_every=250)
+    )
     vae_batch: int = 32
     vae_crop: int = 32
     kl_weight: float = 1e-6
     grad_weight: float = 0.5
-    text: TrainConfig = TrainConfig(steps=900, lr=1e-3, warmup=100, bf16=False, checkpoint_every=250)
+    text: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=900, lr=1e-3, warmup=100, bf16=False, checkpoint_every=250)
+    )
     text_batch: int = 256
     latent_scenes: int = 20000
-    unet: TrainConfig = TrainConfig(
-        steps=2000, lr=6e-4, warmup=200, bf16=False, ema_decay=0.998, ema_start=800, checkpoint_every=250
+    unet: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            steps=2000, lr=6e-4, warmup=200, bf16=False, ema_decay=0.998, ema_start=800, checkpoint_every=250
+        )
     )
     unet_batch: int = 128
     caption_dropout: float = 0.1
@@ -72,7 +78,7 @@ class ToyRecipe:
     @classmethod
     def smoke(cls) -> ToyRecipe:
         """A few steps of each stage: checks the plumbing, not the quality."""
-        quick = dict(warmup=2, bf16=False, checkpoint_every=3, log_every=1)
+        quick = {"warmup": 2, "bf16": False, "checkpoint_every": 3, "log_every": 1}
         return cls(
             vae=TrainConfig(steps=6, lr=1e-3, **quick),
             vae_batch=4,
@@ -111,9 +117,9 @@ def _tokens(captions: list[str], config: ModelConfig, tokenizer: ClipTokenizer) 
 
 
 def _finite_diff_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
-    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
-    return (dx(a) - dx(b)).abs().mean() + (dy(a) - dy(b)).abs().mean()
+    """L1 between the images' horizontal and vertical differences: sharpens edges."""
+    d = a - b
+    return (d[..., :, 1:] - d[..., :, :-1]).abs().mean() + (d[..., 1:, :] - d[..., :-1, :]).abs().mean()
 
 
 def train_vae(recipe: ToyRecipe, model: StableDiffusion, out: Path, progress: Progress) -> None:

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from sdstudio.errors import SdStudioError
+from sdstudio.io.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +76,6 @@ class EMA:
         module.load_state_dict({k: v.to(module.state_dict()[k].dtype) for k, v in self.shadow.items()})
 
 
-def _atomic_save(obj: object, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @dataclass(frozen=True)
 class TrainResult:
     steps: int
@@ -138,17 +127,15 @@ def train(
         log.info("resuming %s from step %d", out, start)
 
     def save(step: int) -> None:
-        _atomic_save(
-            {
-                "config": asdict(config) | {"betas": list(config.betas)},
-                "module": module.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "ema": ema.shadow if ema is not None else {},
-                "rng": generator.get_state(),
-                "step": step,
-            },
-            state_path,
-        )
+        state = {
+            "config": asdict(config) | {"betas": list(config.betas)},
+            "module": module.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "ema": ema.shadow if ema is not None else {},
+            "rng": generator.get_state(),
+            "step": step,
+        }
+        atomic_write(state_path, lambda tmp: torch.save(state, tmp))
 
     module.train()
     t0 = time.perf_counter()

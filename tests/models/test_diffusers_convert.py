@@ -511,3 +511,18 @@ def test_loaded_folder_computes_what_diffusers_computes(folder, request):
         torch.testing.assert_close(
             model.first_stage_model.decode(latents), vae.decode(latents).sample, rtol=1e-4, atol=1e-5
         )
+
+
+@pytest.mark.parametrize("folder", ["sd1", "sd2"])
+def test_folder_and_its_single_file_save_load_identical_weights(folder, request, tmp_path):
+    from sdstudio.models.loading import checkpoint_info, load_model, save_model
+
+    root = request.getfixturevalue(folder)[0]
+    from_folder = load_model(root)
+    path = save_model(from_folder.model, tmp_path / "single.safetensors", dtype=None)
+    from_file = load_model(path)
+    assert from_file.config == from_folder.config  # carried in the header, v-prediction included
+    a, b = from_folder.model.state_dict(), from_file.model.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert checkpoint_info(path)["prediction"] == from_folder.config.prediction
