@@ -50,14 +50,132 @@ def _output_paths(args: argparse.Namespace, seeds: int) -> list[Path]:
     return paths
 
 
+# Defaults of the options --from-png may set; a flag given on the command line overrides both.
+GENERATE_DEFAULTS: dict[str, object] = {
+    "prompt": None, "negative": "", "sampler": "Euler a", "scheduler": "Automatic", "steps": 20, "cfg": 7.0,
+    "seed": -1, "width": None, "height": None, "clip_skip": None, "eta": None, "ensd": 0, "subseed": -1,
+    "subseed_strength": 0.0, "strength": 0.75, "resize_mode": "just resize", "mask_blur": 4,
+    "inpaint_only_masked": False, "masked_padding": 32, "masked_content": "original", "outpaint": None,
+    "hires_scale": None, "hires_steps": 0, "hires_strength": 0.7, "hires_upscaler": "Latent",
+}
+
+# infotext key -> (option, parser), for --from-png
+_PNG_OPTIONS: dict[str, tuple[str, type]] = {
+    "Steps": ("steps", int), "Sampler": ("sampler", str), "Schedule type": ("scheduler", str),
+    "CFG scale": ("cfg", float), "Seed": ("seed", int), "Clip skip": ("clip_skip", int), "Eta": ("eta", float),
+    "ENSD": ("ensd", int), "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
+    "Mask blur": ("mask_blur", int), "Masked area padding": ("masked_padding", int),
+    "Masked content": ("masked_content", str), "Resize mode": ("resize_mode", str), "Outpaint": ("outpaint", str),
+    "Hires upscale": ("hires_scale", float), "Hires steps": ("hires_steps", int),
+    "Hires upscaler": ("hires_upscaler", str),
+}
+
+
+def options_from_png(path: str) -> tuple[dict[str, object], str | None]:
+    """The generate options recorded in a PNG's infotext, and its model hash."""
+    from sdstudio.io.images import load_image
+    from sdstudio.io.infotext import parse_infotext
+
+    text = load_image(path, "PNG").info.get("parameters")
+    if not text:
+        raise SdStudioError(f"{path}: holds no generation parameters (no 'parameters' text chunk)")
+    prompt, negative, params = parse_infotext(text)
+    options: dict[str, object] = {"prompt": prompt, "negative": negative}
+    for key, (name, kind) in _PNG_OPTIONS.items():
+        if key in params:
+            try:
+                options[name] = kind(params[key])
+            except ValueError:
+                raise SdStudioError(f"{path}: bad {key!r} value {params[key]!r} in its parameters") from None
+    if "Size" in params:
+        w, _, h = params["Size"].partition("x")
+        try:
+            options["width"], options["height"] = int(w), int(h)
+        except ValueError:
+            raise SdStudioError(f"{path}: bad 'Size' value {params['Size']!r} in its parameters") from None
+    if params.get("Inpaint area") == "Only masked":
+        options["inpaint_only_masked"] = True
+    if "Denoising strength" in params:
+        key = "hires_strength" if "Hires upscale" in params else "strength"
+        options[key] = float(params["Denoising strength"])
+        options["_img2img"] = "Hires upscale" not in params
+    return options, params.get("Model hash")
+
+
+def build_request(args: argparse.Namespace) -> tuple[object, list[str]]:
+    """The request from defaults, then --from-png's parameters, then the flags given; and warnings."""
+    from sdstudio.io.images import load_image
+    from sdstudio.io.infotext import parse_outpaint
+    from sdstudio.types import GenerationRequest, Hires, InitImage, Inpaint, Outpaint
+
+    values = dict(GENERATE_DEFAULTS)
+    warnings: list[str] = []
+    img2img_png = False
+    if args.from_png:
+        options, _ = options_from_png(args.from_png)
+        img2img_png = bool(options.pop("_img2img", False))
+        values.update(options)
+    values.update({k: v for k, v in vars(args).items() if k in GENERATE_DEFAULTS and v is not None})
+    if not values["prompt"] and not args.from_png:
+        raise SdStudioError("no prompt given: pass a prompt or --from-png FILE")
+    if img2img_png and not args.init_image:
+        raise SdStudioError(f"{args.from_png} was made by img2img (it has a denoising strength): pass --init-image")
+    init = inpaint = hires = None
+    if args.init_image:
+        init = InitImage(load_image(args.init_image, "init image"), values["strength"], values["resize_mode"])
+    elif args.strength is not None:
+        raise SdStudioError("--strength needs --init-image (for the hires fix use --hires-strength)")
+    try:
+        outpaint = parse_outpaint(values["outpaint"]) if values["outpaint"] else Outpaint()
+    except ValueError as e:
+        raise SdStudioError(str(e)) from None
+    if args.mask or outpaint.any:
+        mask = load_image(args.mask, "mask") if args.mask else None
+        inpaint = Inpaint(
+            mask, values["mask_blur"], values["inpaint_only_masked"], values["masked_padding"],
+            values["masked_content"], outpaint,
+        )
+    if values["hires_scale"] is not None:
+        hires = Hires(values["hires_scale"], values["hires_steps"], values["hires_strength"], values["hires_upscaler"])
+    request = GenerationRequest(
+        prompt=values["prompt"] or "",
+        negative_prompt=values["negative"],
+        sampler=values["sampler"],
+        scheduler=values["scheduler"],
+        steps=values["steps"],
+        cfg_scale=values["cfg"],
+        seed=values["seed"],
+        width=values["width"],
+        height=values["height"],
+        batch_size=args.batch,
+        clip_skip=values["clip_skip"],
+        eta=values["eta"],
+        ensd=values["ensd"],
+        subseed=values["subseed"],
+        subseed_strength=values["subseed_strength"],
+        init=init,
+        inpaint=inpaint,
+        hires=hires,
+        vae_tiling={"auto": None, "on": True, "off": False}[args.vae_tiling],
+    )
+    return request, warnings
+
+
+def _preview_path(args: argparse.Namespace) -> Path:
+    if args.output:
+        out = Path(args.output)
+        return out.with_name(f"{out.stem}-preview.png")
+    return Path(args.outdir) / "preview.png"
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from sdstudio.diffusion.samplers import SamplerStep
     from sdstudio.engine import Pipeline, choose_dtype
     from sdstudio.io.images import save_png
-    from sdstudio.pipelines.txt2img import plan
-    from sdstudio.types import GenerationRequest
+    from sdstudio.pipelines.preview import previewer_for
+    from sdstudio.pipelines.sampling import plan
 
     model_path = args.model or embedded_model_path()
     if model_path is None:
@@ -66,20 +184,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "(a .safetensors or .ckpt file, or a diffusers folder); "
             "`sdstudio checkpoint random --arch tiny -o tiny.safetensors` makes a random one for testing"
         )
-    request = GenerationRequest(
-        prompt=args.prompt,
-        negative_prompt=args.negative,
-        sampler=args.sampler,
-        scheduler=args.scheduler,
-        steps=args.steps,
-        cfg_scale=args.cfg,
-        seed=args.seed,
-        width=args.width,
-        height=args.height,
-        batch_size=args.batch,
-        clip_skip=args.clip_skip,
-        eta=args.eta,
-    )
+    if args.preview_every is not None and args.preview_every < 1:
+        raise SdStudioError(f"--preview-every must be at least 1 (got {args.preview_every})")
+    request, warnings = build_request(args)
     paths = _output_paths(args, request.batch_size)
     pipeline = Pipeline.from_file(
         model_path,
@@ -89,12 +196,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
         embeddings_dir=args.embeddings,
         skip_bad_embeddings=args.skip_bad_embeddings,
     )
+    if args.from_png:
+        _, png_hash = options_from_png(args.from_png)
+        if png_hash and pipeline.model.short_hash and png_hash != pipeline.model.short_hash:
+            warnings.append(f"{args.from_png} was made with model hash {png_hash}; this model's is {pipeline.model.short_hash}")
     plan(pipeline.model, request)  # fail on bad options before any work
     bar = tqdm(total=request.steps, disable=args.quiet, file=sys.stderr, desc="sampling", unit="step")
+    previewer = previewer_for(pipeline.model) if args.preview_every else None
+    preview_path = _preview_path(args)
 
     def progress(step: SamplerStep) -> None:
-        bar.total = step.total  # DDIM/PLMS may run one step more than asked, as AUTOMATIC1111 does
+        bar.total = step.total  # img2img, hires and DDIM/PLMS change the count
         bar.update(1)
+        if previewer is not None and ((step.i + 1) % args.preview_every == 0 or step.i + 1 == step.total):
+            tiles = previewer(step.denoised, upscale=pipeline.model.config.vae.downsample)
+            strip = Image.new("RGB", (sum(t.width for t in tiles), tiles[0].height))
+            for k, tile in enumerate(tiles):
+                strip.paste(tile, (k * tile.width, 0))
+            preview_path.parent.mkdir(parents=True, exist_ok=True)
+            save_png(strip, preview_path, None, overwrite=True)
 
     with bar:
         result = pipeline(request, callback=progress)
@@ -106,7 +226,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             infotext += f", Postprocess upscale by: {args.upscale}, Postprocess upscaler: Lanczos (plain resampling)"
         save_png(image, path, infotext, overwrite=args.overwrite)
         print(path)
-    for warning in result.warnings:
+    for warning in [*warnings, *result.warnings]:
         log.warning(warning)
     return 0
 
@@ -215,20 +335,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate images from a text prompt (txt2img)")
-    gen.add_argument("prompt", help="the prompt")
-    gen.add_argument("--negative", default="", help="negative prompt")
+    gen = sub.add_parser("generate", help="generate images: txt2img, img2img, inpainting, outpainting, hires fix")
+    gen.add_argument("prompt", nargs="?", help="the prompt (optional with --from-png)")
+    gen.add_argument("--from-png", metavar="FILE", help="replay the generation recorded in a PNG's parameters; flags given override them")
+    gen.add_argument("--negative", help="negative prompt")
     gen.add_argument("--model", help="checkpoint: .safetensors, .ckpt or a diffusers folder (default: embedded)")
-    gen.add_argument("--sampler", default="Euler a", help="sampler name as AUTOMATIC1111 shows it (default: Euler a)")
-    gen.add_argument("--scheduler", default="Automatic", help="schedule type: Automatic, Uniform, Karras, ...")
-    gen.add_argument("--steps", type=int, default=20)
-    gen.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale (default 7)")
-    gen.add_argument("--seed", type=int, default=-1, help="seed of the first image (-1: random)")
-    gen.add_argument("--width", type=int, help="width in pixels, a multiple of 8 (default: the model's size)")
+    gen.add_argument("--sampler", help="sampler name as AUTOMATIC1111 shows it (default: Euler a)")
+    gen.add_argument("--scheduler", help="schedule type: Automatic (default), Uniform, Karras, ...")
+    gen.add_argument("--steps", type=int, help="sampling steps (default 20)")
+    gen.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 7)")
+    gen.add_argument("--seed", type=int, help="seed of the first image (-1, the default: random)")
+    gen.add_argument("--width", type=int, help="width in pixels, a multiple of 8 (default: the model's size, or the init image's)")
     gen.add_argument("--height", type=int, help="height in pixels, a multiple of 8")
     gen.add_argument("--batch", type=int, default=1, help="images to make, with seeds seed..seed+N-1")
     gen.add_argument("--clip-skip", type=int, help="use the N-th text encoder layer from the end (1 = last)")
     gen.add_argument("--eta", type=float, help="noise multiplier for ancestral and DDIM samplers")
+    gen.add_argument("--ensd", type=int, help="eta noise seed delta: sampler noise from seed + N, as AUTOMATIC1111 (default 0)")
+    gen.add_argument("--subseed", type=int, help="variation seed (-1: random); used with --subseed-strength")
+    gen.add_argument("--subseed-strength", type=float, help="variation strength 0..1 (default 0: none)")
+    gen.add_argument("--init-image", metavar="PATH", help="img2img: start from this image")
+    gen.add_argument("--strength", type=float, help="img2img denoising strength 0..1 (default 0.75)")
+    gen.add_argument("--resize-mode", choices=["just resize", "crop and resize", "resize and fill"],
+                     help="how the init image meets the size (default: just resize)")
+    gen.add_argument("--mask", metavar="PATH", help="inpainting mask: white = repaint")
+    gen.add_argument("--mask-blur", type=int, help="mask blur radius in pixels (default 4)")
+    gen.add_argument("--inpaint-only-masked", action="store_true", default=None,
+                     help="inpaint a crop around the mask at full resolution, then paste it back")
+    gen.add_argument("--masked-padding", type=int, help="pixels around the mask for --inpaint-only-masked (default 32)")
+    gen.add_argument("--masked-content", choices=["fill", "original", "latent noise", "latent nothing"],
+                     help="what the masked area starts from (default: original)")
+    gen.add_argument("--outpaint", metavar="SIDES:PIXELS", help="extend the init image, e.g. left,right:64 or up:32,down:64")
+    gen.add_argument("--hires-scale", type=float, help="hires fix: upscale the first pass by this factor and denoise again")
+    gen.add_argument("--hires-steps", type=int, help="hires fix second-pass steps (default 0: as --steps)")
+    gen.add_argument("--hires-strength", type=float, help="hires fix denoising strength (default 0.7)")
+    gen.add_argument("--hires-upscaler", help="Latent (default), Latent (nearest), Latent (bicubic), ..., Lanczos, Nearest")
+    gen.add_argument("--vae-tiling", choices=["auto", "on", "off"], default="auto",
+                     help="tiled VAE decode/encode for large images (auto: above 96x96 latents)")
+    gen.add_argument("--preview-every", type=int, metavar="N", help="write a cheap preview every N steps (NAME-preview.png)")
     gen.add_argument(
         "--precision",
         "--dtype",

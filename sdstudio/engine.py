@@ -13,7 +13,7 @@ from sdstudio.diffusion.samplers import SamplerStep
 from sdstudio.errors import SdStudioError
 from sdstudio.models.loading import LoadedModel, load_model
 from sdstudio.models.tokenizer import ClipTokenizer
-from sdstudio.pipelines.txt2img import txt2img
+from sdstudio.pipelines.generate import generate
 from sdstudio.prompt.embeddings import EmbeddingDatabase, load_embeddings
 from sdstudio.types import GenerationRequest, GenerationResult
 
@@ -51,7 +51,8 @@ def choose_dtype(precision: str, device: str = "cpu", flags: frozenset[str] | No
 
 
 class Pipeline:
-    """``Pipeline.from_file(path)(GenerationRequest(prompt=...))`` -> ``GenerationResult``."""
+    """``Pipeline.from_file(path)(GenerationRequest(prompt=...))`` -> ``GenerationResult``: txt2img, or
+    img2img / inpainting / hires fix as the request's ``init`` / ``inpaint`` / ``hires`` ask."""
 
     def __init__(
         self,
@@ -91,4 +92,4 @@ class Pipeline:
     def __call__(
         self, request: GenerationRequest, callback: Callable[[SamplerStep], None] | None = None
     ) -> GenerationResult:
-        return txt2img(self.model, self.tokenizer, request, callback, self.embeddings)
+        return generate(self.model, self.tokenizer, request, callback, self.embeddings)

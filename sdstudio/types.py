@@ -3,13 +3,65 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from PIL import Image
+
+ResizeMode = Literal["just resize", "crop and resize", "resize and fill"]
+MaskedContent = Literal["fill", "original", "latent noise", "latent nothing"]
+
+RESIZE_MODES: tuple[ResizeMode, ...] = ("just resize", "crop and resize", "resize and fill")
+MASKED_CONTENTS: tuple[MaskedContent, ...] = ("fill", "original", "latent noise", "latent nothing")
+
+
+@dataclass(frozen=True)
+class Outpaint:
+    """Pixels added to each side of the init image's canvas; the added area is repainted."""
+
+    left: int = 0
+    right: int = 0
+    up: int = 0
+    down: int = 0
+
+    @property
+    def any(self) -> bool:
+        return any((self.left, self.right, self.up, self.down))
+
+
+@dataclass(frozen=True)
+class InitImage:
+    """img2img: start from ``image`` noised to ``strength``'s noise level instead of pure noise."""
+
+    image: Image.Image
+    strength: float = 0.75  # AUTOMATIC1111's "Denoising strength": 0 keeps the image, 1 ignores it
+    resize_mode: ResizeMode = "just resize"
+
+
+@dataclass(frozen=True)
+class Inpaint:
+    """Repaint where ``mask`` is white (and, with ``outpaint``, the added border); keep the rest."""
+
+    mask: Image.Image | None = None  # None: only the outpaint border is repainted
+    blur: int = 4  # Gaussian blur radius of the mask, pixels
+    only_masked: bool = False  # AUTOMATIC1111's "Inpaint area: Only masked"
+    only_masked_padding: int = 32  # pixels around the mask's bounding box ("Masked area padding")
+    masked_content: MaskedContent = "original"
+    outpaint: Outpaint = field(default_factory=Outpaint)
+
+
+@dataclass(frozen=True)
+class Hires:
+    """AUTOMATIC1111's hires fix: upscale the first pass and denoise it again (img2img) at the larger size."""
+
+    scale: float = 2.0
+    steps: int = 0  # 0: as many as the first pass
+    strength: float = 0.7
+    upscaler: str = "Latent"
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One txt2img request; every option has a name, a type and a default."""
+    """One txt2img / img2img / inpaint request; every option has a name, a type and a default."""
 
     prompt: str
     negative_prompt: str = ""
@@ -23,6 +75,13 @@ class GenerationRequest:
     batch_size: int = 1
     clip_skip: int | None = None  # None: the model's default (1 for SD 1.x, 2 for SD 2.x)
     eta: float | None = None  # None: the sampler's default
+    ensd: int = 0  # eta noise seed delta: sampler noise after the first draw comes from seed + ensd
+    subseed: int = -1  # variation seed (-1: random); used only when subseed_strength > 0
+    subseed_strength: float = 0.0  # 0: no variation; 1: the variation seed's noise alone
+    init: InitImage | None = None
+    inpaint: Inpaint | None = None  # needs ``init``
+    hires: Hires | None = None  # txt2img only
+    vae_tiling: bool | None = None  # None: tile the VAE above a size (see pipelines.vae_tiling)
 
 
 @dataclass(frozen=True)
@@ -57,6 +116,7 @@ class GeneratedImage:
     image: Image.Image
     seed: int
     infotext: str
+    subseed: int | None = None  # the variation seed, when one was used
 
 
 @dataclass(frozen=True)

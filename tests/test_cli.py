@@ -119,3 +119,90 @@ def test_upscale_for_viewing_is_stated_in_metadata(tmp_path, tiny_ckpt):
     assert params["Size"] == "64x64"
     assert params["Postprocess upscale by"] == "4"
     assert "plain resampling" in params["Postprocess upscaler"]
+
+
+def test_from_png_replays_and_flags_override(tmp_path, tiny_ckpt):
+    first = tmp_path / "first.png"
+    argv = ["generate", "a cat", "--negative", "dog", "--model", str(tiny_ckpt), "--steps", "3", "--seed", "5",
+            "--sampler", "Euler a", "--scheduler", "Karras", "--cfg", "5.5", "--eta", "0.7", "--ensd", "31337",
+            "--subseed", "9", "--subseed-strength", "0.25", "--width", "32", "--height", "48",
+            "--hires-scale", "1.5", "--hires-steps", "2", "--hires-strength", "0.6", "--hires-upscaler", "Latent (nearest)",
+            "-o", str(first), "-q"]
+    assert main(argv) == 0
+    params = parse_infotext(Image.open(first).info["parameters"])[2]
+    assert params["ENSD"] == "31337" and params["Variation seed"] == "9" and params["Variation seed strength"] == "0.25"
+    assert params["Hires upscale"] == "1.5" and params["Hires steps"] == "2" and params["Denoising strength"] == "0.6"
+    assert params["Hires upscaler"] == "Latent (nearest)" and params["Size"] == "32x48" and params["Eta"] == "0.7"
+    replay = tmp_path / "replay.png"
+    assert main(["generate", "--from-png", str(first), "--model", str(tiny_ckpt), "-o", str(replay), "-q"]) == 0
+    assert Image.open(replay).tobytes() == Image.open(first).tobytes()
+    assert Image.open(replay).info["parameters"] == Image.open(first).info["parameters"]
+    other = tmp_path / "other.png"
+    assert main(["generate", "--from-png", str(first), "--model", str(tiny_ckpt), "--seed", "6", "-o", str(other), "-q"]) == 0
+    params = parse_infotext(Image.open(other).info["parameters"])[2]
+    assert params["Seed"] == "6" and params["ENSD"] == "31337"
+    assert Image.open(other).tobytes() != Image.open(first).tobytes()
+
+
+def test_img2img_inpaint_outpaint_flags(tmp_path, tiny_ckpt, capsys):
+    init = tmp_path / "init.png"
+    Image.fromarray((np.arange(32 * 32 * 3) % 251).astype(np.uint8).reshape(32, 32, 3)).save(init)
+    mask = tmp_path / "mask.png"
+    m = np.zeros((32, 32), np.uint8)
+    m[10:20, 10:20] = 255
+    Image.fromarray(m).save(mask)
+    out = tmp_path / "inpaint.png"
+    argv = ["generate", "x", "--model", str(tiny_ckpt), "--steps", "4", "--seed", "1", "--init-image", str(init),
+            "--strength", "0.8", "--mask", str(mask), "--mask-blur", "1", "--masked-content", "fill",
+            "--inpaint-only-masked", "--masked-padding", "4", "--preview-every", "2", "-o", str(out), "-q"]
+    assert main(argv) == 0
+    params = parse_infotext(Image.open(out).info["parameters"])[2]
+    assert params["Denoising strength"] == "0.8" and params["Mask blur"] == "1" and params["Masked content"] == "fill"
+    assert params["Inpaint area"] == "Only masked" and params["Masked area padding"] == "4"
+    assert (tmp_path / "inpaint-preview.png").exists()
+    a, b = np.asarray(Image.open(out), np.int16), np.asarray(Image.open(init), np.int16)
+    assert np.abs(a - b)[:4].max() == 0  # far from the mask: the original pixels
+    # an img2img PNG replays only with its init image
+    line = run_error(capsys, ["generate", "--from-png", str(out), "--model", str(tiny_ckpt), "-o", str(tmp_path / "r.png")])
+    assert "made by img2img" in line and "--init-image" in line
+    replay = tmp_path / "replay.png"
+    assert main(["generate", "--from-png", str(out), "--model", str(tiny_ckpt), "--init-image", str(init),
+                 "--mask", str(mask), "-o", str(replay), "-q"]) == 0
+    assert Image.open(replay).tobytes() == Image.open(out).tobytes()
+    wide = tmp_path / "wide.png"
+    assert main(["generate", "x", "--model", str(tiny_ckpt), "--steps", "2", "--init-image", str(init),
+                 "--outpaint", "left,right:8", "-o", str(wide), "-q"]) == 0
+    assert Image.open(wide).size == (48, 32)
+    assert parse_infotext(Image.open(wide).info["parameters"])[2]["Outpaint"] == "left:8,right:8"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--init-image", "{missing}"], "no such init image file"),
+        (["--init-image", "{text}"], "cannot read the init image"),
+        (["--init-image", "{init}", "--strength", "1.5"], "strength .* between 0 and 1"),
+        (["--strength", "0.5"], "--strength needs --init-image"),
+        (["--init-image", "{init}", "--mask", "{text}"], "cannot read the mask"),
+        (["--mask", "{init}"], "needs an init image"),
+        (["--init-image", "{init}", "--outpaint", "sideways:8"], "outpaint side 'sideways'"),
+        (["--hires-scale", "2", "--hires-upscaler", "ESRGAN"], "unknown hires upscaler 'ESRGAN'"),
+        (["--sampler", "Euler", "--eta", "0.3"], "sampler 'Euler' does not use eta"),
+        (["--subseed-strength", "-1"], "variation seed strength"),
+        (["--from-png", "{init}"], "holds no generation parameters"),
+        (["--preview-every", "0"], "--preview-every must be at least 1"),
+    ],
+)
+def test_bad_edit_options(tmp_path, tiny_ckpt, capsys, extra, message):
+    import re
+
+    init = tmp_path / "init.png"
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(init)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    names = {"{missing}": str(tmp_path / "missing.png"), "{text}": str(text), "{init}": str(init)}
+    extra = [names.get(e, e) for e in extra]
+    out = tmp_path / "o.png"
+    line = run_error(capsys, ["generate", "x", "--model", str(tiny_ckpt), "--steps", "2", "-o", str(out), "-q", *extra])
+    assert re.search(message, line), line
+    assert not out.exists()

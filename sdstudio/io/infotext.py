@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import re
 
+from sdstudio.types import Outpaint
+
 _PARAM = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 
@@ -59,3 +61,36 @@ def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
         (negative_lines if in_negative else prompt_lines).append(line)
     params = {k.strip(): unquote(v.strip()) for k, v in _PARAM.findall(last)}
     return "\n".join(prompt_lines).strip(), "\n".join(negative_lines).strip(), params
+
+
+SIDES = ("left", "right", "up", "down")
+
+
+def format_outpaint(outpaint: Outpaint) -> str:
+    """``Outpaint(left=64, up=32)`` -> ``"left:64,up:32"`` (sdstudio's own key; A1111 records none)."""
+    return ",".join(f"{side}:{getattr(outpaint, side)}" for side in SIDES if getattr(outpaint, side))
+
+
+def parse_outpaint(text: str) -> Outpaint:
+    """``"left,right:64"``, ``"left:64,up:32"`` or ``"up,down:16,left:8"``: each ``:PIXELS`` applies to
+    the sides named since the previous one. Raises ``ValueError`` naming the problem."""
+    pixels: dict[str, int] = {}
+    pending: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        side, _, amount = part.partition(":")
+        side = side.strip().lower()
+        if side not in SIDES:
+            raise ValueError(f"outpaint side {side!r} is not one of {', '.join(SIDES)} (format: left,right:64)")
+        pending.append(side)
+        if amount:
+            try:
+                value = int(amount)
+            except ValueError:
+                raise ValueError(f"outpaint pixels {amount!r} are not a whole number (format: left,right:64)") from None
+            if value < 0:
+                raise ValueError(f"outpaint pixels must be >= 0 (got {value})")
+            pixels.update(dict.fromkeys(pending, value))
+            pending = []
+    if pending:
+        raise ValueError(f"outpaint {text!r} gives no pixel count for {', '.join(pending)} (format: left,right:64)")
+    return Outpaint(**pixels)

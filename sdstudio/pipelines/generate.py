@@ -1,0 +1,257 @@
+"""One pipeline for txt2img, img2img, inpainting, outpainting and the hires fix; they differ only in where
+the first pass starts (noise or an encoded image), whether a mask is blended or fed to the model, and
+whether a second pass follows:
+
+plan -> conditioning -> [source image -> latents] -> sample -> [upscale -> sample] -> decode -> [paste back]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from sdstudio import __version__
+from sdstudio.diffusion.noise import ImageNoise
+from sdstudio.diffusion.samplers import SamplerStep
+from sdstudio.io.images import from_pil, to_pil
+from sdstudio.io.infotext import format_infotext, format_number, format_outpaint
+from sdstudio.models.loading import LoadedModel
+from sdstudio.models.tokenizer import ClipTokenizer
+from sdstudio.pipelines import vae_tiling
+from sdstudio.pipelines.hires import LATENT_UPSCALERS, upscale_images, upscale_latents
+from sdstudio.pipelines.img2img import SourceImage, prepare_source
+from sdstudio.pipelines.inpaint import conditioning_mask, inpaint_extra, latent_keep, paste_back
+from sdstudio.pipelines.sampling import LatentSource, Plan, pass_sigmas, plan, sample_latents
+from sdstudio.prompt.conditioning import Conditioning, encode_conditioning, prompt_warnings
+from sdstudio.prompt.embeddings import EmbeddingDatabase
+from sdstudio.prompt.parser import ParsedPrompt, parse
+from sdstudio.types import GeneratedImage, GenerationRequest, GenerationResult
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[SamplerStep], None]
+
+
+def parse_request(request: GenerationRequest) -> tuple[ParsedPrompt, ParsedPrompt]:
+    """The prompt (composable) and the negative (scheduled, not composable), for the request's steps and,
+    with the hires fix, its second pass (``.hires``)."""
+    hires_steps = None if request.hires is None else (request.hires.steps or request.steps)
+    return (
+        parse(request.prompt, request.steps, hires_steps),
+        parse(request.negative_prompt, request.steps, hires_steps, composable=False),
+    )
+
+
+def infotext(model: LoadedModel, request: GenerationRequest, p: Plan, index: int) -> str:
+    """AUTOMATIC1111's parameter line for image ``index``, in its key order and spelling."""
+    seed = p.seeds[index]
+    init, inpaint, hires = request.init, request.inpaint, request.hires
+    strength = init.strength if init is not None else hires.strength if hires is not None else None
+    params: dict[str, object] = {
+        "Steps": request.steps,
+        "Sampler": p.sampler.name,
+        "Schedule type": p.scheduler if p.scheduler != "Automatic" else None,
+        "CFG scale": format_number(request.cfg_scale),
+        "Seed": seed,
+        "Size": f"{p.width}x{p.height}",
+        "Model hash": model.short_hash or None,
+        "Model": model.name,
+        "Variation seed": p.subseeds[index] if p.subseeds else None,
+        "Variation seed strength": format_number(p.subseed_strength) if p.subseeds else None,
+        "Denoising strength": format_number(strength) if strength is not None else None,
+        "Clip skip": p.clip_skip if p.clip_skip != 1 else None,
+        "ENSD": p.ensd or None,
+        "Resize mode": init.resize_mode if init is not None and init.resize_mode != "just resize" else None,
+    }
+    if inpaint is not None:
+        params["Mask blur"] = inpaint.blur
+        params["Masked content"] = inpaint.masked_content
+        if inpaint.only_masked:
+            params["Inpaint area"] = "Only masked"
+            params["Masked area padding"] = inpaint.only_masked_padding
+        params["Outpaint"] = format_outpaint(inpaint.outpaint) if inpaint.outpaint.any else None
+    if hires is not None:
+        params["Hires upscale"] = format_number(hires.scale)
+        params["Hires steps"] = hires.steps or None
+        params["Hires upscaler"] = hires.upscaler
+    params["Eta"] = format_number(p.eta) if p.eta is not None else None
+    params["Version"] = f"sdstudio {__version__}"
+    return format_infotext(request.prompt, request.negative_prompt, params)
+
+
+def encode_images(model: LoadedModel, images: list[Image.Image], tiled: bool | None) -> Tensor:
+    """RGB images -> scaled latents (posterior mean). [B, 4, h, w]"""
+    x = torch.cat([from_pil(im) for im in images])
+    return vae_tiling.encode_mean(model.model.vae, x, tiled) * model.config.vae.scale_factor
+
+
+def decode_latents(model: LoadedModel, latents: Tensor, tiled: bool | None = False) -> Tensor:
+    """Scaled latents -> images in [-1, 1], float32, unchecked. [B, 3, H, W]"""
+    return vae_tiling.decode(model.model.vae, latents / model.config.vae.scale_factor, tiled)
+
+
+def decode_images(model: LoadedModel, latents: Tensor, tiled: bool | None) -> tuple[Tensor, list[str]]:
+    """Scaled latents -> images in [-1, 1], tiled above a size, re-decoded in float32 on NaN/inf."""
+    return vae_tiling.decode_checked(model.model.vae, latents / model.config.vae.scale_factor, tiled)
+
+
+def unmasked_extra(
+    model: LoadedModel, batch: int, height: int, width: int, tiled: bool | None
+) -> Tensor | None:
+    """Inpainting models without a mask (txt2img, hires, plain img2img): repaint everything, masked image
+    all grey (AUTOMATIC1111's ``txt2img_image_conditioning``). None for normal models. [B, 5, h, w]"""
+    if not model.config.is_inpainting:
+        return None
+    grey = torch.zeros(1, 3, height, width)
+    latents = vae_tiling.encode_mean(model.model.vae, grey, tiled) * model.config.vae.scale_factor
+    return inpaint_extra(conditioning_mask(None, height, width), latents.expand(batch, -1, -1, -1))
+
+
+def source_latents(
+    model: LoadedModel, request: GenerationRequest, p: Plan, src: SourceImage
+) -> tuple[LatentSource, Tensor | None]:
+    """The first pass's start for img2img/inpainting, and the inpainting model's extra input."""
+    assert request.init is not None
+    batch = len(p.seeds)
+    tiled = request.vae_tiling
+    latents = encode_images(model, [src.image], tiled).expand(batch, -1, -1, -1)
+    if src.mask is None:
+        extra = unmasked_extra(model, batch, p.height, p.width, tiled)
+        return LatentSource(latents, request.init.strength), extra
+    assert request.inpaint is not None
+    keep = latent_keep(src.mask, latents.shape[-2], latents.shape[-1])
+    content = request.inpaint.masked_content
+    if content == "latent noise":  # A1111 draws it from the seeds: the same noise as the first draw
+        noise = ImageNoise(list(p.seeds), tuple(latents.shape[1:])).draw()
+        latents = latents * keep + noise * (1 - keep)
+    elif content == "latent nothing":
+        latents = latents * keep
+    extra = None
+    if model.config.is_inpainting:
+        cmask = conditioning_mask(src.mask, p.height, p.width)
+        masked_image = from_pil(src.image) * (1 - cmask)
+        masked = vae_tiling.encode_mean(model.model.vae, masked_image, tiled) * model.config.vae.scale_factor
+        extra = inpaint_extra(cmask, masked.expand(batch, -1, -1, -1))
+        keep_for_blend = None  # the model sees the mask; the overlay restores the kept pixels afterwards
+    else:
+        keep_for_blend = keep
+    return LatentSource(latents, request.init.strength, keep=keep_for_blend), extra
+
+
+def _offset(callback: Callback | None, offset: int, total: int) -> Callback | None:
+    """Report a pass's steps as steps of the whole generation."""
+    if callback is None:
+        return None
+    return lambda s: callback(SamplerStep(offset + s.i, total, s.x, s.sigma, s.denoised))
+
+
+def _steps(sigmas: Tensor | None) -> int:
+    return 0 if sigmas is None else len(sigmas) - 1
+
+
+def hires_pass(
+    model: LoadedModel,
+    request: GenerationRequest,
+    p: Plan,
+    cond: Conditioning,
+    latents: Tensor,
+    callback: Callback | None,
+) -> Tensor:
+    """AUTOMATIC1111's hires fix second pass: upscale, then img2img at the hires strength with fresh
+    noise from the same seeds at the new size."""
+    hires = request.hires
+    assert hires is not None and p.hires_size is not None
+    width, height = p.hires_size
+    down = model.config.vae.downsample
+    if hires.upscaler in LATENT_UPSCALERS:
+        up = upscale_latents(latents, (height // down, width // down), hires.upscaler)
+    else:
+        images = to_pil(decode_images(model, latents, request.vae_tiling)[0])
+        up = encode_images(model, upscale_images(images, width, height, hires.upscaler), request.vae_tiling)
+    hp = dataclasses.replace(p, width=width, height=height)
+    source = LatentSource(up, hires.strength, fixed_steps=hires.steps > 0)
+    extra = unmasked_extra(model, len(p.seeds), height, width, request.vae_tiling)
+    return sample_latents(
+        model, hp, cond, hires.steps or request.steps, request.cfg_scale, callback, source=source, extra=extra
+    )
+
+
+def generate(
+    model: LoadedModel,
+    tokenizer: ClipTokenizer,
+    request: GenerationRequest,
+    callback: Callback | None = None,
+    embeddings: EmbeddingDatabase | None = None,
+) -> GenerationResult:
+    """txt2img, img2img, inpainting, outpainting, hires fix: whichever ``request`` asks for.
+
+    ``callback`` gets every sampler step, numbered over all passes (``total`` counts both passes).
+    """
+    p = plan(model, request)
+    sd = model.model
+    positive, negative = parse_request(request)
+    warnings = [*p.warnings, *(embeddings.warnings if embeddings else ())]
+    warnings += [*prompt_warnings(positive, embeddings), *prompt_warnings(negative, embeddings)]
+    src = prepare_source(request, p.width, p.height) if request.init is not None else None
+    warnings += src.warnings if src is not None else ()
+    with torch.inference_mode():
+        cond = encode_conditioning(
+            sd.text_encoder, tokenizer, model.config.text, positive, negative, p.clip_skip, embeddings
+        )
+        if src is not None:
+            source, extra = source_latents(model, request, p, src)
+        else:
+            source, extra = None, unmasked_extra(model, len(p.seeds), p.height, p.width, request.vae_tiling)
+        first = _steps(pass_sigmas(model, p, request.steps, source))
+        second = 0
+        if request.hires is not None:
+            hires_source = LatentSource(
+                torch.empty(0), request.hires.strength, fixed_steps=request.hires.steps > 0
+            )
+            second = _steps(pass_sigmas(model, p, request.hires.steps or request.steps, hires_source))
+        total = first + second
+        latents = sample_latents(
+            model,
+            p,
+            cond,
+            request.steps,
+            request.cfg_scale,
+            _offset(callback, 0, total),
+            source=source,
+            extra=extra,
+        )
+        if request.hires is not None:
+            assert positive.hires is not None and negative.hires is not None
+            hires_cond = encode_conditioning(
+                sd.text_encoder,
+                tokenizer,
+                model.config.text,
+                positive.hires,
+                negative.hires,
+                p.clip_skip,
+                embeddings,
+            )
+            latents = hires_pass(model, request, p, hires_cond, latents, _offset(callback, first, total))
+        decoded, decode_warnings = decode_images(model, latents, request.vae_tiling)
+        images = to_pil(decoded)
+    warnings += decode_warnings
+    if src is not None and src.overlay is not None:
+        images = [paste_back(im, src.overlay, src.base, src.box) for im in images]
+    return GenerationResult(
+        request=request,
+        images=tuple(
+            GeneratedImage(
+                image=img,
+                seed=p.seeds[i],
+                infotext=infotext(model, request, p, i),
+                subseed=p.subseeds[i] if p.subseeds else None,
+            )
+            for i, img in enumerate(images)
+        ),
+        warnings=tuple(dict.fromkeys(warnings)),
+    )

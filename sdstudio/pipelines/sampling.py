@@ -1,0 +1,295 @@
+"""One sampling pass, shared by txt2img, img2img, inpainting and the hires fix: plan the request, pick the
+pass's sigmas, draw the seeds' noise, run the sampler over the guided denoiser."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from sdstudio.diffusion.denoiser import Denoiser
+from sdstudio.diffusion.guidance import DenoiserFn, PromptGuidedDenoiser
+from sdstudio.diffusion.noise import ImageNoise
+from sdstudio.diffusion.samplers import (
+    BrownianTreeNoiseSampler,
+    NoiseSampler,
+    SamplerInfo,
+    SamplerStep,
+    resolve_sampler,
+)
+from sdstudio.diffusion.schedule import DiscreteSchedule
+from sdstudio.diffusion.schedulers import get_sigmas
+from sdstudio.errors import SdStudioError
+from sdstudio.models.loading import LoadedModel
+from sdstudio.prompt.conditioning import Conditioning
+from sdstudio.types import MASKED_CONTENTS, RESIZE_MODES, GenerationRequest
+
+log = logging.getLogger(__name__)
+
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A request with every default resolved and every value checked."""
+
+    sampler: SamplerInfo
+    scheduler: str
+    width: int
+    height: int
+    seeds: tuple[int, ...]
+    clip_skip: int
+    eta: float | None
+    subseeds: tuple[int, ...] | None = None  # per image, when subseed_strength > 0
+    subseed_strength: float = 0.0
+    ensd: int = 0  # 0 where the sampler draws no step noise from the seeds (stated in ``warnings``)
+    hires_size: tuple[int, int] | None = None  # (width, height) of the hires pass
+    warnings: tuple[str, ...] = ()
+
+
+def _check_size(name: str, value: int) -> None:
+    if value < 8 or value % 8:
+        raise SdStudioError(
+            f"{name} {value} is not a positive multiple of 8; use e.g. {max(8, value // 8 * 8)}"
+        )
+
+
+def _check_unit(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise SdStudioError(f"{name} must be between 0 and 1 (got {value})")
+
+
+def canvas_size(request: GenerationRequest) -> tuple[int, int] | None:
+    """The init image's size after outpainting, or None without an init image."""
+    if request.init is None:
+        return None
+    w, h = request.init.image.size
+    if request.inpaint is not None:
+        o = request.inpaint.outpaint
+        w, h = w + o.left + o.right, h + o.up + o.down
+    return w, h
+
+
+def _check_edit(request: GenerationRequest) -> None:
+    """Checks of the img2img / inpaint / hires options that need no model."""
+    if request.init is not None:
+        _check_unit("denoising strength (--strength)", request.init.strength)
+        if request.init.resize_mode not in RESIZE_MODES:
+            raise SdStudioError(
+                f"unknown resize mode {request.init.resize_mode!r}; choose one of: {', '.join(RESIZE_MODES)}"
+            )
+    inpaint = request.inpaint
+    if inpaint is not None:
+        if request.init is None:
+            raise SdStudioError("a mask or outpainting needs an init image (--init-image)")
+        o = inpaint.outpaint
+        if min(o.left, o.right, o.up, o.down) < 0:
+            raise SdStudioError("outpaint pixels must be >= 0")
+        if inpaint.mask is None and not o.any:
+            raise SdStudioError("inpainting needs a mask (--mask) or an outpaint border (--outpaint)")
+        if inpaint.blur < 0 or inpaint.only_masked_padding < 0:
+            raise SdStudioError("mask blur and masked area padding must be >= 0")
+        if inpaint.masked_content not in MASKED_CONTENTS:
+            raise SdStudioError(
+                f"unknown masked content {inpaint.masked_content!r}; choose one of: {', '.join(MASKED_CONTENTS)}"
+            )
+    hires = request.hires
+    if hires is not None:
+        from sdstudio.pipelines.hires import UPSCALERS
+
+        if request.init is not None:
+            raise SdStudioError("the hires fix is for txt2img; leave out --hires-scale with --init-image")
+        if hires.scale <= 0:
+            raise SdStudioError(f"hires scale must be > 0 (got {hires.scale})")
+        if hires.steps < 0:
+            raise SdStudioError(f"hires steps must be >= 0 (0: as many as --steps; got {hires.steps})")
+        _check_unit("hires denoising strength (--hires-strength)", hires.strength)
+        if hires.upscaler not in UPSCALERS:
+            raise SdStudioError(
+                f"unknown hires upscaler {hires.upscaler!r}; choose one of: {', '.join(UPSCALERS)}"
+            )
+
+
+def plan(model: LoadedModel, request: GenerationRequest) -> Plan:
+    """Check a request against a model; raise ``SdStudioError`` naming the problem and the fix."""
+    config = model.config
+    warnings: list[str] = []
+    try:
+        sampler, legacy_scheduler = resolve_sampler(request.sampler)
+    except ValueError as e:
+        raise SdStudioError(str(e)) from None
+    scheduler = legacy_scheduler or request.scheduler
+    _check_edit(request)
+    canvas = canvas_size(request)
+    default_w = default_h = config.default_size
+    if canvas is not None:  # img2img: the image's own size, down to a multiple of 8
+        default_w, default_h = max(8, canvas[0] // 8 * 8), max(8, canvas[1] // 8 * 8)
+        if (request.width is None or request.height is None) and (default_w, default_h) != canvas:
+            warnings.append(
+                f"image size {canvas[0]}x{canvas[1]} is not a multiple of 8: generating at {default_w}x{default_h}"
+            )
+    width = default_w if request.width is None else request.width
+    height = default_h if request.height is None else request.height
+    _check_size("width", width)
+    _check_size("height", height)
+    if request.steps < 1:
+        raise SdStudioError(f"steps must be at least 1 (got {request.steps})")
+    if request.batch_size < 1:
+        raise SdStudioError(f"batch size must be at least 1 (got {request.batch_size})")
+    if request.cfg_scale < 0:
+        raise SdStudioError(f"CFG scale must be >= 0 (got {request.cfg_scale})")
+    clip_skip = request.clip_skip if request.clip_skip is not None else config.text.default_clip_skip
+    if not 1 <= clip_skip <= config.text.layers:
+        raise SdStudioError(f"clip skip must be between 1 and {config.text.layers} (got {clip_skip})")
+    if request.eta is not None and not sampler.uses_eta:
+        raise SdStudioError(
+            f"sampler {sampler.name!r} does not use eta; leave --eta out or pick an ancestral/DDIM sampler"
+        )
+    _check_unit("variation seed strength (--subseed-strength)", request.subseed_strength)
+    ensd = request.ensd
+    if ensd and sampler.brownian_noise:
+        warnings.append(
+            f"ENSD ignored: sampler {sampler.name!r} takes its noise from per-image Brownian trees of the seeds"
+        )
+        ensd = 0
+    elif ensd and not sampler.needs_noise(request.eta):
+        warnings.append(
+            f"ENSD ignored: sampler {sampler.name!r} draws no noise after the first (eta {request.eta or 0})"
+        )
+        ensd = 0
+    seed = request.seed if request.seed >= 0 else secrets.randbelow(MAX_SEED)
+    if seed > MAX_SEED:
+        raise SdStudioError(f"seed must be at most {MAX_SEED} (got {seed})")
+    n = request.batch_size
+    subseeds = None
+    if request.subseed_strength > 0:
+        # AUTOMATIC1111: with variations every image keeps the seed and the variation seed counts up.
+        subseed = request.subseed if request.subseed >= 0 else secrets.randbelow(MAX_SEED)
+        if subseed > MAX_SEED:
+            raise SdStudioError(f"variation seed must be at most {MAX_SEED} (got {subseed})")
+        seeds = (seed,) * n
+        subseeds = tuple((subseed + i) % (MAX_SEED + 1) for i in range(n))
+    else:
+        seeds = tuple((seed + i) % (MAX_SEED + 1) for i in range(n))
+    hires_size = None
+    if request.hires is not None:
+        from sdstudio.pipelines.hires import hires_size as target
+
+        hires_size, warning = target(width, height, request.hires.scale)
+        warnings += [warning] if warning else []
+    return Plan(
+        sampler,
+        scheduler,
+        width,
+        height,
+        seeds,
+        clip_skip,
+        request.eta,
+        subseeds,
+        request.subseed_strength,
+        ensd,
+        hires_size,
+        tuple(warnings),
+    )
+
+
+@dataclass(frozen=True)
+class LatentSource:
+    """What an img2img-style pass starts from, instead of pure noise."""
+
+    latents: Tensor  # [B, C, h, w] clean latents, scaled as the UNet sees them
+    strength: float  # AUTOMATIC1111's denoising strength
+    fixed_steps: bool = False  # run exactly ``steps`` steps (A1111's hires second pass with its own steps)
+    keep: Tensor | None = None  # [B or 1, 1, h, w], 1 = keep ``latents`` there (inpainting, normal models)
+
+
+def pass_sigmas(model: LoadedModel, p: Plan, steps: int, source: LatentSource | None = None) -> Tensor | None:
+    """The sigmas one pass runs: the whole schedule for txt2img; for img2img AUTOMATIC1111's accounting
+    (``setup_img2img_steps`` + ``sigmas[steps - t_enc - 1:]``): the last ``t_enc + 2`` sigmas, i.e.
+    ``t_enc + 1`` steps, of a ``steps``-long schedule with ``t_enc = int(min(strength, 0.999) * steps)``;
+    with ``fixed_steps``, ``steps`` steps of a schedule ``int(steps / strength)`` long.
+
+    None for strength 0: nothing is sampled (A1111 still runs its one last step there).
+    """
+    schedule = DiscreteSchedule.from_config(model.config.schedule)
+    if source is None:
+        return get_sigmas(p.scheduler, schedule, steps, p.sampler)
+    if source.strength == 0:
+        return None
+    strength = min(source.strength, 0.999)
+    if source.fixed_steps:
+        total, t_enc = int(steps / strength), steps - 1
+    else:
+        total, t_enc = steps, int(strength * steps)
+    try:
+        sigmas = get_sigmas(p.scheduler, schedule, total, p.sampler)
+    except ValueError as e:
+        raise SdStudioError(
+            f"{e} (img2img at strength {source.strength} needs a {total}-step schedule)"
+        ) from None
+    # counted from the end: DDIM's schedule can hold one more sigma than asked (see ddim_timesteps)
+    return sigmas[-(t_enc + 2) :]
+
+
+@dataclass(frozen=True)
+class BlendedDenoiser:
+    """Inpainting with a normal model (AUTOMATIC1111's ``CFGDenoiser`` blend): after every model call
+    the x0 estimate is replaced by the original latents where ``keep`` is 1."""
+
+    inner: DenoiserFn
+    latents: Tensor  # [B, C, h, w]
+    keep: Tensor  # [B or 1, 1, h, w]
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        return self.latents * self.keep + self.inner(x, sigma) * (1 - self.keep)
+
+
+def sample_latents(
+    model: LoadedModel,
+    p: Plan,
+    cond: Conditioning,
+    steps: int,
+    cfg_scale: float,
+    callback: Callable[[SamplerStep], None] | None = None,
+    *,
+    source: LatentSource | None = None,
+    extra: Tensor | None = None,
+) -> Tensor:
+    """Run the sampler from the seeds' noise (txt2img) or from ``source`` noised to its strength; the clean
+    latents (scaled, as the UNet sees them). ``extra``: inpainting models' mask + masked-image latents.
+    [B, 4, h, w]"""
+    config = model.config
+    schedule = DiscreteSchedule.from_config(config.schedule)
+    denoiser = Denoiser(model.model.unet, schedule, config.prediction)
+    sigmas = pass_sigmas(model, p, steps, source)
+    if sigmas is None:
+        assert source is not None
+        return source.latents
+    guided: DenoiserFn = PromptGuidedDenoiser(
+        denoiser, cond.tensors, cond.positive, cond.negative, cfg_scale, tuple(sigmas.tolist()), extra
+    )
+    down = config.vae.downsample
+    shape = (config.unet.out_channels, p.height // down, p.width // down)
+    if source is not None:
+        shape = tuple(source.latents.shape[1:])
+    noise = ImageNoise(
+        list(p.seeds), shape, subseeds=p.subseeds, subseed_strength=p.subseed_strength, ensd=p.ensd
+    )
+    if source is None:
+        x = noise.draw() * p.sampler.initial_scale(sigmas[0])
+    else:  # x = x0 + sigma eps for every sampler (VP: sqrt(abar) x0 + sqrt(1 - abar) eps, rescaled)
+        x = source.latents + noise.draw() * float(sigmas[0])
+        if source.keep is not None:
+            guided = BlendedDenoiser(guided, source.latents, source.keep)
+    settings = {"eta": p.eta} if p.eta is not None else {}
+    step_noise: NoiseSampler = noise
+    if p.sampler.brownian_noise:  # SDE samplers: one Brownian tree per image, from its seed
+        step_noise = BrownianTreeNoiseSampler.for_sigmas(x.shape, sigmas, p.seeds)
+    latents = p.sampler.function(guided, x, sigmas, noise=step_noise, callback=callback, **settings)
+    latents = latents * p.sampler.final_scale(sigmas[-1])
+    if source is not None and source.keep is not None:
+        latents = latents * (1 - source.keep) + source.latents * source.keep
+    return latents
