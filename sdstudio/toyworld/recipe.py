@@ -111,9 +111,16 @@ def _images(scenes: list[world.Scene]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2)
 
 
-def _tokens(captions: list[str], config: ModelConfig, tokenizer: ClipTokenizer) -> torch.Tensor:
-    """[B, 77] ids framed exactly as inference frames a one-chunk prompt."""
-    return torch.tensor([chunk_tokens(tokenizer.encode(c), config.text)[0] for c in captions])
+def _tokens(
+    captions: list[str], config: ModelConfig, tokenizer: ClipTokenizer, cache: dict[str, list[int]] | None = None
+) -> torch.Tensor:
+    """[B, 77] ids framed exactly as inference frames a one-chunk prompt; ``cache`` memoises per caption
+    (the world's captions repeat, and tokenizing in Python costs as much as a small training step)."""
+    cache = {} if cache is None else cache
+    for c in captions:
+        if c not in cache:
+            cache[c] = chunk_tokens(tokenizer.encode(c), config.text)[0]
+    return torch.tensor([cache[c] for c in captions])
 
 
 def _finite_diff_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -211,6 +218,7 @@ def train_unet(recipe: ToyRecipe, model: StableDiffusion, out: Path, progress: P
     sigmas = denoiser.schedule.sigmas
     tokenizer = ClipTokenizer()
     text_encoder = model.cond_stage_model
+    token_cache: dict[str, list[int]] = {}
 
     def loss_fn(step: int, gen: torch.Generator) -> torch.Tensor:
         rng = _rng(recipe.seed, "unet", step)
@@ -218,7 +226,7 @@ def train_unet(recipe: ToyRecipe, model: StableDiffusion, out: Path, progress: P
         x0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scale
         captions = ["" if rng.random() < recipe.caption_dropout else world.caption(scenes[i], rng) for i in idx]
         with torch.no_grad():
-            context = text_encoder(_tokens(captions, config, tokenizer), config.text.default_clip_skip)
+            context = text_encoder(_tokens(captions, config, tokenizer, token_cache), config.text.default_clip_skip)
         t = torch.randint(0, len(sigmas), (recipe.unet_batch,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         return denoiser.loss(x0, noise, sigmas[t], context).mean()
