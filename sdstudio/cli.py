@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("sdstudio")
 
 EMBEDDED_MODEL = "toyworld.safetensors"
+SEED_FIELD = "<seed>"  # in --outdir file names only, replaced by each image's seed
 EMBEDDED_IMAGE_ENCODER = "toyworld_image_encoder.safetensors"
 
 
@@ -42,10 +43,10 @@ def _output_paths(args: argparse.Namespace, seeds: int) -> list[Path]:
             raise SdStudioError(f"{outdir}: exists and is not a folder; pass another --outdir")
         taken = [int(m.group(1)) for p in outdir.glob("*.png") if (m := re.match(r"(\d{5})-", p.name))]
         start = max(taken, default=-1) + 1
-        paths = [outdir / f"{start + i:05d}-{{seed}}.png" for i in range(seeds)]
+        paths = [outdir / f"{start + i:05d}-{SEED_FIELD}.png" for i in range(seeds)]
     if not args.overwrite:
         for p in paths:
-            if "{seed}" not in p.name and p.exists():
+            if SEED_FIELD not in p.name and p.exists():
                 raise SdStudioError(f"{p}: already exists; pass --overwrite to replace it or choose another -o")
     return paths
 
@@ -97,7 +98,10 @@ def options_from_png(path: str) -> tuple[dict[str, object], str | None]:
         options["inpaint_only_masked"] = True
     if "Denoising strength" in params:
         key = "hires_strength" if "Hires upscale" in params else "strength"
-        options[key] = float(params["Denoising strength"])
+        try:
+            options[key] = float(params["Denoising strength"])
+        except ValueError:
+            raise SdStudioError(f"{path}: bad 'Denoising strength' {params['Denoising strength']!r}") from None
         options["_img2img"] = "Hires upscale" not in params
     return options, params.get("Model hash")
 
@@ -188,6 +192,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SdStudioError(f"--preview-every must be at least 1 (got {args.preview_every})")
     request, warnings = build_request(args)
     paths = _output_paths(args, request.batch_size)
+    if args.preview_every and _preview_path(args).exists() and not args.overwrite:
+        raise SdStudioError(f"{_preview_path(args)}: already exists; pass --overwrite to replace it")
     pipeline = Pipeline.from_file(
         model_path,
         dtype=choose_dtype(args.precision),
@@ -219,7 +225,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with bar:
         result = pipeline(request, callback=progress)
     for path, generated in zip(paths, result.images):
-        path = path.with_name(path.name.format(seed=generated.seed))
+        path = path.with_name(path.name.replace(SEED_FIELD, str(generated.seed)))
         image, infotext = generated.image, generated.infotext
         if args.upscale > 1:  # for viewing small images; says so in the metadata
             image = image.resize((image.width * args.upscale, image.height * args.upscale), Image.LANCZOS)
@@ -442,6 +448,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except SdStudioError as e:
         print(f"sdstudio: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # permission denied, disk full, ...: the file and the reason, no traceback
+        name = f"{e.filename}: " if e.filename else ""
+        print(f"sdstudio: error: {name}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sdstudio: interrupted", file=sys.stderr)

@@ -11,7 +11,7 @@ import torch
 
 from sdstudio.diffusion.samplers import SamplerStep
 from sdstudio.errors import SdStudioError
-from sdstudio.models.loading import LoadedModel, load_model
+from sdstudio.models.loading import DTYPES, LoadedModel, load_model
 from sdstudio.models.tokenizer import ClipTokenizer
 from sdstudio.pipelines.generate import generate
 from sdstudio.prompt.embeddings import EmbeddingDatabase, load_embeddings
@@ -43,7 +43,7 @@ def choose_dtype(precision: str, device: str = "cpu", flags: frozenset[str] | No
     if precision not in PRECISIONS:
         raise SdStudioError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     if precision != "auto":
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        return DTYPES[precision]
     if device.startswith("cuda"):
         return torch.float16
     flags = cpu_flags() if flags is None else flags

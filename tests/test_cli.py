@@ -206,3 +206,16 @@ def test_bad_edit_options(tmp_path, tiny_ckpt, capsys, extra, message):
     line = run_error(capsys, ["generate", "x", "--model", str(tiny_ckpt), "--steps", "2", "-o", str(out), "-q", *extra])
     assert re.search(message, line), line
     assert not out.exists()
+
+
+def test_output_names_are_literal(tmp_path, tiny_ckpt):
+    out = tmp_path / "a{x}-{seed}.png"
+    assert main(["generate", "x", "--model", str(tiny_ckpt), "--steps", "1", "--seed", "1", "-o", str(out), "-q"]) == 0
+    assert out.exists()
+
+
+def test_unwritable_output_is_one_line(tmp_path, tiny_ckpt, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file where a folder is needed")
+    line = run_error(capsys, ["generate", "x", "--model", str(tiny_ckpt), "--steps", "1", "-q", "-o", str(blocker / "o.png")])
+    assert "file.txt" in line

@@ -90,15 +90,20 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     base = 8 + header_len
     tensors = {}
     for name, info in header.items():
-        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
-        start, end = info["data_offsets"]
-        raw = data[base + start : base + end]
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        if (base + start) % itemsize:
-            raw = raw.clone()  # misaligned for a zero-copy view of this dtype
-        tensors[name] = raw.view(dtype).reshape(info["shape"])
+        try:
+            dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
+            start, end = info["data_offsets"]
+            if not 0 <= start <= end <= len(data) - base:
+                raise ValueError("data offsets outside the file")
+            raw = data[base + start : base + end]
+            itemsize = torch.empty(0, dtype=dtype).element_size()
+            if (base + start) % itemsize:
+                raw = raw.clone()  # misaligned for a zero-copy view of this dtype
+            tensors[name] = raw.view(dtype).reshape(info["shape"])
+        except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: corrupt entry for tensor {name} ({e}); the file is damaged") from None
     return tensors, metadata
 
 
@@ -176,19 +181,40 @@ def has_ema(keys: set[str]) -> bool:
     return any(k.startswith(EMA_PREFIX) and k not in ("model_ema.decay", "model_ema.num_updates") for k in keys)
 
 
-def load_state(path: str | os.PathLike) -> tuple[ModelConfig | None, dict[str, torch.Tensor], dict[str, str]]:
-    """The single-file-layout state dict of any supported checkpoint, with its stored config if any."""
+def load_state(
+    path: str | os.PathLike, dtype: torch.dtype | None = None
+) -> tuple[ModelConfig | None, dict[str, torch.Tensor], dict[str, str]]:
+    """The single-file-layout state dict of any supported checkpoint, with its stored config if any.
+
+    ``dtype`` casts diffusers folders as they are read (one copy in memory); single files stay mapped.
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     if path.is_dir():
         from sdstudio.models.diffusers_convert import load_diffusers_folder
 
-        config, state = load_diffusers_folder(path, None)
+        config, state = load_diffusers_folder(path, dtype)
         return config, state, {}
     state, metadata = read_state_dict(path)
-    config = ModelConfig.from_json(metadata[METADATA_KEY]) if METADATA_KEY in metadata else None
+    config = None
+    if METADATA_KEY in metadata:
+        try:
+            config = ModelConfig.from_json(metadata[METADATA_KEY])
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{path}: unreadable '{METADATA_KEY}' in its header ({e})") from None
     return config, state, metadata
+
+
+@torch.no_grad()
+def looks_like_v_prediction(unet: torch.nn.Module, context_dim: int) -> bool:
+    """AUTOMATIC1111's test for SD 2.x v-models, whose weights look like any other SD 2.x: at t=999 on a
+    constant input an epsilon model predicts about the input, a v model about its negation."""
+    x = torch.full((1, 4, 8, 8), 0.5)
+    context = torch.full((1, 2, context_dim), 0.5)
+    param = next(unet.parameters())
+    out = unet(x.to(param.dtype), torch.tensor([999.0]), context.to(param.dtype)).float()
+    return float((out - x).mean()) < -1
 
 
 def load_model(
@@ -201,7 +227,8 @@ def load_model(
 ) -> LoadedModel:
     """Load a checkpoint into our model without renaming keys; weights land by assignment (no second copy)."""
     path = Path(path)
-    stored, state, _ = load_state(path)
+    stored, state, _ = load_state(path, dtype)
+    detected = config is None and stored is None
     config = config or stored or detect_config({k: tuple(v.shape) for k, v in state.items()}, prediction)
     if prediction and prediction != config.prediction:
         config = dataclasses.replace(config, prediction=prediction)
@@ -226,12 +253,21 @@ def load_model(
         if k in state:
             t = state[k]
             wanted[k] = t.to(dtype) if t.is_floating_point() else t
-    model.load_state_dict(wanted, strict=False, assign=True)
+    try:
+        model.load_state_dict(wanted, strict=False, assign=True)
+    except RuntimeError as e:
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e)[:200])
+        raise CheckpointError(f"{path}: weights do not fit the architecture {config.name!r}: {first}") from None
     for name, module in model.named_modules():
         for pname, param in list(module.named_parameters(recurse=False)):
             if param.is_meta:  # an optional key absent from the file
                 setattr(module, pname, torch.nn.Parameter(torch.zeros(param.shape, dtype=dtype), requires_grad=False))
     model.eval().requires_grad_(False)
+    sd2 = config.text.kind == "open_clip"
+    if detected and prediction is None and sd2 and looks_like_v_prediction(model.unet, config.unet.context_dim):
+        log.info("%s: SD 2.x weights behave as v-prediction; sampling with v (override: --prediction)", path)
+        config = dataclasses.replace(config, prediction="v", default_size=768)
+        model.config = config
     return LoadedModel(model=model, config=config, path=path, dtype=dtype, ema=use_ema)
 
 

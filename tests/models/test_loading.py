@@ -156,3 +156,50 @@ def test_checkpoint_info_fields(tmp_path, tiny_model):
     assert info["dtypes"] == ["float16"]
     assert info["parameters"] == counts
     assert info["ema"] is False
+
+
+class _ConstantUNet(torch.nn.Module):
+    """Returns ``x + offset``: an epsilon model predicts about the input at t=999, a v model its negation."""
+
+    def __init__(self, offset: float) -> None:
+        super().__init__()
+        self.offset = torch.nn.Parameter(torch.tensor(offset))
+
+    def forward(self, x, t, context):
+        assert t.tolist() == [999.0] and context.shape == (1, 2, 16)
+        return x + self.offset
+
+
+def test_v_prediction_probe():
+    from sdstudio.models.loading import looks_like_v_prediction
+
+    assert looks_like_v_prediction(_ConstantUNet(-1.5), 16) is True
+    assert looks_like_v_prediction(_ConstantUNet(0.1), 16) is False
+
+
+def test_corrupt_header_entries_are_named(tmp_path):
+    import json
+    import struct
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 1000]}}).encode()
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+    with pytest.raises(CheckpointError, match="corrupt entry for tensor w"):
+        load_model(path)
+
+
+def test_bad_metadata_config_is_named(tmp_path, tiny_model):
+    path = save_model(tiny_model, tmp_path / "m.safetensors", metadata={"sdstudio.config": '{"unet": {"x": 1}}'})
+    with pytest.raises(CheckpointError, match="unreadable 'sdstudio.config'"):
+        load_model(path)
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path, tiny_model):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        path = save_model(tiny_model, tmp_path / "m.safetensors")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644

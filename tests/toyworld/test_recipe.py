@@ -150,3 +150,14 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     # The log holds steps 1-7 of the killed run (6 and 7 were lost with it) and 6-10 of the resumed one.
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / LOG_FILE).read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 6, 7, 8, 9, 10]
+
+
+def test_vae_that_loses_the_scenes_stops_the_run(tmp_path):
+    # A 6-step VAE paints blurry backgrounds: the judge sees no scene, so the run must stop before
+    # spending the UNet stage on it, and say why.
+    recipe = dataclasses.replace(ToyRecipe.smoke(), vae_min_judge=0.5)
+    with pytest.raises(SdStudioError, match="the VAE loses the scenes"):
+        run_recipe(tmp_path / "run", recipe, progress=_quiet)
+    check = json.loads((tmp_path / "run" / "vae_check.json").read_text())
+    assert check["judge_all"] < 0.5 and 0 < check["psnr_db"] < 30
+    assert not (tmp_path / "run" / "stages.json").exists()  # the VAE stage is not marked done
