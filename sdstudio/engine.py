@@ -37,8 +37,8 @@ def choose_dtype(precision: str, device: str = "cpu", flags: frozenset[str] | No
     """The compute dtype for ``precision``; ``auto`` picks what is fast on this machine.
 
     On CPUs, bf16 is only fast with native bf16 units (AVX-512 BF16 or AMX); without them PyTorch falls
-    back to scalar code that runs hundreds of times slower than fp32 (measured on an AVX2-only EPYC:
-    a 2048^2 matmul at 0.3 GFLOP/s in bf16 against 162 GFLOP/s in fp32). On GPUs, fp16.
+    back to scalar code: on this project's AVX2-only EPYC, 50-130x slower than fp32
+    (``benchmarks/precision.py``). On GPUs, fp16.
     """
     if precision not in PRECISIONS:
         raise SdStudioError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")

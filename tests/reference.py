@@ -13,19 +13,21 @@ from sdstudio.models.configs import ModelConfig, UNetConfig, VAEConfig
 
 
 def randomise_(model: nn.Module, seed: int) -> None:
-    """Fan-in-scaled Gaussian weights, so activations stay O(1) through every residual branch.
+    """Fan-in-scaled uniform weights (std 1 / sqrt(fan_in)), so activations stay O(1) through every
+    residual branch; uniform rather than Gaussian because it is twice as fast to draw for 860M weights.
 
     LDM zero-inits each residual branch's last layer, which would make parity comparisons vacuous.
     """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * p[0].numel() ** -0.5)
-            elif name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            if p.ndim >= 2:  # conv / linear
+                bound = (3.0 / p[0].numel()) ** 0.5
+                p.uniform_(-bound, bound, generator=gen)
+            elif name.endswith("weight"):  # norm scale
+                p.uniform_(0.8, 1.2, generator=gen)
+            else:  # biases
+                p.uniform_(-0.2, 0.2, generator=gen)
 
 
 def ldm_yaml(unet: UNetConfig, vae: VAEConfig) -> dict[str, Any]:

@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from sdstudio.models.configs import VAEConfig, preset
 from sdstudio.models.vae import AutoencoderKL, LatentDistribution
+from tests.reference import randomise_
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
@@ -26,21 +27,6 @@ from diffusers.loaders.single_file_utils import (
 
 PREFIX = "first_stage_model."
 ATOL = 1e-4
-
-
-def randomise_(model: nn.Module, seed: int) -> None:
-    """Fan-in-scaled uniform weights (std 1 / sqrt(fan_in)), so activations stay O(1) through every
-    residual branch. Uniform rather than Gaussian: twice as fast to draw for 860M parameters."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:  # conv
-                bound = (3.0 / p[0].numel()) ** 0.5
-                p.uniform_(-bound, bound, generator=gen)
-            elif name.endswith("weight"):  # norm scale
-                p.uniform_(0.8, 1.2, generator=gen)
-            else:  # biases
-                p.uniform_(-0.2, 0.2, generator=gen)
 
 
 def random_vae(config: VAEConfig, seed: int = 0) -> AutoencoderKL:
