@@ -161,3 +161,36 @@ def test_vae_that_loses_the_scenes_stops_the_run(tmp_path):
     check = json.loads((tmp_path / "run" / "vae_check.json").read_text())
     assert check["judge_all"] < 0.5 and 0 < check["psnr_db"] < 30
     assert not (tmp_path / "run" / "stages.json").exists()  # the VAE stage is not marked done
+
+
+def test_object_weights_mark_the_objects_only():
+    from sdstudio.toyworld import world
+    from sdstudio.toyworld.recipe import _images, _object_weights
+
+    scene = world.Scene(
+        objects=(world.ObjectSpec(shape="square", colour="red", size="large", position="centre"),),
+        background="teal",
+        relation=None,
+    )
+    w = _object_weights([scene], _images([scene]), 9.0)
+    assert w.shape == (1, 1, 64, 64)
+    assert set(w.unique().tolist()) == {1.0, 10.0}
+    diff = (
+        (torch.from_numpy(world.render(scene)).float() - torch.tensor(world.BACKGROUNDS["teal"]))
+        .abs()
+        .amax(-1)
+    )
+    assert (w[0, 0][diff > 10] == 10).all() and (w[0, 0][diff < 3] == 1).all()
+    assert (diff > 10).sum() > 100  # a large square
+
+
+def test_narrow_posterior_sets_the_log_variance_for_any_input():
+    from sdstudio.models.stablediffusion import random_model
+    from sdstudio.toyworld.recipe import _images, _rng, _scenes, narrow_posterior_
+
+    model = random_model(PRESETS["toyworld"], seed=0)
+    vae = model.first_stage_model
+    narrow_posterior_(vae, -8.0)
+    dist = vae.encode(_images(_scenes(_rng(0, "vae", 0), 2, 0.5)))
+    assert torch.equal(dist.logvar, torch.full_like(dist.logvar, -8.0))
+    assert dist.mean.std() > 0  # the mean half is untouched
