@@ -1,0 +1,231 @@
+"""sdstudio against diffusers' StableDiffusionPipeline on the same weights, in one process, alternating
+(issue 6).
+
+    python benchmarks/vs_diffusers.py --arch sd15 --size 512 --batch 1 --runs 3
+    python benchmarks/vs_diffusers.py --arch sd15 --size 256 --batch 4
+    python benchmarks/vs_diffusers.py --model sdstudio/assets/toyworld.safetensors --size 64
+    python benchmarks/vs_diffusers.py --arch sd15 --size 512 --only ours      # peak RSS of one side
+
+A random-weight checkpoint of ``--arch`` (or the ``--model`` file) is loaded by sdstudio from a
+safetensors file and handed to diffusers through diffusers' own LDM converters (the same path as the
+parity tests), so both run the same weights in fp32 (``--precision`` changes sdstudio's side only).
+Each run times one request end to end (text encode + sampling + VAE decode) and the sampling steps
+alone (from the step callbacks); Euler, CFG 7, 20 steps. Warm-ups are excluded; medians reported.
+``--only`` runs one side alone and reports its peak RSS (``ru_maxrss``) and cold start.
+Needs the test dependencies (``pip install -e '.[test]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.reference: the diffusers bridge
+
+PROMPT = "a photo of a red fox in the snow, detailed"
+NEGATIVE = "blurry"
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Ours:
+    def __init__(self, path: Path, args: argparse.Namespace) -> None:
+        from sdstudio.engine import Pipeline, choose_dtype
+
+        self.pipe = Pipeline.from_file(path, dtype=choose_dtype(args.precision))
+        self.args = args
+
+    def __call__(self, seed: int) -> tuple[float, float]:
+        from sdstudio.types import GenerationRequest
+
+        a = self.args
+        request = GenerationRequest(
+            prompt=PROMPT, negative_prompt=NEGATIVE, sampler="Euler", steps=a.steps, cfg_scale=7.0, seed=seed,
+            width=a.size, height=a.size, batch_size=a.batch,
+        )  # fmt: skip
+        stamps: list[float] = []
+        finite: list[bool] = []
+
+        def on_step(step) -> None:
+            stamps.append(time.perf_counter())
+            finite.append(bool(step.x.isfinite().all()))
+
+        t0 = time.perf_counter()
+        self.pipe(request, callback=on_step)
+        total = time.perf_counter() - t0
+        _require_finite("sdstudio", all(finite))
+        return total, (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
+
+
+class Diffusers:
+    def __init__(self, path: Path, args: argparse.Namespace) -> None:
+        import diffusers
+
+        from sdstudio.models.loading import load_model
+        from sdstudio.models.tokenizer import ClipTokenizer
+        from sdstudio.prompt.conditioning import chunk_tokens
+        from tests.reference import diffusers_unet, diffusers_vae, transformers_clip
+
+        loaded = load_model(path, dtype=torch.float32)
+        config, state = loaded.config, loaded.model.state_dict()
+        self.clip = transformers_clip(config, state)
+        self.pipe = diffusers.StableDiffusionPipeline(
+            vae=diffusers_vae(config, state),
+            text_encoder=self.clip,
+            tokenizer=None,
+            unet=diffusers_unet(config, state),
+            scheduler=diffusers.EulerDiscreteScheduler(
+                beta_start=0.00085,
+                beta_end=0.012,
+                beta_schedule="scaled_linear",
+                steps_offset=1,
+                timestep_spacing="leading",
+            ),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        self.pipe.set_progress_bar_config(disable=True)
+        del loaded, state
+        tokenizer = ClipTokenizer()
+        self.ids = torch.tensor(
+            [chunk_tokens(tokenizer.encode(t), config.text)[0] for t in (PROMPT, NEGATIVE)]
+        )
+        self.args = args
+
+    def __call__(self, seed: int) -> tuple[float, float]:
+        a = self.args
+        stamps: list[float] = []
+        finite: list[bool] = []
+
+        def on_step(pipe, i, t, kwargs):
+            stamps.append(time.perf_counter())
+            finite.append(bool(kwargs["latents"].isfinite().all()))
+            return kwargs
+
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            embeds = self.clip(self.ids).last_hidden_state  # the text encoder, as the pipeline would run it
+            self.pipe(
+                prompt_embeds=embeds[:1].expand(a.batch, -1, -1),
+                negative_prompt_embeds=embeds[1:].expand(a.batch, -1, -1),
+                num_inference_steps=a.steps,
+                guidance_scale=7.0,
+                height=a.size,
+                width=a.size,
+                generator=torch.Generator().manual_seed(seed),
+                output_type="pil",
+                callback_on_step_end=on_step,
+            )
+        total = time.perf_counter() - t0
+        _require_finite("diffusers", all(finite))
+        return total, (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
+
+
+def _require_finite(side: str, ok: bool) -> None:
+    if not ok:
+        raise SystemExit(f"{side}: latents became inf/NaN; timings would not be comparable")
+
+
+def _checkpoint(args: argparse.Namespace, tmp: Path) -> Path:
+    if args.model:
+        return Path(args.model)
+    from sdstudio.models.configs import PRESETS
+    from sdstudio.models.loading import save_model
+    from sdstudio.models.stablediffusion import random_model
+    from tests.reference import randomise_
+
+    path = tmp / f"{args.arch}.safetensors"
+    model = random_model(PRESETS[args.arch], seed=0)
+    # LDM's init zeroes each residual branch's last layer; with it the UNet predicts ~0 and the latents
+    # run off to inf/NaN at some step, and timings on NaNs say nothing. Fan-in-scaled weights keep
+    # every activation O(1) on both sides.
+    randomise_(model, seed=0)
+    save_model(model, path, dtype=torch.float32)
+    return path
+
+
+def _summary(times: list[tuple[float, float]], batch: int) -> dict[str, object]:
+    request = statistics.median(t for t, _ in times)
+    return {
+        "seconds_per_request": round(request, 3),
+        "seconds_per_image": round(request / batch, 3),
+        "seconds_per_step": round(statistics.median(s for _, s in times), 4),
+        "all_seconds": [round(t, 3) for t, _ in times],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--arch", default="sd15", help="random-weight preset (default sd15)")
+    parser.add_argument("--model", help="a checkpoint file instead of random weights")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per side")
+    parser.add_argument("--warmups", type=int, default=1, help="untimed runs per side first")
+    parser.add_argument("--precision", default="auto", help="sdstudio's precision (diffusers stays fp32)")
+    parser.add_argument("--only", choices=("ours", "diffusers"), help="one side alone: peak RSS, cold start")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    result: dict[str, object] = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
+        "torch": torch.__version__,
+        "arch": args.model or args.arch,
+        "size": args.size,
+        "batch": args.batch,
+        "steps": args.steps,
+        "sampler": "Euler, CFG 7",
+        "runs": args.runs,
+        "warmups": args.warmups,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _checkpoint(args, Path(tmp))
+        made = time.perf_counter()
+        sides = {"ours": Ours, "diffusers": Diffusers}
+        if args.only:
+            runner = sides[args.only](path, args)
+            first = runner(0)
+            result[args.only] = {
+                "cold_start_seconds": round(time.perf_counter() - made, 3),  # load + first image
+                "first_image_seconds": round(first[0], 3),
+                "peak_rss_mib": round(_rss_mib()),
+            }
+        else:
+            runners = {name: cls(path, args) for name, cls in sides.items()}
+            times: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
+            for _ in range(args.warmups):
+                for run in runners.values():
+                    run(0)
+            for i in range(args.runs):
+                for name, run in runners.items():  # alternating, so drifts hit both sides
+                    times[name].append(run(i + 1))
+            for name in runners:
+                result[name] = _summary(times[name], args.batch)
+            ratio = result["diffusers"]["seconds_per_image"] / result["ours"]["seconds_per_image"]  # type: ignore[index]
+            result["speedup_per_image"] = round(ratio, 3)
+            result["speedup_per_step"] = round(
+                result["diffusers"]["seconds_per_step"] / result["ours"]["seconds_per_step"],
+                3,  # type: ignore[index]
+            )
+    result["wall_seconds"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
