@@ -75,28 +75,21 @@ class Diffusers:
         from sdstudio.models.loading import load_model
         from sdstudio.models.tokenizer import ClipTokenizer
         from sdstudio.prompt.conditioning import chunk_tokens
-        from tests.reference import diffusers_unet, diffusers_vae, transformers_clip
+        from tests.reference import diffusers_pipeline
 
         loaded = load_model(path, dtype=torch.float32)
         config, state = loaded.config, loaded.model.state_dict()
-        self.clip = transformers_clip(config, state)
-        self.pipe = diffusers.StableDiffusionPipeline(
-            vae=diffusers_vae(config, state),
-            text_encoder=self.clip,
-            tokenizer=None,
-            unet=diffusers_unet(config, state),
-            scheduler=diffusers.EulerDiscreteScheduler(
+        self.pipe, self.clip = diffusers_pipeline(
+            config,
+            state,
+            diffusers.EulerDiscreteScheduler(
                 beta_start=0.00085,
                 beta_end=0.012,
                 beta_schedule="scaled_linear",
                 steps_offset=1,
                 timestep_spacing="leading",
             ),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
         )
-        self.pipe.set_progress_bar_config(disable=True)
         del loaded, state
         tokenizer = ClipTokenizer()
         self.ids = torch.tensor(

@@ -131,3 +131,23 @@ def transformers_clip(config: ModelConfig, state: dict[str, torch.Tensor]):
     result = model.load_state_dict(converted, strict=False)
     assert not result.unexpected_keys and all("position_ids" in k for k in result.missing_keys), result
     return model.eval()
+
+
+def diffusers_pipeline(config: ModelConfig, state: dict[str, torch.Tensor], scheduler):
+    """diffusers' StableDiffusionPipeline on these weights (no tokenizer: callers pass prompt embeddings),
+    with ``scheduler``; returns (pipeline, its transformers text encoder)."""
+    import diffusers
+
+    clip = transformers_clip(config, state)
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=diffusers_vae(config, state),
+        text_encoder=clip,
+        tokenizer=None,
+        unet=diffusers_unet(config, state),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, clip

@@ -14,7 +14,7 @@ from sdstudio.models.tokenizer import ClipTokenizer
 from sdstudio.pipelines.txt2img import decode_latents, parse_request, plan, sample_latents
 from sdstudio.prompt.conditioning import chunk_tokens, encode_conditioning
 from sdstudio.types import GenerationRequest
-from tests.reference import diffusers_unet, diffusers_vae, randomise_, transformers_clip
+from tests.reference import diffusers_pipeline, randomise_
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -42,13 +42,10 @@ def test_ddim_txt2img_equals_diffusers(cfg):
         ours = decode_latents(loaded, sample_latents(loaded, p, cond, request.steps, request.cfg_scale))
 
     state = model.state_dict()
-    clip = transformers_clip(config, state)
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=diffusers_vae(config, state),
-        text_encoder=clip,
-        tokenizer=None,
-        unet=diffusers_unet(config, state),
-        scheduler=diffusers.DDIMScheduler(
+    pipe, clip = diffusers_pipeline(
+        config,
+        state,
+        diffusers.DDIMScheduler(
             beta_start=0.00085,
             beta_end=0.012,
             beta_schedule="scaled_linear",
@@ -57,11 +54,7 @@ def test_ddim_txt2img_equals_diffusers(cfg):
             steps_offset=1,
             timestep_spacing="leading",
         ),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
     )
-    pipe.set_progress_bar_config(disable=True)
     ids = [chunk_tokens(tokenizer.encode(t), config.text)[0] for t in (request.prompt, request.negative_prompt)]
     with torch.inference_mode():
         embeds = clip(torch.tensor(ids)).last_hidden_state
