@@ -39,6 +39,27 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class _StepClock:
+    """Times one request from its creation and each sampling step from the step callbacks; keeps the
+    last latents (no check inside the timed loop) to refuse timings taken on inf/NaN."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.stamps: list[float] = []
+        self.latents: torch.Tensor | None = None
+
+    def step(self, latents: torch.Tensor) -> None:
+        self.stamps.append(time.perf_counter())
+        self.latents = latents
+
+    def result(self, side: str) -> tuple[float, float]:
+        """(seconds for the request, seconds per step)."""
+        total = time.perf_counter() - self.start
+        if self.latents is None or not bool(self.latents.isfinite().all()):
+            raise SystemExit(f"{side}: latents became inf/NaN; timings would not be comparable")
+        return total, (self.stamps[-1] - self.stamps[0]) / max(1, len(self.stamps) - 1)
+
+
 class Ours:
     def __init__(self, path: Path, args: argparse.Namespace) -> None:
         from sdstudio.engine import Pipeline, choose_dtype
@@ -54,18 +75,9 @@ class Ours:
             prompt=PROMPT, negative_prompt=NEGATIVE, sampler="Euler", steps=a.steps, cfg_scale=7.0, seed=seed,
             width=a.size, height=a.size, batch_size=a.batch,
         )  # fmt: skip
-        stamps: list[float] = []
-        finite: list[bool] = []
-
-        def on_step(step) -> None:
-            stamps.append(time.perf_counter())
-            finite.append(bool(step.x.isfinite().all()))
-
-        t0 = time.perf_counter()
-        self.pipe(request, callback=on_step)
-        total = time.perf_counter() - t0
-        _require_finite("sdstudio", all(finite))
-        return total, (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
+        clock = _StepClock()
+        self.pipe(request, callback=lambda step: clock.step(step.x))
+        return clock.result("sdstudio")
 
 
 class Diffusers:
@@ -99,15 +111,12 @@ class Diffusers:
 
     def __call__(self, seed: int) -> tuple[float, float]:
         a = self.args
-        stamps: list[float] = []
-        finite: list[bool] = []
+        clock = _StepClock()
 
         def on_step(pipe, i, t, kwargs):
-            stamps.append(time.perf_counter())
-            finite.append(bool(kwargs["latents"].isfinite().all()))
+            clock.step(kwargs["latents"])
             return kwargs
 
-        t0 = time.perf_counter()
         with torch.inference_mode():
             embeds = self.clip(self.ids).last_hidden_state  # the text encoder, as the pipeline would run it
             self.pipe(
@@ -121,14 +130,7 @@ class Diffusers:
                 output_type="pil",
                 callback_on_step_end=on_step,
             )
-        total = time.perf_counter() - t0
-        _require_finite("diffusers", all(finite))
-        return total, (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
-
-
-def _require_finite(side: str, ok: bool) -> None:
-    if not ok:
-        raise SystemExit(f"{side}: latents became inf/NaN; timings would not be comparable")
+        return clock.result("diffusers")
 
 
 def _checkpoint(args: argparse.Namespace, tmp: Path) -> Path:

@@ -121,10 +121,7 @@ def _images(scenes: list[world.Scene]) -> torch.Tensor:
 
 
 def _tokens(
-    captions: list[str],
-    config: ModelConfig,
-    tokenizer: ClipTokenizer,
-    cache: dict[str, list[int]] | None = None,
+    captions: list[str], config: ModelConfig, tokenizer: ClipTokenizer, cache: dict[str, list[int]] | None = None
 ) -> torch.Tensor:
     """[B, 77] ids framed exactly as inference frames a one-chunk prompt; ``cache`` memoises per caption
     (the world's captions repeat, and tokenizing in Python costs as much as a small training step)."""
@@ -170,9 +167,7 @@ def train_vae(recipe: ToyRecipe, model: StableDiffusion, out: Path, progress: Pr
         weighted = ((recon - x).pow(2) * _object_weights(scenes, x, recipe.object_weight)).mean()
         return weighted + recipe.grad_weight * _finite_diff_l1(recon, x) + recipe.kl_weight * kl
 
-    train(
-        vae, loss_fn, recipe.vae, out / "vae", progress=lambda s, l: progress("vae", s, recipe.vae.steps, l)
-    )
+    train(vae, loss_fn, recipe.vae, out / "vae", progress=lambda s, l: progress("vae", s, recipe.vae.steps, l))
     vae.requires_grad_(False).eval()
 
 
@@ -218,13 +213,7 @@ def train_text(recipe: ToyRecipe, model: StableDiffusion, out: Path, progress: P
         loss, _ = head(pooled_text(hidden, tokens), image_encoder(_images(scenes)))
         return loss
 
-    train(
-        modules,
-        loss_fn,
-        recipe.text,
-        out / "text",
-        progress=lambda s, l: progress("text", s, recipe.text.steps, l),
-    )
+    train(modules, loss_fn, recipe.text, out / "text", progress=lambda s, l: progress("text", s, recipe.text.steps, l))
     text_encoder.requires_grad_(False).eval()
     image_encoder.requires_grad_(False).eval()
     return image_encoder
@@ -243,12 +232,8 @@ def encode_latents(recipe: ToyRecipe, model: StableDiffusion, out: Path, progres
         progress("latents", min(i + 256, len(scenes)), len(scenes), 0.0)
     seeds = [int(v) for v in rng.integers(0, 2**31, size=len(scenes))]
     torch.save(
-        {
-            "mean": torch.cat(means),
-            "std": torch.cat(stds),
-            "caption_seeds": torch.tensor(seeds),
-            "scenes": json.dumps([dataclasses.asdict(s) for s in scenes]),
-        },
+        {"mean": torch.cat(means), "std": torch.cat(stds), "caption_seeds": torch.tensor(seeds),
+         "scenes": json.dumps([dataclasses.asdict(s) for s in scenes])},
         out / LATENTS,
     )
 
@@ -275,24 +260,14 @@ def train_unet(recipe: ToyRecipe, model: StableDiffusion, out: Path, progress: P
         rng = _rng(recipe.seed, "unet", step)
         idx = rng.integers(0, len(scenes), size=recipe.unet_batch)
         x0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scale
-        captions = [
-            "" if rng.random() < recipe.caption_dropout else world.caption(scenes[i], rng) for i in idx
-        ]
+        captions = ["" if rng.random() < recipe.caption_dropout else world.caption(scenes[i], rng) for i in idx]
         with torch.no_grad():
-            context = text_encoder(
-                _tokens(captions, config, tokenizer, token_cache), config.text.default_clip_skip
-            )
+            context = text_encoder(_tokens(captions, config, tokenizer, token_cache), config.text.default_clip_skip)
         t = torch.randint(0, len(sigmas), (recipe.unet_batch,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         return denoiser.loss(x0, noise, sigmas[t], context).mean()
 
-    _, ema = train(
-        unet,
-        loss_fn,
-        recipe.unet,
-        out / "unet",
-        progress=lambda s, l: progress("unet", s, recipe.unet.steps, l),
-    )
+    _, ema = train(unet, loss_fn, recipe.unet, out / "unet", progress=lambda s, l: progress("unet", s, recipe.unet.steps, l))
     if ema is not None:
         ema.copy_to(unet)
     unet.requires_grad_(False).eval()
@@ -307,9 +282,7 @@ def _check_out_dir(out: Path, recipe: ToyRecipe) -> None:
             )
         return
     if out.exists() and any(out.iterdir()):
-        raise SdStudioError(
-            f"{out}: is not empty and holds no toyworld run to resume; use an empty or new folder"
-        )
+        raise SdStudioError(f"{out}: is not empty and holds no toyworld run to resume; use an empty or new folder")
     write_text_atomic(marker, recipe.to_json())
 
 
@@ -359,11 +332,7 @@ def run_recipe(
             model.config = dataclasses.replace(model.config, vae=scaled)
             check = vae_check(recipe, model)
             write_text_atomic(out / "vae_check.json", json.dumps(check))
-            log.info(
-                "toyworld: VAE reconstruction PSNR %.1f dB, judge sees %.0f%%",
-                check["psnr_db"],
-                100 * check["judge_all"],
-            )
+            log.info("toyworld: VAE reconstruction PSNR %.1f dB, judge sees %.0f%%", check["psnr_db"], 100 * check["judge_all"])
             if check["judge_all"] < recipe.vae_min_judge:
                 raise SdStudioError(
                     f"the VAE loses the scenes (judge sees {check['judge_all']:.0%} of reconstructions, "
