@@ -1,26 +1,37 @@
-"""Speed levers, each on its own (issue 6): one UNet forward of a random-weight preset, timed with and
-without each lever, everything else equal.
+"""Speed levers, each on its own (issue 6): one UNet CFG step of a random-weight preset, timed with and
+without each lever, everything else equal; then the attention and GroupNorm levers alone, on the
+shapes one UNet step runs.
 
-    python benchmarks/levers.py --arch sd15 --latent 32 --runs 3     # 256x256 images
-    python benchmarks/levers.py --arch sd15 --latent 64 --runs 2     # 512x512 images
+    python benchmarks/levers.py --arch sd15 --latent 64 --runs 2                   # 512x512, auto dtype
+    python benchmarks/levers.py --arch sd15 --latent 32 --runs 3 --precision fp32  # 256x256 in fp32
 
-Levers: batched CFG (one batch-2 call against two batch-1 calls), channels-last memory format,
-scaled-dot-product attention's fused kernel against its plain math backend (what a hand-written
-softmax(QK^T)V costs). Median seconds per variant; the ratio is against the default path
-(SDPA fused kernel, contiguous NCHW, batched CFG), which is what sdstudio runs.
+The default is what sdstudio runs at that precision: in bf16 on CPU, channels-last weights and the
+sliced attention (``sdstudio.models.attention``); in fp32, NCHW and PyTorch's fused SDPA kernel; in both,
+cond and uncond in one batched call. Medians in seconds; ratios against the default.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+import torch.nn.functional as F
+
+
+def _median_seconds(fn: Callable[[], object], runs: int) -> float:
+    times = []
+    with torch.inference_mode():
+        fn()  # warm-up
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,17 +41,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", default="sd15")
     parser.add_argument("--latent", type=int, default=32, help="latent side (image side / 8)")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     args = parser.parse_args(argv)
 
+    from sdstudio.engine import choose_dtype, prefer_channels_last
+    from sdstudio.models.attention import attention
     from sdstudio.models.configs import PRESETS
     from sdstudio.models.stablediffusion import random_model
+    from sdstudio.models.unet import CrossAttention, GroupNorm32
 
+    dtype = choose_dtype(args.precision)
     config = PRESETS[args.arch]
-    unet = random_model(config, seed=0).model.diffusion_model.eval()
+    unet = random_model(config, seed=0).model.diffusion_model.eval().to(dtype)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, config.unet.in_channels, args.latent, args.latent, generator=gen)
+    x = torch.randn(2, config.unet.in_channels, args.latent, args.latent, generator=gen).to(dtype)
     t = torch.tensor([500.0, 500.0])
-    context = torch.randn(2, 77, config.unet.context_dim, generator=gen)
+    context = torch.randn(2, 77, config.unet.context_dim, generator=gen).to(dtype)
+    channels_last = prefer_channels_last(dtype)
+
+    # The attention calls and GroupNorm inputs of one step, recorded by forward hooks on a first call.
+    attention_shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    norm_shapes: list[tuple[int, tuple[int, ...]]] = []
+
+    def on_attention(module: CrossAttention, inputs: tuple) -> None:
+        x_in, ctx = inputs[0], inputs[1] if len(inputs) > 1 else inputs[0]
+        b, n, _ = x_in.shape
+        head_dim = module.to_q.out_features // module.heads
+        attention_shapes.append(((b, module.heads, n, head_dim), (b, module.heads, ctx.shape[1], head_dim)))
+
+    def on_norm(module: GroupNorm32, inputs: tuple) -> None:
+        norm_shapes.append((module.num_groups, tuple(inputs[0].shape)))
+
+    hooks = [m.register_forward_pre_hook(on_attention) for m in unet.modules() if isinstance(m, CrossAttention)]
+    hooks += [m.register_forward_pre_hook(on_norm) for m in unet.modules() if isinstance(m, GroupNorm32)]
+    with torch.inference_mode():
+        unet(x, t, context)
+    for h in hooks:
+        h.remove()
+
+    def set_channels_last(on: bool) -> None:
+        nonlocal x
+        fmt = torch.channels_last if on else torch.contiguous_format
+        unet.to(memory_format=fmt)
+        x = x.contiguous(memory_format=fmt)
 
     def batched() -> None:
         unet(x, t, context)
@@ -49,27 +92,49 @@ def main(argv: list[str] | None = None) -> int:
         unet(x[:1], t[:1], context[:1])
         unet(x[1:], t[1:], context[1:])
 
-    def timed(fn, setup=contextlib.nullcontext) -> float:
-        times = []
-        with torch.inference_mode(), setup():
-            fn()  # warm-up
-            for _ in range(args.runs):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+    set_channels_last(channels_last)
+    default = f"default ({'channels-last' if channels_last else 'NCHW'}, batched CFG)"
+    step = {default: _median_seconds(batched, args.runs)}
+    step["two calls instead of batched CFG"] = _median_seconds(separate, args.runs)
+    set_channels_last(not channels_last)
+    step["NCHW" if channels_last else "channels-last"] = _median_seconds(batched, args.runs)
+    set_channels_last(channels_last)
 
-    results = {"default (SDPA fused, NCHW, batched CFG)": timed(batched)}
-    results["two calls instead of batched CFG"] = timed(separate)
-    results["SDPA math backend"] = timed(batched, lambda: sdpa_kernel(SDPBackend.MATH))
-    unet.to(memory_format=torch.channels_last)
-    x = x.contiguous(memory_format=torch.channels_last)
-    results["channels-last"] = timed(batched)
-    base = results["default (SDPA fused, NCHW, batched CFG)"]
+    tensors = [
+        [torch.randn(s, generator=gen).to(dtype) for s in (q, kv, kv)] for q, kv in attention_shapes
+    ]
+
+    def all_attention(sliced: bool) -> Callable[[], None]:
+        return lambda: [attention(*qkv, sliced=sliced) for qkv in tensors]
+
+    norms = [(g, torch.randn(s, generator=gen).to(dtype)) for g, s in norm_shapes]
+    weights = {s[1]: (torch.ones(s[1], dtype=dtype), torch.zeros(s[1], dtype=dtype)) for _, s in norm_shapes}
+
+    def all_norms(upcast: bool) -> Callable[[], None]:
+        def run() -> None:
+            for g, v in norms:
+                w, b = weights[v.shape[1]]
+                if upcast:
+                    F.group_norm(v.float(), g, w.float(), b.float(), 1e-5).to(dtype)
+                else:
+                    F.group_norm(v, g, w, b, 1e-5)
+
+        return run
+
+    parts = {
+        f"attention, {len(tensors)} calls: sliced": _median_seconds(all_attention(True), args.runs),
+        f"attention, {len(tensors)} calls: SDPA fused kernel": _median_seconds(all_attention(False), args.runs),
+    }
+    if dtype == torch.bfloat16:
+        parts[f"GroupNorm, {len(norms)} calls: native bf16"] = _median_seconds(all_norms(False), args.runs)
+        parts[f"GroupNorm, {len(norms)} calls: through a float32 copy"] = _median_seconds(all_norms(True), args.runs)
+    base = step[default]
     print(json.dumps({
-        "arch": args.arch, "image_side": args.latent * 8, "torch_threads": torch.get_num_threads(),
-        "seconds_per_cfg_step": {k: round(v, 3) for k, v in results.items()},
-        "relative_to_default": {k: round(v / base, 3) for k, v in results.items()},
+        "arch": args.arch, "image_side": args.latent * 8, "dtype": str(dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
+        "seconds_per_cfg_step": {k: round(v, 3) for k, v in step.items()},
+        "relative_to_default": {k: round(v / base, 3) for k, v in step.items()},
+        "seconds_per_step_of_one_part": {k: round(v, 3) for k, v in parts.items()},
     }, indent=2))  # fmt: skip
     return 0
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdstudio.models.attention import attention
 from sdstudio.models.configs import VAEConfig
 
 __all__ = ["AutoencoderKL", "LatentDistribution"]
@@ -80,7 +81,7 @@ class AttnBlock(nn.Module):
         def tokens(t: Tensor) -> Tensor:  # [batch, c, h, w] -> [batch, 1, h * w, c]
             return t.flatten(2).transpose(1, 2)[:, None]
 
-        out = F.scaled_dot_product_attention(tokens(self.q(h)), tokens(self.k(h)), tokens(self.v(h)))
+        out = attention(tokens(self.q(h)), tokens(self.k(h)), tokens(self.v(h)))
         out = out[:, 0].transpose(1, 2).reshape(batch, channels, height, width)
         return x + self.proj_out(out)
 

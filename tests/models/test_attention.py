@@ -1,0 +1,109 @@
+"""The shared attention function (sliced on CPU in bf16), bf16 GroupNorm and channels-last execution."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdstudio.engine import prefer_channels_last
+from sdstudio.models.attention import attention, prefer_sliced
+from sdstudio.models.configs import preset
+from sdstudio.models.unet import GroupNorm32, UNetModel
+from tests.reference import randomise_
+
+
+def qkv(shape_q, shape_kv, dtype=torch.float32, v_dim=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(shape_q, generator=gen)
+    k = torch.randn(shape_kv, generator=gen)
+    v = torch.randn((*shape_kv[:-1], v_dim or shape_kv[-1]), generator=gen)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+@pytest.mark.parametrize(
+    "shape_q, shape_kv, v_dim",
+    [
+        ((2, 8, 300, 40), (2, 8, 300, 40), None),  # queries not a multiple of the slice height
+        ((2, 4, 1000, 16), (2, 4, 77, 16), None),  # cross-attention: fewer keys than queries
+        ((1, 1, 64, 32), (1, 1, 2000, 32), 24),  # value width differs from the key width
+    ],
+)
+def test_sliced_equals_fused_in_fp32(shape_q, shape_kv, v_dim):
+    q, k, v = qkv(shape_q, shape_kv, v_dim=v_dim)
+    torch.testing.assert_close(attention(q, k, v, sliced=True), F.scaled_dot_product_attention(q, k, v), atol=2e-5, rtol=1e-4)
+
+
+def test_sliced_bf16_is_as_close_to_fp32_as_bf16_rounding_allows():
+    q, k, v = qkv((2, 8, 1024, 40), (2, 8, 1024, 40), torch.bfloat16)
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    out = attention(q, k, v, sliced=True)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    err = (out.double() - exact).abs()
+    assert err.max() < 0.02 and err.mean() < 1e-3, (err.max(), err.mean())
+
+
+def test_sliced_path_is_chosen_for_long_wide_bf16_inference_only():
+    long_bf16 = qkv((1, 2, 512, 40), (1, 2, 512, 40), torch.bfloat16)
+    assert prefer_sliced(*long_bf16)
+    assert not prefer_sliced(*qkv((1, 2, 512, 40), (1, 2, 512, 40)))  # fp32: the fused kernel is faster
+    assert not prefer_sliced(*qkv((1, 2, 64, 40), (1, 2, 77, 40), torch.bfloat16))  # short
+    assert not prefer_sliced(*qkv((1, 2, 1024, 16), (1, 2, 1024, 16), torch.bfloat16))  # narrow heads
+    q, k, v = (t.requires_grad_(True) for t in long_bf16)
+    assert not prefer_sliced(q, k, v)  # training keeps the fused kernel's backward
+    with torch.no_grad():
+        assert prefer_sliced(q, k, v)
+
+
+def test_bf16_group_norm_runs_natively_and_matches_the_fp32_round_trip():
+    norm = GroupNorm32(8, 64)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 64, 16, 16) * 3 + 1
+    exact = norm(x)
+    out = norm.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    # both round once to bf16 at the end: within a few bf16 ulps of values of magnitude ~5
+    assert (out.float() - exact).abs().max() < 0.1
+
+
+def unet_and_inputs(config, side: int, seed: int):
+    """A randomised fp32 UNet and a CFG-sized batch of inputs at ``side`` x ``side`` latents."""
+    unet = UNetModel(config).eval()
+    randomise_(unet, seed=seed)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, config.in_channels, side, side, generator=gen)
+    context = torch.randn(2, 77, config.context_dim, generator=gen)
+    return unet, (x, torch.tensor([10.0, 700.0]), context)
+
+
+def test_channels_last_unet_gives_the_same_output_and_keeps_its_memory_format():
+    unet, inputs = unet_and_inputs(preset("tiny").unet, 16, seed=1)
+    with torch.no_grad():
+        expected = unet(*inputs)
+        unet.to(memory_format=torch.channels_last)
+        out = unet(*inputs)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_channels_last_only_for_bf16_on_cpu():
+    assert prefer_channels_last(torch.bfloat16)
+    assert not prefer_channels_last(torch.float32)
+    assert not prefer_channels_last(torch.bfloat16, "cuda")
+
+
+def test_bf16_channels_last_unet_with_sliced_attention_tracks_fp32():
+    """What the CPU bf16 policy runs at 32x32 latents (1024 tokens of head width 32: the sliced path)
+    against fp32."""
+    unet, (x, t, context) = unet_and_inputs(dataclasses.replace(preset("tiny").unet, num_heads=1), 32, seed=2)
+    with torch.no_grad():
+        expected = unet(x, t, context)
+        unet.to(torch.bfloat16, memory_format=torch.channels_last)
+        out = unet(x.to(torch.bfloat16), t, context.to(torch.bfloat16)).float()
+    assert prefer_sliced(*qkv((2, 1, 1024, 32), (2, 1, 1024, 32), torch.bfloat16))
+    rel = (out - expected).norm() / expected.norm()
+    assert rel < 0.02, rel
