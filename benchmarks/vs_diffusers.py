@@ -5,6 +5,7 @@
     python benchmarks/vs_diffusers.py --arch sd15 --size 256 --batch 4
     python benchmarks/vs_diffusers.py --model sdstudio/assets/toyworld.safetensors --size 64
     python benchmarks/vs_diffusers.py --arch sd15 --size 512 --only ours      # peak RSS of one side
+    python benchmarks/vs_diffusers.py --arch sd15 --size 512 --tome 0.5       # and sdstudio with ToMe
 
 A random-weight checkpoint of ``--arch`` (or the ``--model`` file) is loaded by sdstudio from a
 safetensors file and handed to diffusers through diffusers' own LDM converters (the same path as the
@@ -61,11 +62,12 @@ class _StepClock:
 
 
 class Ours:
-    def __init__(self, path: Path, args: argparse.Namespace) -> None:
+    def __init__(self, path: Path, args: argparse.Namespace, tome: float = 0.0, pipe: object = None) -> None:
         from sdstudio.engine import Pipeline, choose_dtype
 
-        self.pipe = Pipeline.from_file(path, dtype=choose_dtype(args.precision))
+        self.pipe = pipe or Pipeline.from_file(path, dtype=choose_dtype(args.precision))
         self.args = args
+        self.tome = tome
 
     def __call__(self, seed: int) -> tuple[float, float]:
         from sdstudio.types import GenerationRequest
@@ -73,7 +75,7 @@ class Ours:
         a = self.args
         request = GenerationRequest(
             prompt=PROMPT, negative_prompt=NEGATIVE, sampler="Euler", steps=a.steps, cfg_scale=7.0, seed=seed,
-            width=a.size, height=a.size, batch_size=a.batch,
+            width=a.size, height=a.size, batch_size=a.batch, token_merging_ratio=self.tome,
         )  # fmt: skip
         clock = _StepClock()
         self.pipe(request, callback=lambda step: clock.step(step.x))
@@ -174,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmups", type=int, default=1, help="untimed runs per side first")
     parser.add_argument("--precision", default="auto", help="sdstudio's precision (diffusers stays fp32)")
     parser.add_argument("--only", choices=("ours", "diffusers"), help="one side alone: peak RSS, cold start")
+    parser.add_argument(
+        "--tome", type=float, default=0.0, help="also time sdstudio with token merging at this ratio (a third side)"
+    )
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -202,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             }
         else:
             runners = {name: cls(path, args) for name, cls in sides.items()}
+            if args.tome:
+                runners["ours_tome"] = Ours(path, args, args.tome, runners["ours"].pipe)
             times: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
             for _ in range(args.warmups):
                 for run in runners.values():
@@ -217,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
                 result["diffusers"]["seconds_per_step"] / result["ours"]["seconds_per_step"],
                 3,  # type: ignore[index]
             )
+            if args.tome:
+                result["tome_ratio"] = args.tome
+                result["speedup_per_image_with_tome"] = round(
+                    result["diffusers"]["seconds_per_image"] / result["ours_tome"]["seconds_per_image"], 3  # type: ignore[index]
+                )
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(result, indent=2))
     return 0

@@ -78,6 +78,9 @@ class GenerationRequest:
     ensd: int = 0  # eta noise seed delta: sampler noise after the first draw comes from seed + ensd
     subseed: int = -1  # variation seed (-1: random); used only when subseed_strength > 0
     subseed_strength: float = 0.0  # 0: no variation; 1: the variation seed's noise alone
+    # ToMe: share of the full-resolution tokens merged before self-attention (0: exact; at most 0.75).
+    # Faster at large sizes, and the image changes: see BENCHMARKS.md for by how much.
+    token_merging_ratio: float = 0.0
     init: InitImage | None = None
     inpaint: Inpaint | None = None  # needs ``init``
     hires: Hires | None = None  # txt2img only

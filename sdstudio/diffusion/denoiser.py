@@ -22,6 +22,7 @@ class Denoiser:
     schedule: DiscreteSchedule
     prediction: Prediction = "epsilon"
     quantize: bool = True  # feed the nearest training timestep (as AUTOMATIC1111 and diffusers do)
+    token_merging: float = 0.0  # ToMe ratio passed to the UNet (0: exact)
 
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(c_skip, c_out, c_in), each [B, 1, 1, 1]; sigma_data = 1 as in SD."""
@@ -39,6 +40,8 @@ class Denoiser:
         if extra is not None:  # inpainting models: mask and masked-image latents as extra channels
             inp = torch.cat([inp, extra.float()], dim=1)
         dtype = next(self.unet.parameters()).dtype
+        if self.token_merging:
+            return self.unet(inp.to(dtype), t, context.to(dtype), token_merging=self.token_merging).float()
         return self.unet(inp.to(dtype), t, context.to(dtype)).float()
 
     def __call__(self, x: Tensor, sigma: Tensor, context: Tensor, extra: Tensor | None = None) -> Tensor:

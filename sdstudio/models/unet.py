@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from sdstudio.models.attention import attention
 from sdstudio.models.configs import UNetConfig
+from sdstudio.models.tome import TokenMerging, merge, plan_merge, unmerge
 
 __all__ = ["UNetModel", "timestep_embedding"]
 
@@ -142,8 +143,14 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        x = x + self.attn1(self.norm1(x))  # [batch, tokens, dim]
+    def forward(
+        self, x: Tensor, context: Tensor, merging: TokenMerging | None = None, hw: tuple[int, int] = (0, 0)
+    ) -> Tensor:
+        plan = plan_merge(x, *hw, merging) if merging is not None else None
+        if plan is None:
+            x = x + self.attn1(self.norm1(x))  # [batch, tokens, dim]
+        else:  # token merging: self-attention over fewer tokens
+            x = x + unmerge(self.attn1(merge(self.norm1(x), plan)), plan)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -171,8 +178,10 @@ class SpatialTransformer(nn.Module):
         else:
             self.proj_out = nn.Conv2d(inner, channels, 1)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, merging: TokenMerging | None = None) -> Tensor:
         height, width = x.shape[-2:]
+        if merging is not None and height * width != merging.tokens:
+            merging = None  # only the full-resolution maps are merged
         residual = x
         x = self.norm(x)
         if not self.use_linear:
@@ -181,11 +190,13 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             x = self.proj_in(x)  # [batch, h * w, inner]
         for block in self.transformer_blocks:
-            x = block(x, context)
+            x = block(x, context, merging, (height, width))
         if self.use_linear:
             x = self.proj_out(x)  # [batch, h * w, channels]
         # Back to the residual's memory format; on channels-last that is a view, no copy.
-        channels_last = residual.is_contiguous(memory_format=torch.channels_last) and not residual.is_contiguous()
+        channels_last = (
+            residual.is_contiguous(memory_format=torch.channels_last) and not residual.is_contiguous()
+        )
         x = x.transpose(1, 2).unflatten(2, (height, width))
         x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         if not self.use_linear:
@@ -221,13 +232,18 @@ class TimestepEmbedSequential(nn.Sequential):
     """A block of the UNet: each layer gets what it needs (emb for ResBlocks, context for transformers)."""
 
     def forward(  # type: ignore[override]
-        self, x: Tensor, emb: Tensor, context: Tensor, up_size: tuple[int, int] | None = None
+        self,
+        x: Tensor,
+        emb: Tensor,
+        context: Tensor,
+        up_size: tuple[int, int] | None = None,
+        merging: TokenMerging | None = None,
     ) -> Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, merging)
             elif isinstance(layer, Upsample):
                 x = layer(x, up_size)
             else:
@@ -314,10 +330,13 @@ class UNetModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.time_embed[0].weight.dtype
 
-    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, token_merging: float = 0.0) -> Tensor:
         """x: [batch, in_channels, h, w] latents; timesteps: [batch] (fractional allowed);
-        context: [batch, tokens, context_dim] text features. Returns [batch, out_channels, h, w]."""
+        context: [batch, tokens, context_dim] text features. Returns [batch, out_channels, h, w].
+
+        ``token_merging``: ToMe ratio for the full-resolution self-attention (0: exact; see ``tome``)."""
         dtype = self.dtype
+        merging = TokenMerging(token_merging, x.shape[-2] * x.shape[-1]) if token_merging > 0 else None
         t_emb = timestep_embedding(timesteps, self.config.model_channels).to(dtype)  # [batch, mc]
         emb = self.time_embed(t_emb)  # [batch, 4 * mc]
         context = context.to(dtype)
@@ -325,12 +344,12 @@ class UNetModel(nn.Module):
 
         skips: list[Tensor] = []
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = block(h, emb, context, merging=merging)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = self.middle_block(h, emb, context, merging=merging)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # [batch, ch + skip_ch, h, w]
             # An upsampling block resizes to the next skip connection's size.
             up_size = (skips[-1].shape[-2], skips[-1].shape[-1]) if skips else None
-            h = block(h, emb, context, up_size)
+            h = block(h, emb, context, up_size, merging)
         return self.out(h)

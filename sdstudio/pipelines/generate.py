@@ -80,6 +80,7 @@ def infotext(model: LoadedModel, request: GenerationRequest, p: Plan, index: int
         params["Hires steps"] = hires.steps or None
         params["Hires upscaler"] = hires.upscaler
     params["Eta"] = format_number(p.eta) if p.eta is not None else None
+    params["Token merging ratio"] = format_number(p.token_merging) if p.token_merging else None
     params["Version"] = f"sdstudio {__version__}"
     return format_infotext(request.prompt, request.negative_prompt, params)
 

@@ -24,6 +24,7 @@ from sdstudio.diffusion.schedule import DiscreteSchedule
 from sdstudio.diffusion.schedulers import get_sigmas
 from sdstudio.errors import SdStudioError
 from sdstudio.models.loading import LoadedModel
+from sdstudio.models.tome import MAX_RATIO
 from sdstudio.prompt.conditioning import Conditioning
 from sdstudio.types import MASKED_CONTENTS, RESIZE_MODES, GenerationRequest
 
@@ -48,6 +49,7 @@ class Plan:
     ensd: int = 0  # 0 where the sampler draws no step noise from the seeds (stated in ``warnings``)
     hires_size: tuple[int, int] | None = None  # (width, height) of the hires pass
     warnings: tuple[str, ...] = ()
+    token_merging: float = 0.0
 
 
 def _check_size(name: str, value: int) -> None:
@@ -149,6 +151,11 @@ def plan(model: LoadedModel, request: GenerationRequest) -> Plan:
             f"sampler {sampler.name!r} does not use eta; leave --eta out or pick an ancestral/DDIM sampler"
         )
     _check_unit("variation seed strength (--subseed-strength)", request.subseed_strength)
+    if not 0 <= request.token_merging_ratio <= MAX_RATIO:
+        raise SdStudioError(
+            f"token merging ratio must be between 0 and {MAX_RATIO} (got {request.token_merging_ratio}); "
+            "0 turns it off, 0.5 is the usual setting"
+        )
     ensd = request.ensd
     if ensd and sampler.brownian_noise:
         warnings.append(
@@ -193,6 +200,7 @@ def plan(model: LoadedModel, request: GenerationRequest) -> Plan:
         ensd,
         hires_size,
         tuple(warnings),
+        request.token_merging_ratio,
     )
 
 
@@ -263,7 +271,7 @@ def sample_latents(
     [B, 4, h, w]"""
     config = model.config
     schedule = DiscreteSchedule.from_config(config.schedule)
-    denoiser = Denoiser(model.model.unet, schedule, config.prediction)
+    denoiser = Denoiser(model.model.unet, schedule, config.prediction, token_merging=p.token_merging)
     sigmas = pass_sigmas(model, p, steps, source)
     if sigmas is None:
         assert source is not None
