@@ -4,6 +4,7 @@ shapes one UNet step runs.
 
     python benchmarks/levers.py --arch sd15 --latent 64 --runs 2                   # 512x512, auto dtype
     python benchmarks/levers.py --arch sd15 --latent 32 --runs 3 --precision fp32  # 256x256 in fp32
+    python benchmarks/levers.py --arch sd15 --latent 64 --runs 2 --compile         # and torch.compile
 
 The default is what sdstudio runs at that precision: in bf16 on CPU, channels-last weights and the
 sliced attention (``sdstudio.models.attention``); in fp32, NCHW and PyTorch's fused SDPA kernel; in both,
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latent", type=int, default=32, help="latent side (image side / 8)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    parser.add_argument(
+        "--compile", action="store_true", help="also time torch.compile (inductor) of the UNet; compiling takes minutes"
+    )
     args = parser.parse_args(argv)
 
     from sdstudio.engine import choose_dtype, prefer_channels_last
@@ -99,12 +103,25 @@ def main(argv: list[str] | None = None) -> int:
     set_channels_last(not channels_last)
     step["NCHW" if channels_last else "channels-last"] = _median_seconds(batched, args.runs)
     set_channels_last(channels_last)
+    if args.compile:
+        # Inside a compiled graph the attention is the fused SDPA kernel (``prefer_sliced`` says no while
+        # compiling): a Python loop over heads and slices would unroll into thousands of nodes.
+        compiled = torch.compile(unet)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            compiled(x, t, context)
+        first_call = time.perf_counter() - t0
+        step["torch.compile (inductor)"] = _median_seconds(lambda: compiled(x, t, context), args.runs)
+        step["torch.compile: first call (compiling)"] = first_call
 
-    tensors = [
-        [torch.randn(s, generator=gen).to(dtype) for s in (q, kv, kv)] for q, kv in attention_shapes
-    ]
+    def heads_first(shape: tuple[int, ...]) -> torch.Tensor:
+        """[batch, heads, tokens, dim] as ``CrossAttention`` passes it: a transposed, non-contiguous view."""
+        b, h, n, d = shape
+        return torch.randn(b, n, h, d, generator=gen).to(dtype).transpose(1, 2)
 
-    def all_attention(sliced: bool) -> Callable[[], None]:
+    tensors = [[heads_first(s) for s in (q, kv, kv)] for q, kv in attention_shapes]
+
+    def all_attention(sliced: bool | None) -> Callable[[], None]:
         return lambda: [attention(*qkv, sliced=sliced) for qkv in tensors]
 
     norms = [(g, torch.randn(s, generator=gen).to(dtype)) for g, s in norm_shapes]
@@ -122,8 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         return run
 
     parts = {
-        f"attention, {len(tensors)} calls: sliced": _median_seconds(all_attention(True), args.runs),
-        f"attention, {len(tensors)} calls: SDPA fused kernel": _median_seconds(all_attention(False), args.runs),
+        f"attention, {len(tensors)} calls: default policy (prefer_sliced)": _median_seconds(
+            all_attention(None), args.runs
+        ),
+        f"attention, {len(tensors)} calls: all sliced": _median_seconds(all_attention(True), args.runs),
+        f"attention, {len(tensors)} calls: all SDPA fused kernel": _median_seconds(all_attention(False), args.runs),
     }
     if dtype == torch.bfloat16:
         parts[f"GroupNorm, {len(norms)} calls: native bf16"] = _median_seconds(all_norms(False), args.runs)

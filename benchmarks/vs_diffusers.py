@@ -138,19 +138,9 @@ class Diffusers:
 def _checkpoint(args: argparse.Namespace, tmp: Path) -> Path:
     if args.model:
         return Path(args.model)
-    from sdstudio.models.configs import PRESETS
-    from sdstudio.models.loading import save_model
-    from sdstudio.models.stablediffusion import random_model
-    from tests.reference import randomise_
+    from tests.reference import write_random_checkpoint
 
-    path = tmp / f"{args.arch}.safetensors"
-    model = random_model(PRESETS[args.arch], seed=0)
-    # LDM's init zeroes each residual branch's last layer; with it the UNet predicts ~0 and the latents
-    # run off to inf/NaN at some step, and timings on NaNs say nothing. Fan-in-scaled weights keep
-    # every activation O(1) on both sides.
-    randomise_(model, seed=0)
-    save_model(model, path, dtype=torch.float32)
-    return path
+    return write_random_checkpoint(args.arch, tmp / f"{args.arch}.safetensors")
 
 
 def _summary(times: list[tuple[float, float]], batch: int) -> dict[str, object]:

@@ -53,9 +53,9 @@ def choose_dtype(precision: str, device: str = "cpu", flags: frozenset[str] | No
 def prefer_channels_last(dtype: torch.dtype, device: str = "cpu") -> bool:
     """Whether convolutions should run on NHWC (channels-last) weights and activations.
 
-    On CPUs in bf16, oneDNN's convolutions are faster on NHWC: one sd15 UNet step at 512x512 takes
-    3.43 s instead of 3.84 s, the VAE decode 3.44 s instead of 4.45 s. In fp32 NCHW is the faster one
-    (channels-last is 5.6 % slower); both measured by ``python benchmarks/levers.py``.
+    On CPUs in bf16, oneDNN's convolutions are faster on NHWC: one sd15 CFG step at 512x512 takes
+    2.64 s instead of 2.84 s (``python benchmarks/levers.py --arch sd15 --latent 64``). In fp32 NCHW is
+    the faster one (channels-last is 5.6 % slower: ``--precision fp32 --latent 32``).
     """
     return device == "cpu" and dtype == torch.bfloat16
 

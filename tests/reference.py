@@ -4,6 +4,7 @@ single-file state dict through diffusers' own converters. Test-only; nothing her
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +29,20 @@ def randomise_(model: nn.Module, seed: int) -> None:
                 p.uniform_(0.8, 1.2, generator=gen)
             else:  # biases
                 p.uniform_(-0.2, 0.2, generator=gen)
+
+
+def write_random_checkpoint(arch: str, path: str | Path, seed: int = 0) -> Path:
+    """A single-file fp32 checkpoint of preset ``arch`` with :func:`randomise_` weights, for benchmarks.
+
+    With LDM's own init the UNet predicts ~0, the latents of a 20-step run go to inf/NaN, and timings or
+    precision comparisons on them say nothing; fan-in-scaled weights keep every activation O(1)."""
+    from sdstudio.models.configs import PRESETS
+    from sdstudio.models.loading import save_model
+    from sdstudio.models.stablediffusion import random_model
+
+    model = random_model(PRESETS[arch], seed=seed)
+    randomise_(model, seed=seed)
+    return save_model(model, path, dtype=torch.float32)
 
 
 def ldm_yaml(unet: UNetConfig, vae: VAEConfig) -> dict[str, Any]:

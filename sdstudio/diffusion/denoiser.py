@@ -40,7 +40,7 @@ class Denoiser:
         if extra is not None:  # inpainting models: mask and masked-image latents as extra channels
             inp = torch.cat([inp, extra.float()], dim=1)
         dtype = next(self.unet.parameters()).dtype
-        if self.token_merging:
+        if self.token_merging:  # only then: the UNet is any module taking (x, t, context), as in tests
             return self.unet(inp.to(dtype), t, context.to(dtype), token_merging=self.token_merging).float()
         return self.unet(inp.to(dtype), t, context.to(dtype)).float()
 

@@ -1,11 +1,17 @@
-"""Scaled dot-product attention for the UNet, the VAE and the text encoders.
+"""Scaled dot-product attention for the UNet and the VAE (the text encoders' causal attention is short
+and stays on ``F.scaled_dot_product_attention``).
 
 On GPUs and for short sequences this is ``F.scaled_dot_product_attention``. On CPUs, PyTorch's fused
 kernel is slow for the long, narrow heads of Stable Diffusion (4096 tokens of head width 40 at 512x512):
 in bf16 it runs at about 80 GFLOP/s on this project's 2-core EPYC, where its softmax, not its matmuls,
 is the cost. Computing each head in slices of queries, with the score block small enough to stay in
-cache, is 2.2-3.9x faster there in bf16 (``python benchmarks/levers.py``) and never holds more than one
-slice of scores. In fp32 the fused kernel is the faster one (by 10-30 %) and is kept.
+cache, takes one sd15 step's attention at 512x512 from 1.62 s to 0.77 s there
+(``python benchmarks/levers.py --arch sd15 --latent 64``) and never holds more than one slice of
+scores. Its scores and probabilities are rounded to bf16 (the fused kernel keeps them in fp32), so its
+mean error is about one bf16 rounding of the output, as every bf16 matmul of the network adds, and ~3
+on peaked softmaxes (logits of std ~25; ``tests/models/test_attention.py``), where the fused kernel is
+~7x more precise. The quality guard (bf16 against fp32, ``benchmarks/quality_guard.py``) includes it.
+In fp32 the fused kernel is the faster one (by 10-30 %, measured per call) and is kept.
 """
 
 from __future__ import annotations
@@ -17,9 +23,9 @@ from torch import Tensor
 __all__ = ["attention", "prefer_sliced"]
 
 # The sliced path runs for heads of at least this width and queries x keys x head width of at least
-# this much work per head: there it gains 1.8-3.9x (512 tokens x 40, 1024 x 32, 256 x 160, 4096 x 40);
-# below, the Python loop over heads and the narrow matmuls cost more than they save (256 x 32: 0.88x,
-# 1024 x 16: 0.6x).
+# this much work per head: measured per call (bf16, batch 2), it gained 1.8-3.9x at 512 tokens x 40,
+# 1024 x 32, 256 x 160 and 4096 x 40; below, the Python loop over heads and the narrow matmuls cost more
+# than they save (256 x 32: 0.88x, 1024 x 16: 0.6x).
 SLICED_MIN_HEAD_DIM = 32
 SLICED_MIN_WORK = 2**23
 # Bytes of scores one slice may hold: a little above one core's L2 on the EPYC this was tuned on.
@@ -34,9 +40,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, sliced: bool | None = None) ->
     """
     if sliced is None:
         sliced = prefer_sliced(q, k, v)
-    if not sliced:
+    if not sliced or not _sliceable(q, k, v):
         return F.scaled_dot_product_attention(q, k, v)
     return _sliced_attention(q, k, v)
+
+
+def _sliceable(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Same batch and heads everywhere (no broadcasting), and something to attend over."""
+    return q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and k.shape[-2] > 0 and q.numel() > 0
 
 
 def prefer_sliced(q: Tensor, k: Tensor, v: Tensor) -> bool:
@@ -52,14 +63,14 @@ def prefer_sliced(q: Tensor, k: Tensor, v: Tensor) -> bool:
     )
 
 
-def _sliced_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def _sliced_attention(q: Tensor, k: Tensor, v: Tensor, slice_bytes: int = SLICE_BYTES) -> Tensor:
     *lead, queries, head_dim = q.shape
     keys = k.shape[-2]
     q = q.reshape(-1, queries, head_dim) * head_dim**-0.5  # [batch * heads, queries, head_dim]
     kt = k.reshape(-1, keys, head_dim).transpose(1, 2)  # [batch * heads, head_dim, keys]
     v = v.reshape(-1, keys, v.shape[-1])
     out = q.new_empty(q.shape[0], queries, v.shape[-1])
-    rows = max(16, min(queries, SLICE_BYTES // (keys * q.element_size())))
+    rows = max(16, min(queries, slice_bytes // (keys * q.element_size())))
     for head in range(q.shape[0]):
         for start in range(0, queries, rows):
             scores = torch.mm(q[head, start : start + rows], kt[head])  # [rows, keys]

@@ -2,7 +2,8 @@
 Stable Diffusion", the method of the ``tomesd`` package that AUTOMATIC1111's "Token merging ratio" uses.
 
 Before a full-resolution transformer block's self-attention, the tokens are split into destinations
-(one per 2x2 cell of the feature map, at a fixed pseudo-random place in each cell) and sources; the
+(the top-left token of each 2x2 cell of the feature map, as AUTOMATIC1111 runs tomesd: ``use_rand=False``,
+which keeps every step and sampler deterministic) and sources; the
 ``ratio * tokens`` sources most similar (cosine) to some destination are averaged into it. Self-attention
 runs on the fewer tokens; afterwards each merged source takes its destination's output back. At ratio
 0.5 the full-resolution self-attention sees half the tokens, a quarter of the scores. Not exact: the
@@ -28,7 +29,6 @@ class TokenMerging:
 
     ratio: float
     tokens: int
-    seed: int = 0  # picks each 2x2 cell's destination
 
 
 @dataclass(frozen=True)
@@ -40,21 +40,16 @@ class MergePlan:
     into: Tensor  # [batch, r] the destination each merged source joins (indices into the destinations)
 
 
-def _destinations(height: int, width: int, seed: int, device: torch.device) -> Tensor:
-    """[height * width] bool: one destination in each whole 2x2 cell; odd last rows/columns are sources."""
-    cells_h, cells_w = height // 2, width // 2
-    gen = torch.Generator().manual_seed(seed)
-    offset = torch.randint(0, 4, (cells_h, cells_w), generator=gen)
-    mask = torch.zeros(height, width, dtype=torch.bool)
-    rows = 2 * torch.arange(cells_h)[:, None] + offset // 2
-    cols = 2 * torch.arange(cells_w)[None, :] + offset % 2
-    mask[rows, cols] = True
-    return mask.flatten().to(device)
+def _destinations(height: int, width: int, device: torch.device) -> Tensor:
+    """[height * width] bool: the top-left token of each whole 2x2 cell; odd last rows/columns are sources."""
+    mask = torch.zeros(height, width, dtype=torch.bool, device=device)
+    mask[0 : height // 2 * 2 : 2, 0 : width // 2 * 2 : 2] = True
+    return mask.flatten()
 
 
 def plan_merge(metric: Tensor, height: int, width: int, settings: TokenMerging) -> MergePlan | None:
     """Which tokens of ``metric`` [batch, height * width, channels] merge where; None if none would."""
-    is_dst = _destinations(height, width, settings.seed, metric.device)
+    is_dst = _destinations(height, width, metric.device)
     src_pos, dst_pos = (~is_dst).nonzero()[:, 0], is_dst.nonzero()[:, 0]
     r = min(int(metric.shape[1] * settings.ratio), len(src_pos))
     if r <= 0 or len(dst_pos) == 0:

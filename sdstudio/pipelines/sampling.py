@@ -188,19 +188,19 @@ def plan(model: LoadedModel, request: GenerationRequest) -> Plan:
         hires_size, warning = target(width, height, request.hires.scale)
         warnings += [warning] if warning else []
     return Plan(
-        sampler,
-        scheduler,
-        width,
-        height,
-        seeds,
-        clip_skip,
-        request.eta,
-        subseeds,
-        request.subseed_strength,
-        ensd,
-        hires_size,
-        tuple(warnings),
-        request.token_merging_ratio,
+        sampler=sampler,
+        scheduler=scheduler,
+        width=width,
+        height=height,
+        seeds=seeds,
+        clip_skip=clip_skip,
+        eta=request.eta,
+        subseeds=subseeds,
+        subseed_strength=request.subseed_strength,
+        ensd=ensd,
+        hires_size=hires_size,
+        warnings=tuple(warnings),
+        token_merging=request.token_merging_ratio,
     )
 
 

@@ -7,16 +7,15 @@ import torch
 
 from sdstudio.models.configs import preset
 from sdstudio.models.tome import MAX_RATIO, TokenMerging, merge, plan_merge, unmerge
-from sdstudio.models.unet import UNetModel
-from tests.reference import randomise_
+from tests.models.test_attention import unet_and_inputs
 
 
-def test_one_destination_per_whole_cell():
+def test_destinations_are_the_top_left_of_each_whole_cell():
     plan = plan_merge(torch.randn(1, 7 * 6, 8), 7, 6, TokenMerging(0.5, 42))
     assert plan is not None
     rows, cols = plan.dst_pos // 6, plan.dst_pos % 6
-    cells = sorted(zip((rows // 2).tolist(), (cols // 2).tolist()))
-    assert cells == [(i, j) for i in range(3) for j in range(3)]  # row 6 (odd) holds sources only
+    assert sorted(zip(rows.tolist(), cols.tolist())) == [(i, j) for i in (0, 2, 4) for j in (0, 2, 4)]
+    # row 6 (odd) holds sources only
     assert sorted(plan.src_pos.tolist() + plan.dst_pos.tolist()) == list(range(42))
 
 
@@ -49,19 +48,28 @@ def test_unmerge_inverts_merge_when_merged_tokens_are_equal_to_their_destination
     torch.testing.assert_close(unmerge(merge(x, plan), plan), x)
 
 
+def test_unmerge_restores_kept_tokens_and_gives_merged_ones_their_destination():
+    x = torch.randn(2, 8 * 8, 16, generator=torch.Generator().manual_seed(2))
+    plan = plan_merge(x, 8, 8, TokenMerging(0.5, 64))
+    assert plan is not None
+    merged = merge(x, plan)
+    out = unmerge(merged, plan)
+    kept = plan.kept.shape[1]
+    for b in range(2):
+        kept_pos = plan.src_pos[plan.kept[b]]
+        torch.testing.assert_close(out[b, kept_pos], x[b, kept_pos])
+        torch.testing.assert_close(out[b, plan.dst_pos], merged[b, kept:])
+        torch.testing.assert_close(out[b, plan.src_pos[plan.merged[b]]], merged[b, kept + plan.into[b]])
+
+
 def test_nothing_to_merge_gives_no_plan():
     assert plan_merge(torch.randn(1, 64, 8), 8, 8, TokenMerging(0.001, 64)) is None
     assert plan_merge(torch.randn(1, 1, 8), 1, 1, TokenMerging(0.5, 1)) is None
 
 
-def test_unet_with_token_merging_is_close_but_not_exact_and_deterministic():
-    config = preset("tiny").unet
-    unet = UNetModel(config).eval()
-    randomise_(unet, seed=3)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, config.in_channels, 16, 16, generator=gen)
-    t = torch.tensor([10.0, 700.0])
-    context = torch.randn(2, 77, config.context_dim, generator=gen)
+@pytest.mark.parametrize("arch", ["tiny", "tiny-sd2"])
+def test_unet_with_token_merging_is_close_but_not_exact_and_deterministic(arch):
+    unet, (x, t, context) = unet_and_inputs(preset(arch).unet, 16, seed=3)
     with torch.no_grad():
         exact = unet(x, t, context)
         assert torch.equal(unet(x, t, context, token_merging=0.0), exact)
@@ -69,6 +77,10 @@ def test_unet_with_token_merging_is_close_but_not_exact_and_deterministic():
         assert torch.equal(unet(x, t, context, token_merging=0.5), merged)
     rel = (merged - exact).norm() / exact.norm()
     assert 0 < rel < 0.5, rel
+    with torch.no_grad():  # in bf16 and channels-last, as the CPU policy runs it
+        unet.to(torch.bfloat16, memory_format=torch.channels_last)
+        fast = unet(x.bfloat16(), t, context.bfloat16(), token_merging=0.5).float()
+    assert (fast - merged).norm() / merged.norm() < 0.05
 
 
 def test_request_ratio_is_checked_and_recorded(tmp_path):
