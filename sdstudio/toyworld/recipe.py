@@ -76,10 +76,10 @@ class ToyRecipe:
     latent_scenes: int = 20000
     unet: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            steps=2900, lr=6e-4, warmup=200, bf16=False, ema_decay=0.998, ema_start=1200, checkpoint_every=250
+            steps=6400, lr=6e-4, warmup=200, bf16=False, ema_decay=0.999, ema_start=2800, checkpoint_every=250
         )
     )
-    unet_batch: int = 128
+    unet_batch: int = 64
     caption_dropout: float = 0.1
     p_two_objects: float = 0.5
 
