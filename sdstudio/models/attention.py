@@ -5,7 +5,7 @@ On GPUs and for short sequences this is ``F.scaled_dot_product_attention``. On C
 kernel is slow for the long, narrow heads of Stable Diffusion (4096 tokens of head width 40 at 512x512):
 in bf16 it runs at about 80 GFLOP/s on this project's 2-core EPYC, where its softmax, not its matmuls,
 is the cost. Computing each head in slices of queries, with the score block small enough to stay in
-cache, takes one sd15 step's attention at 512x512 from 1.62 s to 0.77 s there
+cache, takes one sd15 step's attention at 512x512 from 1.68 s to 0.93 s there
 (``python benchmarks/levers.py --arch sd15 --latent 64``) and never holds more than one slice of
 scores. Its scores and probabilities are rounded to bf16 (the fused kernel keeps them in fp32), so its
 mean error is about one bf16 rounding of the output, as every bf16 matmul of the network adds, and ~3
