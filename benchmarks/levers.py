@@ -19,9 +19,12 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.reference: random_unet, cfg_inputs
 
 
 def _median_seconds(fn: Callable[[], object], runs: int) -> float:
@@ -51,16 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     from sdstudio.engine import choose_dtype, prefer_channels_last
     from sdstudio.models.attention import attention
     from sdstudio.models.configs import PRESETS
-    from sdstudio.models.stablediffusion import random_model
     from sdstudio.models.unet import CrossAttention, GroupNorm32
+    from tests.reference import cfg_inputs, random_unet
 
     dtype = choose_dtype(args.precision)
     config = PRESETS[args.arch]
-    unet = random_model(config, seed=0).model.diffusion_model.eval().to(dtype)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, config.unet.in_channels, args.latent, args.latent, generator=gen).to(dtype)
-    t = torch.tensor([500.0, 500.0])
-    context = torch.randn(2, 77, config.unet.context_dim, generator=gen).to(dtype)
+    unet = random_unet(config.unet).to(dtype)
+    x, t, context = cfg_inputs(config.unet, args.latent, dtype)
+    gen = torch.Generator().manual_seed(1)  # attention and GroupNorm inputs
     channels_last = prefer_channels_last(dtype)
 
     # The attention calls and GroupNorm inputs of one step, recorded by forward hooks on a first call.

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.reference: randomise_
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.reference: random_unet, cfg_inputs
 
 RATIOS = (0.0, 0.3, 0.5)
 
@@ -30,20 +30,15 @@ RATIOS = (0.0, 0.3, 0.5)
 def unet_speed(latent: int, runs: int) -> dict[str, dict[str, float]]:
     from sdstudio.engine import choose_dtype, prefer_channels_last
     from sdstudio.models.configs import PRESETS
-    from sdstudio.models.stablediffusion import random_model
-    from tests.reference import randomise_
+    from tests.reference import cfg_inputs, random_unet
 
     dtype = choose_dtype("auto")
-    config = PRESETS["sd15"]
-    unet = random_model(config, seed=0).model.diffusion_model.eval()
-    randomise_(unet, seed=0)  # LDM's zero-init would make every output 0 and the error meaningless
-    unet.to(dtype)
+    config = PRESETS["sd15"].unet
+    # randomised weights: with LDM's zero-init every output is 0 and the error meaningless
+    unet = random_unet(config).to(dtype)
     if prefer_channels_last(dtype):
         unet.to(memory_format=torch.channels_last)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, latent, latent, generator=gen).to(dtype)
-    t = torch.tensor([500.0, 500.0])
-    context = torch.randn(2, 77, config.unet.context_dim, generator=gen).to(dtype)
+    x, t, context = cfg_inputs(config, latent, dtype)
     out: dict[str, dict[str, float]] = {}
     with torch.inference_mode():
         exact = unet(x, t, context).float()

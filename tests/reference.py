@@ -31,6 +31,32 @@ def randomise_(model: nn.Module, seed: int) -> None:
                 p.uniform_(-0.2, 0.2, generator=gen)
 
 
+def random_unet(config: UNetConfig, seed: int = 0) -> nn.Module:
+    """A fp32 CPU UNet with :func:`randomise_` weights, built on ``meta`` first to skip the default init."""
+    from sdstudio.models.unet import UNetModel
+
+    with torch.device("meta"):
+        model = UNetModel(config)
+    model.to_empty(device="cpu")
+    randomise_(model, seed)
+    return model.eval()
+
+
+def cfg_inputs(
+    config: UNetConfig,
+    side: int,
+    dtype: torch.dtype = torch.float32,
+    timesteps: tuple[float, float] = (500.0, 500.0),
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inputs of one CFG-batched UNet call: latents [2, in_channels, side, side], timesteps [2] and a
+    random text context [2, 77, context_dim] (latents and context in ``dtype``)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, config.in_channels, side, side, generator=gen).to(dtype)
+    context = torch.randn(2, 77, config.context_dim, generator=gen).to(dtype)
+    return x, torch.tensor(timesteps), context
+
+
 def write_random_checkpoint(arch: str, path: str | Path, seed: int = 0) -> Path:
     """A single-file fp32 checkpoint of preset ``arch`` with :func:`randomise_` weights, for benchmarks.
 

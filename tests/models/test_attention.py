@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from sdstudio.engine import prefer_channels_last
 from sdstudio.models.attention import _sliced_attention, attention, prefer_sliced
 from sdstudio.models.configs import preset
-from sdstudio.models.unet import GroupNorm32, UNetModel
-from tests.reference import randomise_
+from sdstudio.models.unet import GroupNorm32
+from tests.reference import cfg_inputs, random_unet
 
 
 def qkv(shape_q, shape_kv, dtype=torch.float32, v_dim=None, seed=0):
@@ -99,12 +99,7 @@ def test_bf16_group_norm_runs_natively_and_matches_the_fp32_round_trip():
 
 def unet_and_inputs(config, side: int, seed: int):
     """A randomised fp32 UNet and a CFG-sized batch of inputs at ``side`` x ``side`` latents."""
-    unet = UNetModel(config).eval()
-    randomise_(unet, seed=seed)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, config.in_channels, side, side, generator=gen)
-    context = torch.randn(2, 77, config.context_dim, generator=gen)
-    return unet, (x, torch.tensor([10.0, 700.0]), context)
+    return random_unet(config, seed), cfg_inputs(config, side, timesteps=(10.0, 700.0))
 
 
 @pytest.mark.parametrize("arch", ["tiny", "tiny-sd2"])  # 1x1-conv and linear transformer projections

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from sdstudio.models.configs import UNetConfig, preset
 from sdstudio.models.unet import UNetModel
-from tests.reference import randomise_
+from tests.reference import random_unet
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import UNet2DConditionModel
@@ -32,15 +32,6 @@ PREFIX = "model.diffusion_model."
 ATOL = 1e-4
 FULL_PRESETS = ["sd15", "sd15-inpaint", "sd2", "sd2-v", "sd2-inpaint"]
 TINY_INPAINT = dataclasses.replace(preset("tiny").unet, in_channels=9)
-
-
-def random_unet(config: UNetConfig, seed: int = 0) -> UNetModel:
-    """A fp32 CPU model with random weights, built on ``meta`` first to skip the default init."""
-    with torch.device("meta"):
-        model = UNetModel(config)
-    model.to_empty(device="cpu")
-    randomise_(model, seed)
-    return model.eval()
 
 
 def diffusers_config(config: UNetConfig, vae_ch_mult: tuple[int, ...] = (1, 2, 4, 4)) -> dict[str, Any]:
