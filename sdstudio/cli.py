@@ -177,7 +177,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from sdstudio.diffusion.samplers import SamplerStep
-    from sdstudio.engine import Pipeline, choose_dtype
+    from sdstudio.engine import Pipeline, choose_device, choose_dtype
     from sdstudio.io.images import save_png
     from sdstudio.pipelines.preview import previewer_for
     from sdstudio.pipelines.sampling import plan
@@ -191,17 +191,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
     if args.preview_every is not None and args.preview_every < 1:
         raise SdStudioError(f"--preview-every must be at least 1 (got {args.preview_every})")
+    device = choose_device(args.device)
     request, warnings = build_request(args)
     paths = _output_paths(args, request.batch_size)
     if args.preview_every and _preview_path(args).exists() and not args.overwrite:
         raise SdStudioError(f"{_preview_path(args)}: already exists; pass --overwrite to replace it")
     pipeline = Pipeline.from_file(
         model_path,
-        dtype=choose_dtype(args.precision),
+        dtype=choose_dtype(args.precision, device),
         use_ema=args.ema,
         prediction=args.prediction,
         embeddings_dir=args.embeddings,
         skip_bad_embeddings=args.skip_bad_embeddings,
+        device=device,
+        compile=args.compile,
+        cuda_graphs=False if args.no_cuda_graphs else None,
     )
     if args.from_png:
         _, png_hash = options_from_png(args.from_png)
@@ -390,6 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="compute precision: auto (fastest safe choice for this machine), fp32, bf16 or fp16",
     )
+    gen.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda or cuda:N")
+    gen.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the UNet through torch.compile (inductor): the first image pays the compile; on CPU it is "
+        "slower than the default path (BENCHMARKS.md)",
+    )
+    gen.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA, launch the UNet's kernels one by one")
     gen.add_argument("--upscale", type=int, default=1, help="enlarge the saved image N times (plain Lanczos resampling)")
     gen.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     gen.add_argument("--prediction", choices=["epsilon", "v"], help="override the model's prediction type")

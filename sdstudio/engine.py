@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -11,6 +12,7 @@ import torch
 
 from sdstudio.diffusion.samplers import SamplerStep
 from sdstudio.errors import SdStudioError
+from sdstudio.models.cuda_graphs import CudaGraphRunner
 from sdstudio.models.loading import DTYPES, LoadedModel, load_model
 from sdstudio.models.tokenizer import ClipTokenizer
 from sdstudio.pipelines.generate import generate
@@ -50,6 +52,28 @@ def choose_dtype(precision: str, device: str = "cpu", flags: frozenset[str] | No
     return torch.bfloat16 if {"avx512_bf16", "amx_bf16"} & flags else torch.float32
 
 
+def choose_device(device: str = "auto") -> str:
+    """Where the model runs: ``auto`` takes the first CUDA GPU when PyTorch sees one, else the CPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    kind, _, number = device.partition(":")
+    if kind == "cuda" and (number.isdigit() or device == "cuda"):
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise SdStudioError(
+                f"--device {device}: PyTorch sees no CUDA GPU here (torch {torch.__version__}, {build}); "
+                "use --device cpu, or install a CUDA build of torch on a machine with an NVIDIA GPU"
+            )
+        if int(number or 0) >= torch.cuda.device_count():
+            raise SdStudioError(
+                f"--device {device}: no such GPU; this machine has {torch.cuda.device_count()} (cuda:0 ...)"
+            )
+        return device
+    raise SdStudioError(f"unknown device {device!r}; choose auto, cpu, cuda or cuda:N")
+
+
 def prefer_channels_last(dtype: torch.dtype, device: str = "cpu") -> bool:
     """Whether convolutions should run on NHWC (channels-last) weights and activations.
 
@@ -84,16 +108,34 @@ class Pipeline:
         prediction: str | None = None,
         embeddings_dir: str | os.PathLike | None = None,
         skip_bad_embeddings: bool = False,
+        device: str = "cpu",
+        compile: bool = False,
+        cuda_graphs: bool | None = None,
     ) -> Pipeline:
-        """Load a checkpoint and, from ``embeddings_dir``, the textual inversion embeddings prompts may use.
+        """Load a checkpoint onto ``device`` and, from ``embeddings_dir``, the textual inversion embeddings
+        prompts may use.
 
-        A bad embedding file raises ``SdStudioError`` unless ``skip_bad_embeddings``; then it is left out
-        and every result warns about it.
+        ``compile``: run the UNet through ``torch.compile`` (inductor; the first image pays the compile).
+        ``cuda_graphs`` (None: on for CUDA devices): replay the UNet from CUDA graphs, one capture per
+        shape (:mod:`sdstudio.models.cuda_graphs`). A bad embedding file raises ``SdStudioError`` unless
+        ``skip_bad_embeddings``; then it is left out and every result warns about it.
         """
+        device = choose_device(device)
+        if cuda_graphs and not device.startswith("cuda"):
+            raise SdStudioError(f"CUDA graphs need a CUDA device (got {device!r}); leave them off")
         model = load_model(path, dtype=dtype, use_ema=use_ema, prediction=prediction)
-        if prefer_channels_last(dtype):
+        if device != "cpu":
+            model.model.to(device)
+        if prefer_channels_last(dtype, device):
             model.model.unet.to(memory_format=torch.channels_last)
             model.model.vae.to(memory_format=torch.channels_last)
+        runner: torch.nn.Module | None = None
+        if compile:
+            runner = torch.compile(model.model.unet)  # type: ignore[assignment]
+        if cuda_graphs or (cuda_graphs is None and device.startswith("cuda")):
+            runner = CudaGraphRunner(runner or model.model.unet)
+        if runner is not None:
+            model = dataclasses.replace(model, unet_runner=runner)
         tokenizer = ClipTokenizer()
         embeddings = None
         if embeddings_dir is not None:

@@ -47,3 +47,57 @@ def test_bf16_output_matches_fp32_on_the_toy_model():
     per_image = [psnr(a, b) for a, b in zip(*images)]
     assert images[0].std() > 10  # a picture, not a flat field
     assert all(p >= 30 for p in per_image), per_image
+
+
+def test_device_choice_and_errors(monkeypatch):
+    from sdstudio.engine import choose_device
+
+    assert choose_device("cpu") == "cpu"
+    with pytest.raises(SdStudioError, match="unknown device 'tpu'"):
+        choose_device("tpu")
+    with pytest.raises(SdStudioError, match="unknown device 'cuda:x'"):
+        choose_device("cuda:x")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_device("auto") == "cpu"
+    with pytest.raises(SdStudioError, match="PyTorch sees no CUDA GPU.*--device cpu"):
+        choose_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert choose_device("auto") == "cuda" and choose_device("cuda:0") == "cuda:0"
+    with pytest.raises(SdStudioError, match="cuda:1: no such GPU; this machine has 1"):
+        choose_device("cuda:1")
+
+
+@pytest.mark.skipif(not SHIPPED_MODEL.is_file(), reason="embedded model not shipped")
+def test_cuda_graphs_are_refused_on_the_cpu_and_pass_through_there():
+    from sdstudio.engine import Pipeline
+    from sdstudio.models.cuda_graphs import CudaGraphRunner
+
+    with pytest.raises(SdStudioError, match="CUDA graphs need a CUDA device"):
+        Pipeline.from_file(SHIPPED_MODEL, device="cpu", cuda_graphs=True)
+    unet = Pipeline.from_file(SHIPPED_MODEL, device="cpu").model.model.unet
+    runner = CudaGraphRunner(unet)
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 500.0]), torch.randn(2, 77, unet.config.context_dim)
+    with torch.inference_mode():
+        assert torch.equal(runner(x, t, context), unet(x, t, context))
+    assert runner.captured == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu.py runs it on a lent one)")
+@pytest.mark.skipif(not SHIPPED_MODEL.is_file(), reason="embedded model not shipped")
+def test_cuda_matches_the_cpu_with_and_without_graphs():
+    """Every step on the GPU (conditioning, noise from the CPU generators, sampler, CFG, VAE) gives the CPU's
+    image; replaying CUDA graphs gives the eager GPU image."""
+    import numpy as np
+
+    from sdstudio.engine import Pipeline
+    from sdstudio.toyworld.evaluate import psnr
+    from sdstudio.types import GenerationRequest
+
+    request = GenerationRequest(prompt="a red circle left of a blue square", steps=10, seed=5, batch_size=2)
+    images = {}
+    for name, kwargs in {"cpu": {}, "eager": {"device": "cuda", "cuda_graphs": False}, "graphs": {"device": "cuda"}}.items():
+        result = Pipeline.from_file(SHIPPED_MODEL, dtype=torch.float32, **kwargs)(request)
+        images[name] = np.stack([np.asarray(i.image, dtype=np.float64) for i in result.images])
+    assert psnr(images["cpu"], images["eager"]) >= 35
+    assert psnr(images["eager"], images["graphs"]) >= 45

@@ -34,6 +34,7 @@ class Denoiser:
 
     def raw(self, x: Tensor, sigma: Tensor, context: Tensor, extra: Tensor | None = None) -> Tensor:
         """The network's own output F (eps or v) for the VE latent ``x`` at ``sigma``. [B, C, h, w]"""
+        sigma = sigma.to(x.device, non_blocking=True)  # samplers keep sigma on the CPU (no sync)
         _, _, c_in = self.scalings(sigma)
         t = self.schedule.sigma_to_t(sigma.float(), quantize=self.quantize)
         inp = x.float() * c_in
@@ -45,7 +46,8 @@ class Denoiser:
         return self.unet(inp.to(dtype), t, context.to(dtype)).float()
 
     def __call__(self, x: Tensor, sigma: Tensor, context: Tensor, extra: Tensor | None = None) -> Tensor:
-        """The x0 estimate, float32. x [B, C, h, w], sigma [B], context [B, tokens, width]."""
+        """The x0 estimate, float32. x [B, C, h, w], sigma [B] (any device), context [B, tokens, width]."""
+        sigma = sigma.to(x.device, non_blocking=True)
         c_skip, c_out, _ = self.scalings(sigma)
         return x.float() * c_skip + self.raw(x, sigma, context, extra) * c_out
 

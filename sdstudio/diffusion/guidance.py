@@ -81,7 +81,9 @@ class PromptGuidedDenoiser:
             return self.denoiser(x, sigma, context, self.extra)
         rows = list(dict.fromkeys([row for _, row in positive] + [negative]))  # distinct, in order
         n = len(rows)
-        context = self.conds[rows].repeat_interleave(batch, dim=0)  # [n * B, tokens, width], row-major
+        # rows by slicing and expanding: an index list or repeat_interleave would wait for a GPU
+        picked = torch.cat([self.conds[r : r + 1] for r in rows])  # [n, tokens, width]
+        context = picked[:, None].expand(n, batch, *picked.shape[1:]).reshape(n * batch, *picked.shape[1:])
         extra = None if self.extra is None else self.extra.repeat(n, *([1] * (self.extra.ndim - 1)))
         out = self.denoiser(x.repeat(n, 1, 1, 1), sigma.repeat(n), context, extra)
         out = out.view(n, batch, *out.shape[1:])  # [n, B, C, h, w]

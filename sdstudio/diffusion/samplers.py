@@ -63,8 +63,10 @@ class UnknownSamplerError(SdStudioError, ValueError):
 
 
 def _sigma_batch(x: Tensor, sigma: float) -> Tensor:
-    """The scalar noise level broadcast to the batch, as the denoiser expects. [B]"""
-    return x.new_full((x.shape[0],), sigma)
+    """The scalar noise level broadcast to the batch, as the denoiser expects, on the CPU wherever ``x``
+    is: wrappers read it (``float(sigma[0])``) without waiting for an accelerator, and the denoiser
+    moves it to ``x``'s device without a sync. [B]"""
+    return torch.full((x.shape[0],), sigma, dtype=x.dtype)
 
 
 def _draw(noise: NoiseSampler | None, x: Tensor, sigma: float, sigma_next: float, sampler: str) -> Tensor:

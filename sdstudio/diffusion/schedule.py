@@ -37,6 +37,12 @@ class DiscreteSchedule:
         sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
         return cls(alphas_cumprod, sigmas.float(), sigmas.log().float())
 
+    def to(self, device: torch.device | str) -> DiscreteSchedule:
+        """The same schedule with its tables on ``device``, so converting a sigma there copies nothing."""
+        return DiscreteSchedule(
+            self.alphas_cumprod.to(device), self.sigmas.to(device), self.log_sigmas.to(device)
+        )
+
     @property
     def sigma_min(self) -> float:
         return float(self.sigmas[0])

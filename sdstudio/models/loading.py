@@ -144,6 +144,12 @@ class LoadedModel:
     dtype: torch.dtype
     ema: bool
     _hash: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    # what sampling calls in place of ``model.unet`` (a compiled or CUDA-graph wrapper); None: the UNet
+    unet_runner: torch.nn.Module | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.unet.parameters()).device
 
     @property
     def name(self) -> str:

@@ -50,7 +50,10 @@ def _destinations(height: int, width: int, device: torch.device) -> Tensor:
 def plan_merge(metric: Tensor, height: int, width: int, settings: TokenMerging) -> MergePlan | None:
     """Which tokens of ``metric`` [batch, height * width, channels] merge where; None if none would."""
     is_dst = _destinations(height, width, metric.device)
-    src_pos, dst_pos = (~is_dst).nonzero()[:, 0], is_dst.nonzero()[:, 0]
+    # sources then destinations, each in map order; a stable sort, not nonzero(): no wait for a GPU
+    by_kind = is_dst.to(torch.uint8).argsort(stable=True)
+    sources = height * width - (height // 2) * (width // 2)
+    src_pos, dst_pos = by_kind[:sources], by_kind[sources:]
     r = min(int(metric.shape[1] * settings.ratio), len(src_pos))
     if r <= 0 or len(dst_pos) == 0:
         return None

@@ -216,9 +216,9 @@ class AutoencoderKL(nn.Module):
         return self.quant_conv.weight.dtype
 
     def encode(self, x: Tensor) -> LatentDistribution:
-        moments = self.quant_conv(self.encoder(x.to(self.dtype)))  # [batch, 2 * embed_dim, h, w]
+        moments = self.quant_conv(self.encoder(x.to(self.quant_conv.weight)))  # [batch, 2 * embed_dim, h, w]
         mean, logvar = moments.chunk(2, dim=1)
         return LatentDistribution(mean=mean, logvar=logvar.clamp(-30.0, 20.0))
 
     def decode(self, z: Tensor) -> Tensor:
-        return self.decoder(self.post_quant_conv(z.to(self.dtype)))  # [batch, out_ch, H, W], ~[-1, 1]
+        return self.decoder(self.post_quant_conv(z.to(self.post_quant_conv.weight)))  # [batch, out_ch, H, W], ~[-1, 1]

@@ -125,10 +125,10 @@ def source_latents(
         extra = unmasked_extra(model, batch, p.height, p.width, tiled)
         return LatentSource(latents, request.init.strength), extra
     assert request.inpaint is not None
-    keep = latent_keep(src.mask, latents.shape[-2], latents.shape[-1])
+    keep = latent_keep(src.mask, latents.shape[-2], latents.shape[-1]).to(latents.device)
     content = request.inpaint.masked_content
     if content == "latent noise":  # A1111 draws it from the seeds: the same noise as the first draw
-        noise = ImageNoise(list(p.seeds), tuple(latents.shape[1:])).draw()
+        noise = ImageNoise(list(p.seeds), tuple(latents.shape[1:])).draw().to(latents.device)
         latents = latents * keep + noise * (1 - keep)
     elif content == "latent nothing":
         latents = latents * keep

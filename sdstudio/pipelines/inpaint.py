@@ -130,5 +130,5 @@ def inpaint_extra(mask: Tensor, masked_latents: Tensor) -> Tensor:
     """9-channel inpainting models' extra input (diffusers / A1111 ``inpainting_image_conditioning``):
     the mask at latent size, then the latents of the image with the masked area set to 0 (grey).
     mask [1, 1, H, W], masked_latents [B, 4, h, w] -> [B, 5, h, w]"""
-    small = F.interpolate(mask, size=masked_latents.shape[-2:])
+    small = F.interpolate(mask.to(masked_latents.device), size=masked_latents.shape[-2:])
     return torch.cat([small.expand(masked_latents.shape[0], -1, -1, -1), masked_latents], dim=1)

@@ -51,7 +51,7 @@ def fit_previewer(model: LoadedModel, samples: int = 16, seed: int = 0) -> Laten
     colours = torch.rand(samples, 3, 4, 4, generator=gen) * 2 - 1
     images = F.interpolate(colours, size=(side, side), mode="bilinear", align_corners=False)
     with torch.inference_mode():
-        latents = vae.encode(images).mean.float() * model.config.vae.scale_factor  # [N, C, 8, 8]
+        latents = vae.encode(images).mean.float().cpu() * model.config.vae.scale_factor  # [N, C, 8, 8]
     target = F.avg_pool2d(images, f)  # [N, 3, 8, 8]
     x = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
     x = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1)

@@ -270,8 +270,10 @@ def sample_latents(
     latents (scaled, as the UNet sees them). ``extra``: inpainting models' mask + masked-image latents.
     [B, 4, h, w]"""
     config = model.config
-    schedule = DiscreteSchedule.from_config(config.schedule)
-    denoiser = Denoiser(model.model.unet, schedule, config.prediction, token_merging=p.token_merging)
+    device = model.device
+    schedule = DiscreteSchedule.from_config(config.schedule).to(device)
+    unet = model.unet_runner or model.model.unet
+    denoiser = Denoiser(unet, schedule, config.prediction, token_merging=p.token_merging)
     sigmas = pass_sigmas(model, p, steps, source)
     if sigmas is None:
         assert source is not None
@@ -286,10 +288,11 @@ def sample_latents(
     noise = ImageNoise(
         list(p.seeds), shape, subseeds=p.subseeds, subseed_strength=p.subseed_strength, ensd=p.ensd
     )
+    first = noise.draw().to(device)  # drawn on the CPU: a seed gives the same image on every device
     if source is None:
-        x = noise.draw() * p.sampler.initial_scale(sigmas[0])
+        x = first * p.sampler.initial_scale(sigmas[0])
     else:  # x = x0 + sigma eps for every sampler (VP: sqrt(abar) x0 + sqrt(1 - abar) eps, rescaled)
-        x = source.latents + noise.draw() * float(sigmas[0])
+        x = source.latents + first * float(sigmas[0])
         if source.keep is not None:
             guided = BlendedDenoiser(guided, source.latents, source.keep)
     settings = {"eta": p.eta} if p.eta is not None else {}
