@@ -42,6 +42,7 @@ NEGATIVE = "blurry"
 TFLOP_PER_IMAGE = 20 * 1.6 + 2.5  # sd15 512x512: 20 CFG steps + VAE decode (issue 6's counts)
 # --dry-run: the same code on the CPU with the tiny preset at 64x64, to check the script before a lease
 DEVICE, ARCH, SIZE = "cuda", "sd15", 512
+IMAGES: dict[str, object] = {}  # seed 42 at the default settings, for the compiled path's comparison
 
 
 def psnr(a, b) -> float:
@@ -88,18 +89,18 @@ def summary(times: list[tuple[float, float]], batch: int = 1) -> dict[str, objec
     }
 
 
-def request(size: int, batch: int, seed: int, **kw: object):
+def request(size: int, batch: int, seed: int, sampler: str = "Euler", **kw: object):
     from sdstudio.types import GenerationRequest
 
     return GenerationRequest(
-        prompt=PROMPT, negative_prompt=NEGATIVE, sampler="Euler", steps=20, cfg_scale=7.0, seed=seed,
+        prompt=PROMPT, negative_prompt=NEGATIVE, sampler=sampler, steps=20, cfg_scale=7.0, seed=seed,
         width=size, height=size, batch_size=batch, **kw,  # type: ignore[arg-type]
     )  # fmt: skip
 
 
-def run_ours(pipe, size: int, batch: int, seed: int) -> tuple[tuple[float, float], list]:
+def run_ours(pipe, size: int, batch: int, seed: int, sampler: str = "Euler") -> tuple[tuple[float, float], list]:
     clock = Clock()
-    result = pipe(request(size, batch, seed), callback=clock.step)
+    result = pipe(request(size, batch, seed, sampler), callback=clock.step)
     for warning in result.warnings:
         print("sdstudio warning:", warning, flush=True)
     return clock.result(), [im.image for im in result.images]
@@ -195,14 +196,16 @@ def with_runner(pipe, graphs: bool, compile: bool = False):
 
 def sd15_levers(pipe, runs: int) -> dict[str, object]:
     out: dict[str, object] = {}
+    default_format = next(pipe.model.model.unet.parameters()).is_contiguous(memory_format=torch.channels_last)
     for memory_format in (torch.contiguous_format, torch.channels_last):
         pipe.model.model.unet.to(memory_format=memory_format)
         pipe.model.model.vae.to(memory_format=memory_format)
         name = "nchw" if memory_format == torch.contiguous_format else "channels_last"
         for graphs in (False, True):  # a fresh runner per format: graphs hold the old weights' addresses
             out[f"{name}_{'graphs' if graphs else 'eager'}"] = time_ours(with_runner(pipe, graphs), runs)
-    pipe.model.model.unet.to(memory_format=torch.contiguous_format)
-    pipe.model.model.vae.to(memory_format=torch.contiguous_format)
+    memory_format = torch.channels_last if default_format else torch.contiguous_format
+    pipe.model.model.unet.to(memory_format=memory_format)
+    pipe.model.model.vae.to(memory_format=memory_format)
     with_runner(pipe, True)
     return out
 
@@ -230,6 +233,15 @@ class Diffusers:
         tokenizer = ClipTokenizer()
         ids = [chunk_tokens(tokenizer.encode(t), config.text)[0] for t in (PROMPT, NEGATIVE)]
         self.ids = torch.tensor(ids, device=DEVICE)
+
+    @staticmethod
+    def ddim():
+        import diffusers
+
+        return diffusers.DDIMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+            set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+        )  # fmt: skip
 
     def __call__(self, size: int, batch: int, seed: int) -> tuple[tuple[float, float], list]:
         clock = Clock()
@@ -266,9 +278,12 @@ def vs_diffusers(pipe, path: Path, runs: int) -> dict[str, object]:
             "speedup_per_image": round(theirs["seconds_per_image"] / ours["seconds_per_image"], 3),  # type: ignore[operator]
             "speedup_per_step": round(theirs["seconds_per_step"] / ours["seconds_per_step"], 3),  # type: ignore[operator]
         }
-    _, ours_images = run_ours(pipe, SIZE, 1, 42)
+    # the same image needs the same sigmas: A1111/k-diffusion Euler spaces timesteps from 999 down, diffusers'
+    # "leading" Euler from 951; DDIM is the same method in both (as tests/pipelines/test_txt2img_parity.py)
+    _, ours_images = run_ours(pipe, SIZE, 1, 42, "DDIM")
+    diffusers_side.pipe.scheduler = diffusers_side.ddim()
     _, theirs_images = diffusers_side(SIZE, 1, 42)
-    out["psnr_sdstudio_vs_diffusers_fp16"] = psnr(ours_images[0], theirs_images[0])
+    out["psnr_sdstudio_vs_diffusers_fp16_ddim"] = psnr(ours_images[0], theirs_images[0])
     del diffusers_side
     empty_cache()
     return out
@@ -278,6 +293,7 @@ def quality_guard(path: Path, pipe) -> dict[str, object]:
     from sdstudio.engine import Pipeline
 
     _, fast = run_ours(pipe, SIZE, 1, 42)
+    IMAGES["fp16"] = fast[0]
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     full = Pipeline.from_file(path, dtype=torch.float32, device=DEVICE, cuda_graphs=False)
@@ -291,10 +307,13 @@ def compiled(path: Path, runs: int) -> dict[str, object]:
     from sdstudio.engine import Pipeline
 
     start = time.perf_counter()
-    pipe = with_runner(Pipeline.from_file(path, dtype=DTYPE(), device=DEVICE), True, compile=True)
+    pipe = Pipeline.from_file(path, dtype=DTYPE(), device=DEVICE, compile=True)
     run_ours(pipe, SIZE, 1, 0)
     first = time.perf_counter() - start
-    return {"first_image_seconds_with_compile": round(first, 1), **time_ours(pipe, runs)}
+    out = {"first_image_seconds_with_compile": round(first, 1), **time_ours(pipe, runs)}
+    if "fp16" in IMAGES:
+        out["psnr_compiled_vs_eager_kernels"] = psnr(run_ours(pipe, SIZE, 1, 42)[1][0], IMAGES["fp16"])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--budget", type=float, default=330, help="seconds after which compile is skipped")
     parser.add_argument("--dry-run", action="store_true", help="check the script on the CPU (tiny, 64x64)")
+    parser.add_argument(
+        "--sections", default="ceilings,device_paths,sd15_levers,sd15_vs_diffusers,quality_guard,compile",
+        help="comma-separated subset to run",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     global DEVICE, ARCH, SIZE
     if args.dry_run:
@@ -313,7 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     results: dict[str, object] = {"command": "python benchmarks/gpu.py " + " ".join(argv or sys.argv[1:])}
 
+    wanted = set(args.sections.split(","))
+
     def section(name: str, fn: Callable[[], dict[str, object]]) -> None:
+        if name not in wanted:
+            return
         t0 = time.perf_counter()
         try:
             results[name] = {**fn(), "section_seconds": round(time.perf_counter() - t0, 1)}

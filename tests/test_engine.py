@@ -101,3 +101,20 @@ def test_cuda_matches_the_cpu_with_and_without_graphs():
         images[name] = np.stack([np.asarray(i.image, dtype=np.float64) for i in result.images])
     assert psnr(images["cpu"], images["eager"]) >= 35
     assert psnr(images["eager"], images["graphs"]) >= 45
+
+
+@pytest.mark.skipif(not SHIPPED_MODEL.is_file(), reason="embedded model not shipped")
+def test_compiled_unet_gives_the_eager_image():
+    """``compile=True`` runs the UNet through torch.compile (inductor) and the image stays the eager one."""
+    import numpy as np
+
+    from sdstudio.engine import Pipeline
+    from sdstudio.toyworld.evaluate import psnr
+    from sdstudio.types import GenerationRequest
+
+    request = GenerationRequest(prompt="a red circle", steps=4, seed=1)
+    images = [
+        np.asarray(Pipeline.from_file(SHIPPED_MODEL, dtype=torch.float32, compile=c)(request).images[0].image, dtype=np.float64)
+        for c in (False, True)
+    ]
+    assert psnr(images[0], images[1]) >= 45

@@ -272,7 +272,7 @@ def sample_latents(
     config = model.config
     device = model.device
     schedule = DiscreteSchedule.from_config(config.schedule).to(device)
-    unet = model.unet_runner or model.model.unet
+    unet = model.unet_runner if model.unet_runner is not None else model.model.unet
     denoiser = Denoiser(unet, schedule, config.prediction, token_merging=p.token_merging)
     sigmas = pass_sigmas(model, p, steps, source)
     if sigmas is None:
