@@ -211,7 +211,7 @@ def sd15_levers(pipe, runs: int) -> dict[str, object]:
 
 
 class Diffusers:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, dtype: torch.dtype | None = None) -> None:
         import diffusers
 
         from sdstudio.models.loading import load_model
@@ -226,7 +226,7 @@ class Diffusers:
             timestep_spacing="leading",
         )  # fmt: skip
         pipe, self.clip = diffusers_pipeline(config, state, scheduler)
-        dtype = torch.float16 if DEVICE == "cuda" else torch.float32
+        dtype = dtype or DTYPE()
         self.pipe = pipe.to(DEVICE, dtype)
         self.clip = self.clip.to(DEVICE, dtype)
         self.attention = type(next(iter(self.pipe.unet.attn_processors.values()))).__name__
@@ -303,6 +303,35 @@ def quality_guard(path: Path, pipe) -> dict[str, object]:
     return {"psnr_fp16_graphs_vs_fp32": psnr(fast[0], exact[0])}
 
 
+def parity(path: Path) -> dict[str, object]:
+    """DDIM (the same method in both) at seed 42: sdstudio fp32 / default and diffusers fp32 / fp16, each
+    pair's PSNR and each image's mean and std (a flat image means NaN/inf became black)."""
+    from sdstudio.engine import Pipeline
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    images = {}
+    for name, dtype in (("sdstudio_fp32", torch.float32), ("sdstudio_default", DTYPE())):
+        pipe = Pipeline.from_file(path, dtype=dtype, device=DEVICE, cuda_graphs=False if dtype == torch.float32 else None)
+        images[name] = run_ours(pipe, SIZE, 1, 42, "DDIM")[1][0]
+        del pipe
+    for name, dtype in (("diffusers_fp32", torch.float32), ("diffusers_fp16", torch.float16)):
+        side = Diffusers(path, dtype)
+        side.pipe.scheduler = side.ddim()
+        images[name] = side(SIZE, 1, 42)[1][0]
+        del side
+        empty_cache()
+    out: dict[str, object] = {
+        name: {"mean": round(float(np.asarray(im).mean()), 2), "std": round(float(np.asarray(im).std()), 2)}
+        for name, im in images.items()
+    }
+    names = list(images)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            out[f"psnr {a} vs {b}"] = psnr(images[a], images[b])
+    return out
+
+
 def compiled(path: Path, runs: int) -> dict[str, object]:
     from sdstudio.engine import Pipeline
 
@@ -323,14 +352,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--budget", type=float, default=330, help="seconds after which compile is skipped")
     parser.add_argument("--dry-run", action="store_true", help="check the script on the CPU (tiny, 64x64)")
+    parser.add_argument("--arch", help="with --dry-run: another preset")
+    parser.add_argument("--size", type=int, help="with --dry-run: another size")
     parser.add_argument(
-        "--sections", default="ceilings,device_paths,sd15_levers,sd15_vs_diffusers,quality_guard,compile",
+        "--sections", default="ceilings,device_paths,sd15_levers,sd15_vs_diffusers,quality_guard,parity,compile",
         help="comma-separated subset to run",
     )  # fmt: skip
     args = parser.parse_args(argv)
     global DEVICE, ARCH, SIZE
     if args.dry_run:
-        DEVICE, ARCH, SIZE = "cpu", "tiny", 64
+        DEVICE, ARCH, SIZE = "cpu", args.arch or "tiny", args.size or 64
     elif not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU: this benchmark needs one (benchmarks/vs_diffusers.py is the CPU one)")
     start = time.perf_counter()
@@ -362,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         section("sd15_levers", lambda: sd15_levers(pipe, args.runs))
         section("sd15_vs_diffusers", lambda: vs_diffusers(pipe, path, args.runs))
         section("quality_guard", lambda: quality_guard(path, pipe))
+        section("parity", lambda: parity(path))
         if not args.skip_compile and time.perf_counter() - start < args.budget:
             del pipe
             empty_cache()
