@@ -113,10 +113,12 @@ def test_channels_last_unet_gives_the_same_output_and_keeps_its_memory_format(ar
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_channels_last_only_for_bf16_on_cpu():
+def test_channels_last_for_bf16_on_cpu_and_half_precision_on_cuda():
     assert prefer_channels_last(torch.bfloat16)
     assert not prefer_channels_last(torch.float32)
-    assert not prefer_channels_last(torch.bfloat16, "cuda")
+    assert not prefer_channels_last(torch.float16)
+    assert prefer_channels_last(torch.float16, "cuda") and prefer_channels_last(torch.bfloat16, "cuda:1")
+    assert not prefer_channels_last(torch.float32, "cuda")
 
 
 def test_bf16_channels_last_unet_with_sliced_attention_tracks_fp32():
