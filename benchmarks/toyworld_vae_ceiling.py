@@ -1,0 +1,105 @@
+"""How much adherence the toy model's VAE allows: the judge on VAE reconstructions of rendered scenes
+(issue 3). Generated images cannot score above what the VAE can reproduce.
+
+    python benchmarks/toyworld_vae_ceiling.py                         # the shipped model's VAE
+    python benchmarks/toyworld_vae_ceiling.py --model runs/x/toyworld.safetensors
+    python benchmarks/toyworld_vae_ceiling.py --finetune-steps 300    # the VAE trained 300 steps more first
+
+Renders ``--scenes`` training-split scenes with one object and as many with two (fixed seed), encodes
+them to the posterior mean, decodes, and prints per attribute how often the judge still finds what the
+scene holds, the PSNR, and which (shape, size) the lost shapes were. ``--finetune-steps`` first continues
+the recipe's VAE loss at its final learning rate (2e-4), batch 16: a probe of whether the VAE is
+undertrained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def finetune(vae: torch.nn.Module, steps: int, seed: int = 999) -> float:
+    from sdstudio.toyworld.recipe import ToyRecipe, _finite_diff_l1, _images, _object_weights, _scenes
+
+    recipe = ToyRecipe()
+    vae.requires_grad_(True).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-4, betas=recipe.vae.betas, weight_decay=recipe.vae.weight_decay)
+    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    for _ in range(steps):
+        scenes = _scenes(rng, recipe.vae_batch, recipe.p_two_objects)
+        x = _images(scenes)
+        dist = vae.encode(x)
+        recon = vae.decode(dist.sample(torch.randn(dist.mean.shape, generator=gen)))
+        kl = 0.5 * (dist.mean.pow(2) + dist.logvar.exp() - 1 - dist.logvar).flatten(1).sum(1).mean()
+        loss = (
+            ((recon - x).pow(2) * _object_weights(scenes, x, recipe.object_weight)).mean()
+            + recipe.grad_weight * _finite_diff_l1(recon, x)
+            + recipe.kl_weight * kl
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), recipe.vae.grad_clip)
+        opt.step()
+    vae.requires_grad_(False).eval()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def ceiling(vae: torch.nn.Module, n_objects: int, scenes_n: int, seed: int = 123) -> dict[str, object]:
+    from sdstudio.toyworld import judge, world
+
+    rng = np.random.default_rng([seed, n_objects])
+    scenes = [world.sample_scene(rng, "train", n_objects) for _ in range(scenes_n)]
+    x = torch.from_numpy(np.stack([world.render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    recon = torch.cat([vae.decode(vae.encode(b).mean).float() for b in x.split(50)]).clamp(-1, 1)
+    mse = ((recon - x) * 127.5).pow(2).flatten(1).mean(1).clamp(min=1e-10)
+    images = ((recon + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    scores = [judge.score(im, s) for im, s in zip(images, scenes)]
+    lost: Counter[str] = Counter()
+    for scene, score in zip(scenes, scores):
+        for obj, per_object in zip(scene.objects, score.per_object):
+            if not per_object.shape:
+                lost[f"{obj.size} {obj.shape}"] += 1
+    out: dict[str, object] = {
+        k: round(float(np.mean([getattr(s, k) for s in scores])), 3)
+        for k in ("colour", "shape", "size", "position", "count_ok", "all")
+    }
+    out["psnr_db"] = round(float((10 * torch.log10(255**2 / mse)).mean()), 2)
+    out["shapes_lost"] = dict(lost.most_common())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="checkpoint (default: the shipped toy model)")
+    parser.add_argument("--scenes", type=int, default=300, help="scenes per object count")
+    parser.add_argument("--finetune-steps", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from sdstudio.models.loading import load_model
+    from sdstudio.toyworld.evaluate import SHIPPED_MODEL
+
+    path = Path(args.model) if args.model else SHIPPED_MODEL
+    vae = load_model(path, dtype=torch.float32).model.first_stage_model.eval()
+    result: dict[str, object] = {"model": str(path), "scenes_per_count": args.scenes}
+    if args.finetune_steps:
+        result["finetune_steps"] = args.finetune_steps
+        result["finetune_seconds"] = round(finetune(vae, args.finetune_steps), 1)
+    for n in (1, 2):
+        result[f"{n}_object"] = ceiling(vae, n, args.scenes)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
