@@ -153,6 +153,10 @@ def device_paths() -> dict[str, object]:
         "img2img": GenerationRequest(**base, sampler="Euler", init=InitImage(init, 0.6)),
         "inpaint": GenerationRequest(**base, sampler="Euler", init=InitImage(init, 0.9), inpaint=Inpaint(mask)),
         "hires fix": GenerationRequest(**base, sampler="Euler", hires=Hires(scale=2.0, steps=6)),
+        "hires fix Lanczos, tiled VAE": GenerationRequest(
+            **base, sampler="Euler", hires=Hires(scale=2.0, steps=6, upscaler="Lanczos"), vae_tiling=True
+        ),
+        "img2img, tiled VAE": GenerationRequest(**base, sampler="Euler", init=InitImage(init, 0.6), vae_tiling=True),
         "prompt schedule + AND": GenerationRequest(**{**base, "prompt": "a [red:green:5] circle AND a square"}),
     }
     cpu = Pipeline.from_file(path, dtype=torch.float32, device="cpu")

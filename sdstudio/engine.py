@@ -112,7 +112,7 @@ class Pipeline:
         prediction: str | None = None,
         embeddings_dir: str | os.PathLike | None = None,
         skip_bad_embeddings: bool = False,
-        device: str = "cpu",
+        device: str | torch.device = "cpu",
         compile: bool = False,
         cuda_graphs: bool | None = None,
     ) -> Pipeline:
@@ -124,7 +124,7 @@ class Pipeline:
         shape (:mod:`sdstudio.models.cuda_graphs`). A bad embedding file raises ``SdStudioError`` unless
         ``skip_bad_embeddings``; then it is left out and every result warns about it.
         """
-        device = choose_device(device)
+        device = choose_device(str(device))
         if cuda_graphs and not device.startswith("cuda"):
             raise SdStudioError(f"CUDA graphs need a CUDA device (got {device!r}); leave them off")
         model = load_model(path, dtype=dtype, use_ema=use_ema, prediction=prediction)

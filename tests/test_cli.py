@@ -75,6 +75,7 @@ def test_checkpoint_info_json(tiny_ckpt, capsys):
         (["--steps", "0"], "steps must be at least 1"),
         (["--sampler", "Nope"], "unknown sampler 'Nope'.*Euler a"),
         (["--clip-skip", "9"], "clip skip must be between 1 and 2"),
+        (["--device", "tpu"], "unknown device 'tpu'; choose auto, cpu, cuda or cuda:N"),
     ],
 )
 def test_bad_options(tmp_path, tiny_ckpt, capsys, extra, message):

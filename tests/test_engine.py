@@ -89,20 +89,33 @@ def test_cuda_matches_the_cpu_with_and_without_graphs():
     """Every step on the GPU (conditioning, noise from the CPU generators, sampler, CFG, VAE) gives the CPU's
     image; replaying CUDA graphs gives the eager GPU image."""
     import numpy as np
+    from PIL import Image
 
     from sdstudio.engine import Pipeline
     from sdstudio.toyworld.evaluate import psnr
-    from sdstudio.types import GenerationRequest
+    from sdstudio.types import GenerationRequest, Hires, InitImage
 
-    request = GenerationRequest(prompt="a red circle left of a blue square", steps=10, seed=5, batch_size=2)
-    images = {}
-    for name, kwargs in {"cpu": {}, "eager": {"device": "cuda", "cuda_graphs": False}, "graphs": {"device": "cuda"}}.items():
-        result = Pipeline.from_file(SHIPPED_MODEL, dtype=torch.float32, **kwargs)(request)
-        images[name] = np.stack([np.asarray(i.image, dtype=np.float64) for i in result.images])
-    assert psnr(images["cpu"], images["eager"]) >= 35
-    assert psnr(images["eager"], images["graphs"]) >= 45
+    base = {"prompt": "a red circle left of a blue square", "steps": 10, "seed": 5}
+    requests = [
+        GenerationRequest(**base, batch_size=2),
+        GenerationRequest(**base, init=InitImage(Image.new("RGB", (64, 64), (200, 40, 40)), 0.7), vae_tiling=True),
+        GenerationRequest(**base, hires=Hires(scale=2.0, steps=4, upscaler="Lanczos"), vae_tiling=True),
+    ]
+    pipes = {
+        "cpu": Pipeline.from_file(SHIPPED_MODEL, dtype=torch.float32),
+        "eager": Pipeline.from_file(SHIPPED_MODEL, dtype=torch.float32, device="cuda", cuda_graphs=False),
+        "graphs": Pipeline.from_file(SHIPPED_MODEL, dtype=torch.float32, device="cuda"),
+    }
+    for request in requests:
+        images = {
+            name: np.stack([np.asarray(i.image, dtype=np.float64) for i in pipe(request).images])
+            for name, pipe in pipes.items()
+        }
+        assert psnr(images["cpu"], images["eager"]) >= 35
+        assert psnr(images["eager"], images["graphs"]) >= 45
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHIPPED_MODEL.is_file(), reason="embedded model not shipped")
 def test_compiled_unet_gives_the_eager_image():
     """``compile=True`` runs the UNet through torch.compile (inductor) and the image stays the eager one."""

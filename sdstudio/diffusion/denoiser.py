@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from sdstudio.diffusion.noise import to_device
 from sdstudio.diffusion.schedule import DiscreteSchedule
 from sdstudio.models.configs import Prediction
 
@@ -34,7 +35,7 @@ class Denoiser:
 
     def raw(self, x: Tensor, sigma: Tensor, context: Tensor, extra: Tensor | None = None) -> Tensor:
         """The network's own output F (eps or v) for the VE latent ``x`` at ``sigma``. [B, C, h, w]"""
-        sigma = sigma.to(x.device, non_blocking=True)  # samplers keep sigma on the CPU (no sync)
+        sigma = to_device(sigma, x.device)  # samplers keep sigma on the CPU: read there without a sync
         _, _, c_in = self.scalings(sigma)
         t = self.schedule.sigma_to_t(sigma.float(), quantize=self.quantize)
         inp = x.float() * c_in
@@ -47,7 +48,7 @@ class Denoiser:
 
     def __call__(self, x: Tensor, sigma: Tensor, context: Tensor, extra: Tensor | None = None) -> Tensor:
         """The x0 estimate, float32. x [B, C, h, w], sigma [B] (any device), context [B, tokens, width]."""
-        sigma = sigma.to(x.device, non_blocking=True)
+        sigma = to_device(sigma, x.device)
         c_skip, c_out, _ = self.scalings(sigma)
         return x.float() * c_skip + self.raw(x, sigma, context, extra) * c_out
 
@@ -55,6 +56,7 @@ class Denoiser:
         self, x0: Tensor, noise: Tensor, sigma: Tensor, context: Tensor, extra: Tensor | None = None
     ) -> Tensor:
         """Per-sample MSE between F and its target (eps, or v), the DDPM objective. [B]"""
+        sigma = to_device(sigma, x0.device)
         c_skip, c_out, _ = self.scalings(sigma)
         noised = x0.float() + noise.float() * sigma.float()[:, None, None, None]
         target = (x0.float() - c_skip * noised) / c_out

@@ -9,6 +9,16 @@ import torch
 from torch import Tensor
 
 
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device``; from the CPU to a GPU through pinned memory, so the copy is queued behind the
+    GPU's work instead of waiting for it (a pageable copy would make every sampling step a sync)."""
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def slerp(val: float, low: Tensor, high: Tensor) -> Tensor:
     """AUTOMATIC1111's variation-seed interpolation, formula and quirks kept so pasted seeds reproduce:
     for one image's noise ``[C, H, W]`` the norms are taken over dim 1 (rows), giving one angle per

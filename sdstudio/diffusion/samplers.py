@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sdstudio.diffusion.noise import to_device
 from sdstudio.errors import SdStudioError
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def _draw(noise: NoiseSampler | None, x: Tensor, sigma: float, sigma_next: float
     z = noise(torch.tensor(sigma, dtype=torch.float32), torch.tensor(sigma_next, dtype=torch.float32))
     if z.shape != x.shape:
         raise ValueError(f"noise sampler returned shape {tuple(z.shape)}, expected {tuple(x.shape)}")
-    return z.to(device=x.device, dtype=x.dtype)
+    return to_device(z, x.device).to(x.dtype)
 
 
 def _report(callback: Callback | None, i: int, total: int, x: Tensor, sigma: float, denoised: Tensor) -> None:

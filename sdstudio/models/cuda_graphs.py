@@ -7,7 +7,10 @@ the inputs in). The UNet must then make no host-device syncs, which ours does no
 
 Used only for inference on CUDA: with gradients, on other devices, or while another capture is running,
 calls go to the UNet itself. A shape whose capture fails (an op that syncs) is run eagerly from then on,
-once logged.
+once logged. A graph replays the kernels on the weights' memory as captured: weights changed in place
+(a LoRA merged into them) are seen; weights replaced by new tensors (``.to(...)``, ``load_state_dict``
+with ``assign``) are noticed at the next call, and every graph is captured again. The graphs keep their
+memory until :meth:`reset` or the runner goes. One call at a time: replays share their buffers.
 """
 
 from __future__ import annotations
@@ -35,6 +38,16 @@ class CudaGraphRunner(nn.Module):
         self.warmups = warmups
         self._graphs: dict[tuple[Any, ...], tuple[torch.cuda.CUDAGraph, tuple[Tensor, ...], Tensor] | None] = {}
         self._pool: Any = None  # one memory pool for every graph: they never run at the same time
+        self._weights: tuple[int, ...] = ()  # the addresses the graphs were captured on
+
+    def reset(self) -> None:
+        """Forget every graph and free their memory."""
+        self._graphs.clear()
+        self._pool = None
+        self._weights = ()
+
+    def _addresses(self) -> tuple[int, ...]:
+        return tuple(t.data_ptr() for t in (*self.unet.parameters(), *self.unet.buffers()))
 
     @property
     def captured(self) -> int:
@@ -53,20 +66,26 @@ class CudaGraphRunner(nn.Module):
         key = (
             tuple((tuple(a.shape), a.stride(), a.dtype) for a in inputs),
             x.device,
+            torch.is_inference_mode_enabled(),  # static inputs made in inference mode cannot leave it
             tuple(sorted(options.items())),
         )
-        if key not in self._graphs:
-            if len(self._graphs) >= MAX_GRAPHS:
+        addresses = self._addresses()
+        if addresses != self._weights:  # new weight tensors: the graphs read freed memory
+            self.reset()
+            self._weights = addresses
+        with torch.cuda.device(x.device):  # capture and replay on the inputs' GPU, not the current one
+            if key not in self._graphs:
+                if len(self._graphs) >= MAX_GRAPHS:
+                    return self.unet(x, t, context, **options)
+                self._graphs[key] = self._capture(inputs, options)
+            entry = self._graphs[key]
+            if entry is None:
                 return self.unet(x, t, context, **options)
-            self._graphs[key] = self._capture(inputs, options)
-        entry = self._graphs[key]
-        if entry is None:
-            return self.unet(x, t, context, **options)
-        graph, static_inputs, static_output = entry
-        for static, value in zip(static_inputs, inputs):
-            static.copy_(value)
-        graph.replay()
-        return static_output.clone()
+            graph, static_inputs, static_output = entry
+            for static, value in zip(static_inputs, inputs):
+                static.copy_(value)
+            graph.replay()
+            return static_output.clone()
 
     def _capture(
         self, inputs: tuple[Tensor, ...], options: dict[str, Any]
@@ -79,8 +98,9 @@ class CudaGraphRunner(nn.Module):
                 self.unet(*static_inputs, **options)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
+        capture = torch.cuda.Stream(device=inputs[0].device)  # the default capture stream is cuda:0's
         try:
-            with torch.cuda.graph(graph, pool=self._pool):
+            with torch.cuda.graph(graph, pool=self._pool, stream=capture):
                 static_output = self.unet(*static_inputs, **options)
         except RuntimeError as e:
             log.warning("CUDA graph capture failed for shapes %s (%s); running them eagerly",

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from sdstudio.diffusion.denoiser import Denoiser
 from sdstudio.diffusion.guidance import DenoiserFn, PromptGuidedDenoiser
-from sdstudio.diffusion.noise import ImageNoise
+from sdstudio.diffusion.noise import ImageNoise, to_device
 from sdstudio.diffusion.samplers import (
     BrownianTreeNoiseSampler,
     NoiseSampler,
@@ -288,7 +288,7 @@ def sample_latents(
     noise = ImageNoise(
         list(p.seeds), shape, subseeds=p.subseeds, subseed_strength=p.subseed_strength, ensd=p.ensd
     )
-    first = noise.draw().to(device)  # drawn on the CPU: a seed gives the same image on every device
+    first = to_device(noise.draw(), device)  # drawn on the CPU: a seed gives the same image on any device
     if source is None:
         x = first * p.sampler.initial_scale(sigmas[0])
     else:  # x = x0 + sigma eps for every sampler (VP: sqrt(abar) x0 + sqrt(1 - abar) eps, rescaled)

@@ -109,11 +109,13 @@ def run_tiled(
     out = torch.zeros(batch, out_channels, rows * unit_out, cols * unit_out)
     weight = torch.zeros(1, 1, rows * unit_out, cols * unit_out)
     ov = tiling.overlap * unit_out
+    device = x.device
     for y0 in _starts(rows, tile_h, tiling.overlap):
         for x0 in _starts(cols, tile_w, tiling.overlap):
             ya, yb = max(0, y0 - context), min(rows, y0 + tile_h + context)
             xa, xb = max(0, x0 - context), min(cols, x0 + tile_w + context)
             y = fn(x[..., ya * unit_in : yb * unit_in, xa * unit_in : xb * unit_in]).float()
+            device = y.device  # the network's device: a CPU image encoded on a GPU stays there
             cy, cx = (y0 - ya) * unit_out, (x0 - xa) * unit_out
             core = y[..., cy : cy + tile_h * unit_out, cx : cx + tile_w * unit_out]
             wy = _ramp(tile_h * unit_out, ov if y0 > 0 else 0, ov if y0 + tile_h < rows else 0)
@@ -122,7 +124,7 @@ def run_tiled(
             oy, ox = y0 * unit_out, x0 * unit_out
             out[..., oy : oy + tile_h * unit_out, ox : ox + tile_w * unit_out] += core.cpu() * w
             weight[..., oy : oy + tile_h * unit_out, ox : ox + tile_w * unit_out] += w
-    return (out / weight).to(x.device)
+    return (out / weight).to(device)
 
 
 def should_tile(latent_h: int, latent_w: int, tiled: bool | None) -> bool:
