@@ -37,8 +37,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.reference: the diffusers bridge
 
-PROMPT = "a photo of a red fox in the snow, detailed"
-NEGATIVE = "blurry"
+from benchmarks.vs_diffusers import NEGATIVE, PROMPT  # the same request as the CPU benchmark
+from tests.reference import a1111_scheduler
+
 TFLOP_PER_IMAGE = 20 * 1.6 + 2.5  # sd15 512x512: 20 CFG steps + VAE decode (issue 6's counts)
 # --dry-run: the same code on the CPU with the tiny preset at 64x64, to check the script before a lease
 DEVICE, ARCH, SIZE = "cuda", "sd15", 512
@@ -190,10 +191,9 @@ def DTYPE() -> torch.dtype:
 
 def with_runner(pipe, graphs: bool, compile: bool = False):
     """The pipeline with a fresh UNet runner: CUDA graphs (passes through on the CPU), compiled or not."""
-    from sdstudio.models.cuda_graphs import CudaGraphRunner
+    from sdstudio.engine import unet_runner
 
-    unet = torch.compile(pipe.model.model.unet) if compile else pipe.model.model.unet
-    runner = CudaGraphRunner(unet) if graphs else (unet if compile else None)
+    runner = unet_runner(pipe.model.model.unet, compile=compile, cuda_graphs=graphs)
     pipe.model = dataclasses.replace(pipe.model, unet_runner=runner)
     return pipe
 
@@ -215,53 +215,18 @@ def sd15_levers(pipe, runs: int) -> dict[str, object]:
 
 
 class Diffusers:
+    """diffusers fp16 (its default SDPA attention) on the GPU, timed by :class:`Clock`."""
+
     def __init__(self, path: Path, dtype: torch.dtype | None = None) -> None:
-        import diffusers
+        from tests.reference import DiffusersTxt2Img
 
-        from sdstudio.models.loading import load_model
-        from sdstudio.models.tokenizer import ClipTokenizer
-        from sdstudio.prompt.conditioning import chunk_tokens
-        from tests.reference import diffusers_pipeline
-
-        loaded = load_model(path, dtype=torch.float32)
-        config, state = loaded.config, loaded.model.state_dict()
-        scheduler = diffusers.EulerDiscreteScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-            timestep_spacing="leading",
-        )  # fmt: skip
-        pipe, self.clip = diffusers_pipeline(config, state, scheduler)
-        dtype = dtype or DTYPE()
-        self.pipe = pipe.to(DEVICE, dtype)
-        self.clip = self.clip.to(DEVICE, dtype)
+        self.run = DiffusersTxt2Img(path, PROMPT, NEGATIVE, DEVICE, dtype or DTYPE())
+        self.pipe = self.run.pipe
         self.attention = type(next(iter(self.pipe.unet.attn_processors.values()))).__name__
-        tokenizer = ClipTokenizer()
-        ids = [chunk_tokens(tokenizer.encode(t), config.text)[0] for t in (PROMPT, NEGATIVE)]
-        self.ids = torch.tensor(ids, device=DEVICE)
-
-    @staticmethod
-    def ddim():
-        import diffusers
-
-        return diffusers.DDIMScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-            set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
-        )  # fmt: skip
 
     def __call__(self, size: int, batch: int, seed: int) -> tuple[tuple[float, float], list]:
         clock = Clock()
-
-        def on_step(pipe, i, t, kwargs):
-            clock.step()
-            return kwargs
-
-        with torch.inference_mode():
-            embeds = self.clip(self.ids).last_hidden_state  # the text encoder, as the pipeline runs it
-            images = self.pipe(
-                prompt_embeds=embeds[:1].expand(batch, -1, -1),
-                negative_prompt_embeds=embeds[1:].expand(batch, -1, -1),
-                num_inference_steps=20, guidance_scale=7.0, height=size, width=size,
-                generator=torch.Generator().manual_seed(seed), output_type="pil", callback_on_step_end=on_step,
-            ).images  # fmt: skip
+        images = self.run(size, batch, 20, seed, on_step=clock.step)
         return clock.result(), images
 
 
@@ -285,7 +250,7 @@ def vs_diffusers(pipe, path: Path, runs: int) -> dict[str, object]:
     # the same image needs the same sigmas: A1111/k-diffusion Euler spaces timesteps from 999 down, diffusers'
     # "leading" Euler from 951; DDIM is the same method in both (as tests/pipelines/test_txt2img_parity.py)
     _, ours_images = run_ours(pipe, SIZE, 1, 42, "DDIM")
-    diffusers_side.pipe.scheduler = diffusers_side.ddim()
+    diffusers_side.pipe.scheduler = a1111_scheduler("ddim")
     _, theirs_images = diffusers_side(SIZE, 1, 42)
     out["psnr_sdstudio_vs_diffusers_fp16_ddim"] = psnr(ours_images[0], theirs_images[0])
     del diffusers_side
@@ -321,7 +286,7 @@ def parity(path: Path) -> dict[str, object]:
         del pipe
     for name, dtype in (("diffusers_fp32", torch.float32), ("diffusers_fp16", torch.float16)):
         side = Diffusers(path, dtype)
-        side.pipe.scheduler = side.ddim()
+        side.pipe.scheduler = a1111_scheduler("ddim")
         images[name] = side(SIZE, 1, 42)[1][0]
         del side
         empty_cache()

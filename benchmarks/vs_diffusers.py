@@ -84,54 +84,15 @@ class Ours:
 
 class Diffusers:
     def __init__(self, path: Path, args: argparse.Namespace) -> None:
-        import diffusers
+        from tests.reference import DiffusersTxt2Img
 
-        from sdstudio.models.loading import load_model
-        from sdstudio.models.tokenizer import ClipTokenizer
-        from sdstudio.prompt.conditioning import chunk_tokens
-        from tests.reference import diffusers_pipeline
-
-        loaded = load_model(path, dtype=torch.float32)
-        config, state = loaded.config, loaded.model.state_dict()
-        self.pipe, self.clip = diffusers_pipeline(
-            config,
-            state,
-            diffusers.EulerDiscreteScheduler(
-                beta_start=0.00085,
-                beta_end=0.012,
-                beta_schedule="scaled_linear",
-                steps_offset=1,
-                timestep_spacing="leading",
-            ),
-        )
-        del loaded, state
-        tokenizer = ClipTokenizer()
-        self.ids = torch.tensor(
-            [chunk_tokens(tokenizer.encode(t), config.text)[0] for t in (PROMPT, NEGATIVE)]
-        )
+        self.run = DiffusersTxt2Img(path, PROMPT, NEGATIVE)
         self.args = args
 
     def __call__(self, seed: int) -> tuple[float, float]:
         a = self.args
         clock = _StepClock()
-
-        def on_step(pipe, i, t, kwargs):
-            clock.step(kwargs["latents"])
-            return kwargs
-
-        with torch.inference_mode():
-            embeds = self.clip(self.ids).last_hidden_state  # the text encoder, as the pipeline would run it
-            self.pipe(
-                prompt_embeds=embeds[:1].expand(a.batch, -1, -1),
-                negative_prompt_embeds=embeds[1:].expand(a.batch, -1, -1),
-                num_inference_steps=a.steps,
-                guidance_scale=7.0,
-                height=a.size,
-                width=a.size,
-                generator=torch.Generator().manual_seed(seed),
-                output_type="pil",
-                callback_on_step_end=on_step,
-            )
+        self.run(a.size, a.batch, a.steps, seed, on_step=clock.step)
         return clock.result("diffusers")
 
 

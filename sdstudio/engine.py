@@ -88,6 +88,15 @@ def prefer_channels_last(dtype: torch.dtype, device: str = "cpu") -> bool:
     return device == "cpu" and dtype == torch.bfloat16
 
 
+def unet_runner(unet: torch.nn.Module, *, compile: bool, cuda_graphs: bool) -> torch.nn.Module | None:
+    """What sampling calls in place of ``unet``: compiled (inductor) and/or replayed from CUDA graphs;
+    None for the UNet itself."""
+    runner: torch.nn.Module | None = torch.compile(unet) if compile else None  # type: ignore[assignment]
+    if cuda_graphs:
+        runner = CudaGraphRunner(runner if runner is not None else unet)
+    return runner
+
+
 class Pipeline:
     """``Pipeline.from_file(path)(GenerationRequest(prompt=...))`` -> ``GenerationResult``: txt2img, or
     img2img / inpainting / hires fix as the request's ``init`` / ``inpaint`` / ``hires`` ask."""
@@ -133,11 +142,8 @@ class Pipeline:
         if prefer_channels_last(dtype, device):
             model.model.unet.to(memory_format=torch.channels_last)
             model.model.vae.to(memory_format=torch.channels_last)
-        runner: torch.nn.Module | None = None
-        if compile:
-            runner = torch.compile(model.model.unet)  # type: ignore[assignment]
-        if cuda_graphs or (cuda_graphs is None and device.startswith("cuda")):
-            runner = CudaGraphRunner(runner if runner is not None else model.model.unet)
+        graphs = cuda_graphs if cuda_graphs is not None else device.startswith("cuda")
+        runner = unet_runner(model.model.unet, compile=compile, cuda_graphs=graphs)
         if runner is not None:
             model = dataclasses.replace(model, unet_runner=runner)
         tokenizer = ClipTokenizer()

@@ -192,3 +192,52 @@ def diffusers_pipeline(config: ModelConfig, state: dict[str, torch.Tensor], sche
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe, clip
+
+
+def a1111_scheduler(name: str):
+    """diffusers' scheduler configured as AUTOMATIC1111 runs SD 1.x: ``"euler"`` or ``"ddim"``."""
+    import diffusers
+
+    common = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
+    if name == "euler":
+        return diffusers.EulerDiscreteScheduler(**common, timestep_spacing="leading")
+    if name == "ddim":
+        return diffusers.DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, timestep_spacing="leading")
+    raise ValueError(f"unknown scheduler {name!r}")
+
+
+class DiffusersTxt2Img:
+    """diffusers' StableDiffusionPipeline on a checkpoint file's weights, for the benchmarks: Euler (A1111's
+    setup), prompt and negative tokenized by our CLIP tokenizer and encoded by transformers' CLIP each call,
+    as the pipeline would."""
+
+    def __init__(self, path: str | Path, prompt: str, negative: str, device: str = "cpu", dtype=torch.float32):
+        from sdstudio.models.loading import load_model
+        from sdstudio.models.tokenizer import ClipTokenizer
+        from sdstudio.prompt.conditioning import chunk_tokens
+
+        loaded = load_model(path, dtype=torch.float32)
+        config = loaded.config
+        pipe, clip = diffusers_pipeline(config, loaded.model.state_dict(), a1111_scheduler("euler"))
+        del loaded
+        self.pipe, self.clip = pipe.to(device, dtype), clip.to(device, dtype)
+        tokenizer = ClipTokenizer()
+        ids = [chunk_tokens(tokenizer.encode(t), config.text)[0] for t in (prompt, negative)]
+        self.ids = torch.tensor(ids, device=device)
+
+    def __call__(self, size: int, batch: int, steps: int, seed: int, on_step=None) -> list:
+        """PIL images; ``on_step(latents)`` after every step."""
+
+        def callback(pipe, i, t, kwargs):
+            if on_step is not None:
+                on_step(kwargs["latents"])
+            return kwargs
+
+        with torch.inference_mode():
+            embeds = self.clip(self.ids).last_hidden_state
+            return self.pipe(
+                prompt_embeds=embeds[:1].expand(batch, -1, -1),
+                negative_prompt_embeds=embeds[1:].expand(batch, -1, -1),
+                num_inference_steps=steps, guidance_scale=7.0, height=size, width=size,
+                generator=torch.Generator().manual_seed(seed), output_type="pil", callback_on_step_end=callback,
+            ).images  # fmt: skip
