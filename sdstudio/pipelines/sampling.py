@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import Tensor
 
 from sdstudio.diffusion.denoiser import Denoiser
@@ -255,6 +258,38 @@ class BlendedDenoiser:
         return self.latents * self.keep + self.inner(x, sigma) * (1 - self.keep)
 
 
+class PacedCallback:
+    """Reports each sampler step when the GPU has finished it, not when it was queued.
+
+    On CUDA the sampling loop has no host-device syncs, so the CPU queues steps ahead of the GPU. A
+    progress bar fed at queue time would run ahead and then stall on the VAE decode. So each step records
+    an event, and a step is reported once the next step is queued and its own event has completed. The
+    GPU therefore always has a step queued and never waits for the CPU; ``flush`` reports the last one.
+    ``event`` makes the events (``torch.cuda.Event``; tests pass a stand-in).
+    """
+
+    def __init__(self, callback: Callable[[SamplerStep], None], event: Callable[[], Any] = torch.cuda.Event):
+        self.callback = callback
+        self.event = event
+        self.pending: deque[tuple[Any, SamplerStep]] = deque()
+
+    def __call__(self, step: SamplerStep) -> None:
+        done = self.event()
+        done.record()
+        self.pending.append((done, step))
+        while len(self.pending) > 1:
+            self._report()
+
+    def flush(self) -> None:
+        while self.pending:
+            self._report()
+
+    def _report(self) -> None:
+        done, step = self.pending.popleft()
+        done.synchronize()
+        self.callback(step)
+
+
 def sample_latents(
     model: LoadedModel,
     p: Plan,
@@ -299,7 +334,10 @@ def sample_latents(
     step_noise: NoiseSampler = noise
     if p.sampler.brownian_noise:  # SDE samplers: one Brownian tree per image, from its seed
         step_noise = BrownianTreeNoiseSampler.for_sigmas(x.shape, sigmas, p.seeds)
-    latents = p.sampler.function(guided, x, sigmas, noise=step_noise, callback=callback, **settings)
+    paced = PacedCallback(callback) if callback is not None and device.type == "cuda" else None
+    latents = p.sampler.function(guided, x, sigmas, noise=step_noise, callback=paced or callback, **settings)
+    if paced is not None:
+        paced.flush()
     latents = latents * p.sampler.final_scale(sigmas[-1])
     if source is not None and source.keep is not None:
         latents = latents * (1 - source.keep) + source.latents * source.keep

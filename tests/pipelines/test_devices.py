@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdstudio.diffusion.samplers import _sigma_batch
+from sdstudio.diffusion.samplers import SamplerStep, _sigma_batch
 from sdstudio.diffusion.schedule import DiscreteSchedule
 from sdstudio.models.configs import PRESETS
 from sdstudio.models.loading import LoadedModel
@@ -17,7 +17,7 @@ from sdstudio.models.stablediffusion import StableDiffusion
 from sdstudio.models.tokenizer import ClipTokenizer
 from sdstudio.pipelines.generate import parse_request, source_latents
 from sdstudio.pipelines.img2img import prepare_source
-from sdstudio.pipelines.sampling import plan, sample_latents
+from sdstudio.pipelines.sampling import PacedCallback, plan, sample_latents
 from sdstudio.prompt.conditioning import encode_conditioning
 from sdstudio.types import GenerationRequest, InitImage, Inpaint
 
@@ -72,3 +72,27 @@ def test_sigmas_stay_on_the_cpu_and_the_schedule_moves():
     schedule = DiscreteSchedule.from_config(PRESETS["tiny"].schedule)
     moved = schedule.to("meta")
     assert moved.log_sigmas.device.type == "meta" and schedule.log_sigmas.device.type == "cpu"
+
+
+def test_paced_callback_reports_a_step_once_the_gpu_finished_it_keeping_one_queued():
+    log: list[str] = []
+
+    class Event:  # stands in for torch.cuda.Event
+        count = 0
+
+        def __init__(self):
+            self.k = Event.count
+            Event.count += 1
+
+        def record(self):
+            log.append(f"record {self.k}")
+
+        def synchronize(self):
+            log.append(f"wait {self.k}")
+
+    paced = PacedCallback(lambda s: log.append(f"report {s.i}"), Event)
+    for i in range(3):
+        paced(SamplerStep(i, 3, torch.zeros(1), torch.tensor(1.0), torch.zeros(1)))
+    assert log == ["record 0", "record 1", "wait 0", "report 0", "record 2", "wait 1", "report 1"]
+    paced.flush()
+    assert log[-2:] == ["wait 2", "report 2"] and not paced.pending
