@@ -53,11 +53,26 @@ class Denoiser:
         return x.float() * c_skip + self.raw(x, sigma, context, extra) * c_out
 
     def loss(
-        self, x0: Tensor, noise: Tensor, sigma: Tensor, context: Tensor, extra: Tensor | None = None
+        self,
+        x0: Tensor,
+        noise: Tensor,
+        sigma: Tensor,
+        context: Tensor,
+        extra: Tensor | None = None,
+        snr_gamma: float = 0.0,
     ) -> Tensor:
-        """Per-sample MSE between F and its target (eps, or v), the DDPM objective. [B]"""
+        """Per-sample MSE between F and its target (eps, or v), the DDPM objective. [B]
+
+        ``snr_gamma > 0`` weights it by Min-SNR-gamma (Hang et al. 2023, as diffusers' ``--snr_gamma``):
+        ``min(SNR, gamma) / SNR`` for eps, ``min(SNR, gamma) / (SNR + 1)`` for v, with SNR = 1 / sigma^2.
+        Low-noise steps, whose eps error stands for a tiny x0 error, stop dominating the gradient.
+        """
         sigma = to_device(sigma, x0.device)
         c_skip, c_out, _ = self.scalings(sigma)
         noised = x0.float() + noise.float() * sigma.float()[:, None, None, None]
         target = (x0.float() - c_skip * noised) / c_out
-        return (self.raw(noised, sigma, context, extra) - target).pow(2).flatten(1).mean(1)
+        mse = (self.raw(noised, sigma, context, extra) - target).pow(2).flatten(1).mean(1)
+        if snr_gamma <= 0:
+            return mse
+        snr = sigma.float().pow(-2)
+        return mse * snr.clamp(max=snr_gamma) / (snr + 1 if self.prediction == "v" else snr)
