@@ -12,8 +12,8 @@ Stages (each resumable, each can be run alone in order):
 3. ``latents``: a fixed set of training scenes encoded once by the VAE (mean and std kept, sampled anew
    each time a scene is used).
 4. ``unet``: epsilon prediction on SD's noise schedule through ``Denoiser.loss`` (the sampler's own
-   parametrisation), captions re-drawn each time, 10 % caption dropout for classifier-free guidance,
-   EMA weights shipped.
+   parametrisation) weighted by Min-SNR-gamma, captions re-drawn each time, 10 % caption dropout for
+   classifier-free guidance, EMA weights shipped.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class ToyRecipe:
     seed: int = 0
     config: ModelConfig = field(default_factory=lambda: PRESETS["toyworld"])
     vae: TrainConfig = field(
-        default_factory=lambda: TrainConfig(steps=2400, lr=2e-3, warmup=100, bf16=False, checkpoint_every=250)
+        default_factory=lambda: TrainConfig(steps=3200, lr=2e-3, warmup=100, bf16=False, checkpoint_every=250)
     )
     vae_batch: int = 16
     kl_weight: float = 1e-6
@@ -76,12 +76,17 @@ class ToyRecipe:
     latent_scenes: int = 20000
     unet: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            steps=6400, lr=6e-4, warmup=200, bf16=False, ema_decay=0.999, ema_start=2800, checkpoint_every=250
+            steps=6200, lr=6e-4, warmup=200, bf16=False, ema_decay=0.999, ema_start=2700, checkpoint_every=250
         )
     )
     unet_batch: int = 64
     caption_dropout: float = 0.1
     p_two_objects: float = 0.5
+    snr_gamma: float = 5.0  # Min-SNR-gamma weighting of the UNet loss (0: plain eps MSE)
+    text_bf16: bool = True  # the UNet stage's (frozen) text contexts under bf16 autocast
+    # Share of two-object scenes in the UNet's batches, drawn from the encoded scenes (None: as encoded,
+    # p_two_objects)
+    unet_p_two_objects: float | None = None
 
     @classmethod
     def smoke(cls) -> ToyRecipe:
@@ -243,6 +248,15 @@ def _scene_from_dict(d: dict) -> world.Scene:
     return world.Scene(objects=objects, background=d["background"], relation=d["relation"])
 
 
+def unet_batch_indices(rng: np.random.Generator, counts: np.ndarray, n: int, p_two: float | None) -> np.ndarray:
+    """``n`` indices into the encoded scenes (``counts``: objects per scene), uniform when ``p_two`` is
+    None, else each a two-object scene with probability ``p_two``."""
+    if p_two is None:
+        return rng.integers(0, len(counts), size=n)
+    one, two = np.flatnonzero(counts == 1), np.flatnonzero(counts == 2)
+    return np.where(rng.random(n) < p_two, rng.choice(two, n), rng.choice(one, n))
+
+
 def train_unet(recipe: ToyRecipe, model: StableDiffusion, out: Path, progress: Progress) -> None:
     data = torch.load(out / LATENTS, weights_only=True)
     means, stds = data["mean"], data["std"]
@@ -256,16 +270,19 @@ def train_unet(recipe: ToyRecipe, model: StableDiffusion, out: Path, progress: P
     text_encoder = model.cond_stage_model
     token_cache: dict[str, list[int]] = {}
 
+    counts = np.array([len(s.objects) for s in scenes])
+
     def loss_fn(step: int, gen: torch.Generator) -> torch.Tensor:
         rng = _rng(recipe.seed, "unet", step)
-        idx = rng.integers(0, len(scenes), size=recipe.unet_batch)
+        idx = unet_batch_indices(rng, counts, recipe.unet_batch, recipe.unet_p_two_objects)
         x0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scale
         captions = ["" if rng.random() < recipe.caption_dropout else world.caption(scenes[i], rng) for i in idx]
-        with torch.no_grad():
-            context = text_encoder(_tokens(captions, config, tokenizer, token_cache), config.text.default_clip_skip)
+        tokens = _tokens(captions, config, tokenizer, token_cache)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.text_bf16):
+            context = text_encoder(tokens, config.text.default_clip_skip).float()
         t = torch.randint(0, len(sigmas), (recipe.unet_batch,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
-        return denoiser.loss(x0, noise, sigmas[t], context).mean()
+        return denoiser.loss(x0, noise, sigmas[t], context, snr_gamma=recipe.snr_gamma).mean()
 
     _, ema = train(unet, loss_fn, recipe.unet, out / "unet", progress=lambda s, l: progress("unet", s, recipe.unet.steps, l))
     if ema is not None:

@@ -2,6 +2,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -11,7 +12,7 @@ from sdstudio.errors import SdStudioError
 from sdstudio.models.configs import METADATA_KEY, PRESETS, ModelConfig
 from sdstudio.models.loading import load_model
 from sdstudio.models.stablediffusion import StableDiffusion
-from sdstudio.toyworld.recipe import FINAL_MODEL, IMAGE_ENCODER, ToyRecipe, run_recipe
+from sdstudio.toyworld.recipe import FINAL_MODEL, IMAGE_ENCODER, ToyRecipe, run_recipe, unet_batch_indices
 from sdstudio.training.trainer import LOG_FILE, STATE_FILE, TrainConfig, train
 
 STEPS = 30  # enough for the VAE and UNet losses to fall clearly from their random-init values
@@ -194,3 +195,15 @@ def test_narrow_posterior_sets_the_log_variance_for_any_input():
     dist = vae.encode(_images(_scenes(_rng(0, "vae", 0), 2, 0.5)))
     assert torch.equal(dist.logvar, torch.full_like(dist.logvar, -8.0))
     assert dist.mean.std() > 0  # the mean half is untouched
+
+
+def test_unet_batches_draw_the_asked_share_of_two_object_scenes():
+    counts = np.array([1, 2, 1, 1, 2, 1, 1, 1])
+    rng = np.random.default_rng(0)
+    assert (counts[unet_batch_indices(rng, counts, 64, 1.0)] == 2).all()
+    assert (counts[unet_batch_indices(rng, counts, 64, 0.0)] == 1).all()
+    share = (counts[unet_batch_indices(rng, counts, 4000, 0.7)] == 2).mean()
+    assert 0.67 < share < 0.73
+    # None: uniform over the scenes, as encoded (a quarter of them have two objects here)
+    uniform = unet_batch_indices(rng, counts, 4000, None)
+    assert set(uniform) == set(range(8)) and 0.22 < (counts[uniform] == 2).mean() < 0.28
