@@ -29,15 +29,16 @@ from sdstudio.models.stablediffusion import random_model
 from sdstudio.toyworld import recipe as R
 from sdstudio.training.trainer import TrainConfig
 
+RECIPE_FIELDS = frozenset(f.name for f in dataclasses.fields(R.ToyRecipe))
+
 
 def base_recipe(run: Path) -> R.ToyRecipe:
     """The recipe of a finished run, from its ``recipe.json`` (the model config stays the preset's: the
     run's own config, scale factor included, travels in its checkpoint's header)."""
     saved = json.loads((run / R.RECIPE).read_text())
-    fields = {f.name for f in dataclasses.fields(R.ToyRecipe)} - {"config"}
     # Fields newer than the run take the values that reproduce what it did.
     kept = {"snr_gamma": 0.0, "text_bf16": False, "unet_p_two_objects": None}
-    kept.update({k: v for k, v in saved.items() if k in fields})
+    kept.update({k: v for k, v in saved.items() if k in RECIPE_FIELDS - {"config"}})
     for stage in ("vae", "text", "unet"):
         kept[stage] = TrainConfig(**{**saved[stage], "betas": tuple(saved[stage]["betas"])})
     return R.ToyRecipe(**kept)
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
-        if key not in {f.name for f in dataclasses.fields(R.ToyRecipe)}:
+        if key not in RECIPE_FIELDS:
             raise SystemExit(f"--set {item}: {key!r} is not a ToyRecipe field")
         overrides[key] = ast.literal_eval(value)
     config = base.config
