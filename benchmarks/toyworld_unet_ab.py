@@ -5,7 +5,8 @@ UNet stage at a fraction of the whole recipe's time (a 1800-step run takes ~10 m
     python benchmarks/toyworld_unet_ab.py --base runs/toyworld --out runs/ab-snr5 --steps 1800 --set snr_gamma=5
     python benchmarks/toyworld_unet_ab.py --base runs/toyworld --out runs/ab-skip2 --steps 1800 --clip-skip 2
 
-``--set FIELD=VALUE`` takes any ``ToyRecipe`` field (Python literal values). The run's UNet starts from the
+``--set FIELD=VALUE`` takes any ``ToyRecipe`` field (Python literal values), ``--set unet.FIELD=VALUE`` a
+field of the UNet stage's ``TrainConfig`` (``--set unet.lr=1e-3``). The run's UNet starts from the
 recipe's seeded init, as in a whole run. The evaluation is ``benchmarks/toyworld_eval.py`` with Euler and
 DPM++ 2M at CFG 7, 32 prompts per set, 2 images each; its JSON goes to ``OUT/eval.json``.
 """
@@ -30,6 +31,7 @@ from sdstudio.toyworld import recipe as R
 from sdstudio.training.trainer import TrainConfig
 
 RECIPE_FIELDS = frozenset(f.name for f in dataclasses.fields(R.ToyRecipe))
+TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 
 
 def base_recipe(run: Path) -> R.ToyRecipe:
@@ -75,17 +77,22 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     base = base_recipe(Path(args.base))
-    overrides = {}
+    overrides, unet_overrides = {}, {}
     for item in args.set:
         key, _, value = item.partition("=")
-        if key not in RECIPE_FIELDS:
-            raise SystemExit(f"--set {item}: {key!r} is not a ToyRecipe field")
-        overrides[key] = ast.literal_eval(value)
+        stage, dot, train_key = key.partition(".")
+        if dot and stage == "unet" and train_key in TRAIN_FIELDS - {"steps", "ema_start"}:
+            unet_overrides[train_key] = ast.literal_eval(value)
+        elif key in RECIPE_FIELDS - {"unet"}:
+            overrides[key] = ast.literal_eval(value)
+        else:
+            raise SystemExit(f"--set {item}: {key!r} is neither a ToyRecipe field nor unet.<TrainConfig field> "
+                             "(steps and ema_start have their own options)")
     config = base.config
     if args.clip_skip is not None:
         config = dataclasses.replace(config, text=dataclasses.replace(config.text, default_clip_skip=args.clip_skip))
     ema_start = args.ema_start if args.ema_start is not None else int(0.45 * args.steps)
-    unet = dataclasses.replace(base.unet, steps=args.steps, ema_start=ema_start)
+    unet = dataclasses.replace(base.unet, steps=args.steps, ema_start=ema_start, **unet_overrides)
     recipe = dataclasses.replace(base, config=config, unet=unet, **overrides)
     out = Path(args.out)
     prepare(Path(args.base), out, recipe)
