@@ -76,7 +76,7 @@ class ToyRecipe:
     latent_scenes: int = 20000
     unet: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            steps=6200, lr=6e-4, warmup=200, bf16=False, ema_decay=0.999, ema_start=2700, checkpoint_every=250
+            steps=6300, lr=1e-3, warmup=200, bf16=False, ema_decay=0.999, ema_start=2700, checkpoint_every=250
         )
     )
     unet_batch: int = 64
@@ -86,7 +86,7 @@ class ToyRecipe:
     text_bf16: bool = True  # the UNet stage's (frozen) text contexts under bf16 autocast
     # Share of two-object scenes in the UNet's batches, drawn from the encoded scenes (None: as encoded,
     # p_two_objects)
-    unet_p_two_objects: float | None = None
+    unet_p_two_objects: float | None = 0.6
 
     @classmethod
     def smoke(cls) -> ToyRecipe:
