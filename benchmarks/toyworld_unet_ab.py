@@ -6,7 +6,8 @@ UNet stage at a fraction of the whole recipe's time (a 1800-step run takes ~10 m
     python benchmarks/toyworld_unet_ab.py --base runs/toyworld --out runs/ab-skip2 --steps 1800 --clip-skip 2
 
 ``--set FIELD=VALUE`` takes any ``ToyRecipe`` field (Python literal values), ``--set unet.FIELD=VALUE`` a
-field of the UNet stage's ``TrainConfig`` (``--set unet.lr=1e-3``). The run's UNet starts from the
+field of the UNet stage's ``TrainConfig`` (``--set unet.lr=1e-3``), ``--set config.unet.FIELD=VALUE`` a field
+of the UNet's architecture (``--set "config.unet.attention_resolutions=(4, 2)"``). The run's UNet starts from the
 recipe's seeded init, as in a whole run. The evaluation is ``benchmarks/toyworld_eval.py`` with Euler and
 DPM++ 2M at CFG 7, 32 prompts per set, 2 images each; its JSON goes to ``OUT/eval.json``.
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import toyworld_eval
+from sdstudio.models.configs import UNetConfig
 from sdstudio.models.loading import load_model, save_model
 from sdstudio.models.stablediffusion import random_model
 from sdstudio.toyworld import recipe as R
@@ -32,6 +34,7 @@ from sdstudio.training.trainer import TrainConfig
 
 RECIPE_FIELDS = frozenset(f.name for f in dataclasses.fields(R.ToyRecipe))
 TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+UNET_FIELDS = frozenset(f.name for f in dataclasses.fields(UNetConfig))
 
 
 def base_recipe(run: Path) -> R.ToyRecipe:
@@ -58,8 +61,8 @@ def prepare(base: Path, out: Path, recipe: R.ToyRecipe) -> None:
         shutil.copy(base / name, out / name)
     model = load_model(base / R.WORK_MODEL).model
     fresh = random_model(recipe.config, seed=recipe.seed).model.diffusion_model
-    model.model.diffusion_model.load_state_dict(fresh.state_dict())
-    model.config = dataclasses.replace(model.config, text=recipe.config.text)
+    model.model.diffusion_model = fresh
+    model.config = dataclasses.replace(model.config, text=recipe.config.text, unet=recipe.config.unet)
     save_model(model, out / R.WORK_MODEL, dtype=None, overwrite=True)
     (out / "stages.json").write_text(json.dumps(["vae", "text", "latents"]))
     (out / R.RECIPE).write_text(recipe.to_json())
@@ -77,18 +80,20 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     base = base_recipe(Path(args.base))
-    overrides, unet_overrides = {}, {}
+    overrides, unet_overrides, arch_overrides = {}, {}, {}
     for item in args.set:
         key, _, value = item.partition("=")
         stage, dot, train_key = key.partition(".")
         if dot and stage == "unet" and train_key in TRAIN_FIELDS - {"steps", "ema_start"}:
             unet_overrides[train_key] = ast.literal_eval(value)
-        elif key in RECIPE_FIELDS - {"unet"}:
+        elif key.startswith("config.unet.") and key.removeprefix("config.unet.") in UNET_FIELDS:
+            arch_overrides[key.removeprefix("config.unet.")] = ast.literal_eval(value)
+        elif key in RECIPE_FIELDS - {"unet", "config"}:
             overrides[key] = ast.literal_eval(value)
         else:
-            raise SystemExit(f"--set {item}: {key!r} is neither a ToyRecipe field nor unet.<TrainConfig field> "
-                             "(steps and ema_start have their own options)")
-    config = base.config
+            raise SystemExit(f"--set {item}: {key!r} is neither a ToyRecipe field, unet.<TrainConfig field> "
+                             "(steps and ema_start have their own options) nor config.unet.<UNetConfig field>")
+    config = dataclasses.replace(base.config, unet=dataclasses.replace(base.config.unet, **arch_overrides))
     if args.clip_skip is not None:
         config = dataclasses.replace(config, text=dataclasses.replace(config.text, default_clip_skip=args.clip_skip))
     ema_start = args.ema_start if args.ema_start is not None else int(0.45 * args.steps)
