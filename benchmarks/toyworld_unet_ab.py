@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=1800, help="UNet steps (default 1800)")
     parser.add_argument("--ema-start", type=int, default=None, help="default: 0.45 x steps")
     parser.add_argument("--clip-skip", type=int, default=None, help="the text layer the UNet reads (default: the preset's)")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a ToyRecipe field")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a ToyRecipe field, unet.<TrainConfig field> or config.unet.<UNetConfig field>")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -83,11 +83,11 @@ def main(argv: list[str] | None = None) -> None:
     overrides, unet_overrides, arch_overrides = {}, {}, {}
     for item in args.set:
         key, _, value = item.partition("=")
-        stage, dot, train_key = key.partition(".")
-        if dot and stage == "unet" and train_key in TRAIN_FIELDS - {"steps", "ema_start"}:
+        train_key, arch_key = key.removeprefix("unet."), key.removeprefix("config.unet.")
+        if train_key != key and train_key in TRAIN_FIELDS - {"steps", "ema_start"}:
             unet_overrides[train_key] = ast.literal_eval(value)
-        elif key.startswith("config.unet.") and key.removeprefix("config.unet.") in UNET_FIELDS:
-            arch_overrides[key.removeprefix("config.unet.")] = ast.literal_eval(value)
+        elif arch_key != key and arch_key in UNET_FIELDS:
+            arch_overrides[arch_key] = ast.literal_eval(value)
         elif key in RECIPE_FIELDS - {"unet", "config"}:
             overrides[key] = ast.literal_eval(value)
         else:
