@@ -4,10 +4,13 @@
     python benchmarks/toyworld_vae_ceiling.py                         # the shipped model's VAE
     python benchmarks/toyworld_vae_ceiling.py --model runs/x/toyworld.safetensors
     python benchmarks/toyworld_vae_ceiling.py --finetune-steps 300    # the VAE trained 300 steps more first
+    python benchmarks/toyworld_vae_ceiling.py --scenes 0 --per-pair 12  # the colour-shape table only
 
 Renders ``--scenes`` training-split scenes with one object and as many with two (fixed seed), encodes
 them to the posterior mean, decodes, and prints per attribute how often the judge still finds what the
-scene holds, the PSNR, and which (shape, size) the lost shapes were. ``--finetune-steps`` first continues
+scene holds, the PSNR, and which (shape, size) the lost shapes were; then, for every colour-shape pair
+(held-out pairs included, marked ``*``), how often the judge sees a small object of that pair rightly
+(``--per-pair`` scenes each, one object, random position and background). ``--finetune-steps`` first continues
 the recipe's VAE loss at its final learning rate (2e-4), batch 16: a probe of whether the VAE is
 undertrained.
 """
@@ -42,7 +45,7 @@ def finetune(vae: torch.nn.Module, steps: int, seed: int = 999) -> float:
         recon = vae.decode(dist.sample(torch.randn(dist.mean.shape, generator=gen)))
         kl = 0.5 * (dist.mean.pow(2) + dist.logvar.exp() - 1 - dist.logvar).flatten(1).sum(1).mean()
         loss = (
-            ((recon - x).pow(2) * _object_weights(scenes, x, recipe.object_weight)).mean()
+            ((recon - x).pow(2) * _object_weights(scenes, x, recipe.object_weight, recipe.small_object_weight)).mean()
             + recipe.grad_weight * _finite_diff_l1(recon, x)
             + recipe.kl_weight * kl
         )
@@ -79,10 +82,46 @@ def ceiling(vae: torch.nn.Module, n_objects: int, scenes_n: int, seed: int = 123
     return out
 
 
+@torch.no_grad()
+def small_pairs(vae: torch.nn.Module, per_pair: int, seed: int = 321) -> dict[str, dict[str, float]]:
+    """colour -> shape -> share of small objects of that pair the judge sees rightly after the VAE."""
+    from sdstudio.toyworld import judge, world
+
+    rng = np.random.default_rng(seed)
+    scenes = []
+    for colour in world.COLOURS:
+        for shape in world.SHAPES:
+            for _ in range(per_pair):
+                placed = world.sample_scene(rng, "any", 1)
+                o = placed.objects[0]
+                obj = world.ObjectSpec(shape, colour, "small", o.position, o.dx, o.dy, o.scale)
+                scenes.append(world.Scene((obj,), placed.background, None))
+    x = torch.from_numpy(np.stack([world.render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    recon = torch.cat([vae.decode(vae.encode(b).mean).float() for b in x.split(96)]).clamp(-1, 1)
+    images = ((recon + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    table: dict[str, dict[str, float]] = {c: {} for c in world.COLOURS}
+    for i in range(0, len(scenes), per_pair):
+        obj = scenes[i].objects[0]
+        seen = [judge.score(im, s).all for im, s in zip(images[i : i + per_pair], scenes[i : i + per_pair])]
+        table[obj.colour][obj.shape] = round(float(np.mean(seen)), 3)
+    return table
+
+
+def format_pairs(table: dict[str, dict[str, float]]) -> str:
+    from sdstudio.toyworld import world
+
+    lines = ["small objects seen rightly after the VAE (* held-out pair)", " " * 8 + "".join(f"{s:>10}" for s in world.SHAPES)]
+    for colour, row in table.items():
+        cells = "".join(f"{row[s]:>9.2f}{'*' if (colour, s) in world.HELDOUT_PAIRS else ' '}" for s in world.SHAPES)
+        lines.append(f"{colour:>8}{cells}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="checkpoint (default: the shipped toy model)")
     parser.add_argument("--scenes", type=int, default=300, help="scenes per object count")
+    parser.add_argument("--per-pair", type=int, default=12, help="small one-object scenes per colour-shape pair")
     parser.add_argument("--finetune-steps", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -95,9 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.finetune_steps:
         result["finetune_steps"] = args.finetune_steps
         result["finetune_seconds"] = round(finetune(vae, args.finetune_steps), 1)
-    for n in (1, 2):
+    for n in (1, 2) if args.scenes > 0 else ():
         result[f"{n}_object"] = ceiling(vae, n, args.scenes)
+    result["small_pairs"] = small_pairs(vae, args.per_pair)
     print(json.dumps(result, indent=2))
+    print(format_pairs(result["small_pairs"]))  # type: ignore[arg-type]
     return 0
 
 

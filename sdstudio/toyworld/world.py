@@ -302,28 +302,32 @@ def coverage_mask(shape: str, extent: float, fx: float, fy: float) -> np.ndarray
     return mask
 
 
+def object_alpha(obj: ObjectSpec) -> np.ndarray:
+    """The object's antialiased coverage of the canvas, float32 [64, 64] in [0, 1]."""
+    alpha = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    cx, cy = obj.centre
+    half = obj.extent / 2 + 2
+    x0, y0 = math.floor(cx - half), math.floor(cy - half)
+    fx = round((cx - x0) * _SUBPIXEL) / _SUBPIXEL
+    fy = round((cy - y0) * _SUBPIXEL) / _SUBPIXEL
+    step = 2 * MAX_SCALE_JITTER / _SCALE_STEPS
+    scale = 1.0 + round((obj.scale - 1.0) / step) * step
+    mask = coverage_mask(obj.shape, SIZE_PIXELS[obj.size] * scale, fx, fy)
+    k = mask.shape[0]
+    # Clip the mask window to the canvas.
+    ix0, iy0 = max(x0, 0), max(y0, 0)
+    ix1, iy1 = min(x0 + k, IMAGE_SIZE), min(y0 + k, IMAGE_SIZE)
+    if ix1 > ix0 and iy1 > iy0:
+        alpha[iy0:iy1, ix0:ix1] = mask[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
+    return alpha
+
+
 def render(scene: Scene) -> np.ndarray:
     """The scene as uint8 [64, 64, 3]: background fill, then each object alpha-blended in order."""
     img = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
     img[:] = BACKGROUNDS[scene.background]
     for obj in scene.objects:
-        cx, cy = obj.centre
-        half = obj.extent / 2 + 2
-        x0, y0 = math.floor(cx - half), math.floor(cy - half)
-        fx = round((cx - x0) * _SUBPIXEL) / _SUBPIXEL
-        fy = round((cy - y0) * _SUBPIXEL) / _SUBPIXEL
-        step = 2 * MAX_SCALE_JITTER / _SCALE_STEPS
-        scale = 1.0 + round((obj.scale - 1.0) / step) * step
-        mask = coverage_mask(obj.shape, SIZE_PIXELS[obj.size] * scale, fx, fy)
-        k = mask.shape[0]
-        # Clip the mask window to the canvas.
-        ix0, iy0 = max(x0, 0), max(y0, 0)
-        ix1, iy1 = min(x0 + k, IMAGE_SIZE), min(y0 + k, IMAGE_SIZE)
-        if ix1 <= ix0 or iy1 <= iy0:
-            continue
-        alpha = mask[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0, None]  # [h, w, 1]
-        region = img[iy0:iy1, ix0:ix1]
-        region += alpha * (np.asarray(PALETTE[obj.colour], dtype=np.float32) - region)
+        img += object_alpha(obj)[..., None] * (np.asarray(PALETTE[obj.colour], dtype=np.float32) - img)
     return np.rint(img).astype(np.uint8)
 
 

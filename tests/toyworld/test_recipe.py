@@ -47,15 +47,30 @@ def _losses(stage_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (stage_dir / LOG_FILE).read_text().splitlines()]
 
 
-@pytest.mark.parametrize("stage", ["vae", "unet"])
-def test_stage_loss_falls(trained, stage):
+def test_unet_loss_falls(trained):
     out, _ = trained
-    losses = _losses(out / stage)
+    losses = _losses(out / "unet")
     assert len(losses) == STEPS
-    # Means over a few steps: single losses are noisy at these batch sizes (measured: 0.48 -> 0.33 for
-    # the VAE, 0.95 -> 0.67 for the UNet).
+    # Means over a few steps: single losses are noisy at this batch size (measured: 0.95 -> 0.67).
     first, last = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
-    assert last < 0.8 * first, (stage, first, last)
+    assert last < 0.8 * first, (first, last)
+
+
+def test_vae_stage_learns_to_reconstruct(trained):
+    """The VAE's logged losses at batch 4 are too noisy to compare over 30 steps (their ratio measured
+    0.77-0.83), so its reconstructions of fixed scenes are compared before and after the stage."""
+    from sdstudio.models.stablediffusion import random_model
+    from sdstudio.toyworld.recipe import _images, _rng, _scenes
+
+    out, recipe = trained
+    assert len(_losses(out / "vae")) == STEPS
+    x = _images(_scenes(_rng(7, "vae", 0), 16, 0.5))
+    errors = []
+    untrained = random_model(recipe.config, seed=recipe.seed).first_stage_model
+    for vae in (untrained, load_model(out / FINAL_MODEL).model.first_stage_model):
+        with torch.no_grad():
+            errors.append(float((vae.decode(vae.encode(x).mean).float() - x).pow(2).mean()))
+    assert errors[1] < 0.75 * errors[0], errors  # measured: 0.36 -> 0.22
 
 
 def test_final_checkpoint_is_fp16_with_config_and_loads(trained):
@@ -183,6 +198,25 @@ def test_object_weights_mark_the_objects_only():
     )
     assert (w[0, 0][diff > 10] == 10).all() and (w[0, 0][diff < 3] == 1).all()
     assert (diff > 10).sum() > 100  # a large square
+
+
+def test_object_weights_weigh_small_objects_more():
+    from sdstudio.toyworld import world
+    from sdstudio.toyworld.recipe import _images, _object_weights
+
+    small = world.ObjectSpec(shape="star", colour="blue", size="small", position="left")
+    large = world.ObjectSpec(shape="square", colour="red", size="large", position="right")
+    scene = world.Scene(objects=(small, large), background="gray", relation="left of")
+    x = _images([scene])
+    plain, weighted = _object_weights([scene], x, 9.0), _object_weights([scene], x, 9.0, small=3.0)
+    assert set(weighted.unique().tolist()) == {1.0, 10.0, 28.0}
+    on_small = torch.from_numpy(world.object_alpha(small) > 0)
+    on_large = torch.from_numpy(world.object_alpha(large) > 0)
+    # Only the small object's pixels change: 1 + 9 -> 1 + 3 * 9; the large one and the background keep theirs.
+    assert ((weighted[0, 0] != plain[0, 0]) == (on_small & (plain[0, 0] > 1))).all()
+    assert (weighted[0, 0][on_small & (plain[0, 0] > 1)] == 28).all()
+    assert (weighted[0, 0][on_large] == plain[0, 0][on_large]).all()
+    assert (weighted[0, 0][plain[0, 0] == 1] == 1).all()
 
 
 def test_narrow_posterior_sets_the_log_variance_for_any_input():

@@ -21,6 +21,7 @@ from sdstudio.toyworld.world import (
     dataset,
     describe,
     is_heldout,
+    object_alpha,
     parse_caption,
     relation_holds,
     render,
@@ -71,6 +72,22 @@ def test_render_golden_pixels() -> None:
     half = np.rint((np.array(PALETTE["red"]) + np.array(BACKGROUNDS["gray"])) / 2).tolist()
     assert image[32, 23].tolist() == half
     assert (image != np.array(BACKGROUNDS["gray"])).any(axis=-1).sum() == 18 * 18
+
+
+def test_object_alpha_is_the_coverage_render_blends() -> None:
+    square = ObjectSpec("square", "red", "large", "centre")
+    alpha = object_alpha(square)
+    assert alpha.shape == (IMAGE_SIZE, IMAGE_SIZE) and alpha.min() == 0 and alpha.max() == 1
+    assert alpha.sum() == pytest.approx(17 * 17, abs=2)  # coverage sums to the area (antialiasing by distance: ~1 px)
+    assert alpha[32, 23] == 0.5 and alpha[32, 21] == 0
+    # An object at the canvas edge is clipped, not wrapped; render blends each object by its alpha.
+    corner = ObjectSpec("star", "blue", "small", "top left", dx=-3.0, dy=-3.0)
+    scene = Scene((corner, square), "sky")
+    expected = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), BACKGROUNDS["sky"], dtype=np.float32)
+    for obj in scene.objects:
+        expected += object_alpha(obj)[..., None] * (np.array(PALETTE[obj.colour], dtype=np.float32) - expected)
+    assert np.array_equal(render(scene), np.rint(expected).astype(np.uint8))
+    assert object_alpha(corner)[:, 32:].sum() == 0
 
 
 def test_objects_stay_in_canvas_cell_and_apart() -> None:
