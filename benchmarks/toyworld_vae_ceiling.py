@@ -58,15 +58,24 @@ def finetune(vae: torch.nn.Module, steps: int, seed: int = 999) -> float:
 
 
 @torch.no_grad()
+def round_trip(vae: torch.nn.Module, scenes: list, batch: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """The scenes' renders ``x`` in [-1, 1], their VAE reconstructions from the posterior mean (clamped),
+    and those as uint8 [N, 64, 64, 3] images for the judge."""
+    from sdstudio.toyworld.recipe import _images
+
+    x = _images(scenes)
+    recon = torch.cat([vae.decode(vae.encode(b).mean).float() for b in x.split(batch)]).clamp(-1, 1)
+    return x, recon, ((recon + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+@torch.no_grad()
 def ceiling(vae: torch.nn.Module, n_objects: int, scenes_n: int, seed: int = 123) -> dict[str, object]:
     from sdstudio.toyworld import judge, world
 
     rng = np.random.default_rng([seed, n_objects])
     scenes = [world.sample_scene(rng, "train", n_objects) for _ in range(scenes_n)]
-    x = torch.from_numpy(np.stack([world.render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    recon = torch.cat([vae.decode(vae.encode(b).mean).float() for b in x.split(50)]).clamp(-1, 1)
+    x, recon, images = round_trip(vae, scenes, batch=50)
     mse = ((recon - x) * 127.5).pow(2).flatten(1).mean(1).clamp(min=1e-10)
-    images = ((recon + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     scores = [judge.score(im, s) for im, s in zip(images, scenes)]
     lost: Counter[str] = Counter()
     for scene, score in zip(scenes, scores):
@@ -96,9 +105,7 @@ def small_pairs(vae: torch.nn.Module, per_pair: int, seed: int = 321) -> dict[st
                 o = placed.objects[0]
                 obj = world.ObjectSpec(shape, colour, "small", o.position, o.dx, o.dy, o.scale)
                 scenes.append(world.Scene((obj,), placed.background, None))
-    x = torch.from_numpy(np.stack([world.render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    recon = torch.cat([vae.decode(vae.encode(b).mean).float() for b in x.split(96)]).clamp(-1, 1)
-    images = ((recon + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    _, _, images = round_trip(vae, scenes, batch=96)
     table: dict[str, dict[str, float]] = {c: {} for c in world.COLOURS}
     for i in range(0, len(scenes), per_pair):
         obj = scenes[i].objects[0]

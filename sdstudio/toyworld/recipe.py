@@ -153,10 +153,7 @@ def _object_weights(scenes: list[world.Scene], x: torch.Tensor, extra: float, sm
     differs = ((x - bg[:, :, None, None]).abs().amax(1, keepdim=True) > 0.05).to(x.dtype)
     if small != 1.0:
         empty = np.zeros((world.IMAGE_SIZE, world.IMAGE_SIZE), dtype=np.float32)
-        covered = np.stack([
-            np.maximum.reduce([empty] + [world.object_alpha(o) for o in s.objects if o.size == "small"]) > 0
-            for s in scenes
-        ])  # fmt: skip
+        covered = np.stack([sum((world.object_alpha(o) for o in s.objects if o.size == "small"), empty) > 0 for s in scenes])
         differs = differs * (1 + (small - 1) * torch.from_numpy(covered)[:, None].to(x.dtype))
     return 1 + extra * differs
 
