@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="checkpoint (default: the shipped toy model)")
     parser.add_argument("--scenes", type=int, default=300, help="scenes per object count")
-    parser.add_argument("--per-pair", type=int, default=12, help="small one-object scenes per colour-shape pair")
+    parser.add_argument("--per-pair", type=int, default=12, help="small one-object scenes per colour-shape pair (0: no table)")
     parser.add_argument("--finetune-steps", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -143,9 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         result["finetune_seconds"] = round(finetune(vae, args.finetune_steps), 1)
     for n in (1, 2) if args.scenes > 0 else ():
         result[f"{n}_object"] = ceiling(vae, n, args.scenes)
-    result["small_pairs"] = small_pairs(vae, args.per_pair)
+    if args.per_pair > 0:
+        result["small_pairs"] = small_pairs(vae, args.per_pair)
     print(json.dumps(result, indent=2))
-    print(format_pairs(result["small_pairs"]))  # type: ignore[arg-type]
+    if args.per_pair > 0:
+        print(format_pairs(result["small_pairs"]))  # type: ignore[arg-type]
     return 0
 
 

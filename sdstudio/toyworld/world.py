@@ -23,7 +23,7 @@ import logging
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -384,6 +384,16 @@ def sample_scene(
         true = [r for r in RELATIONS if relation_holds(r, objects[0].position, objects[1].position)]
         relation = true[int(rng.integers(len(true)))]
     return Scene(tuple(objects), background, relation)
+
+
+def swap_places(scene: Scene) -> Scene:
+    """The two-object ``scene`` with its objects' places exchanged (each keeps its in-cell offset) and
+    the relation inverted: the same objects, the opposite layout. A contrastive hard negative."""
+    if len(scene.objects) != 2 or scene.relation is None:
+        raise ValueError("swap_places needs a two-object scene with a relation")
+    a, b = scene.objects
+    swapped = (replace(a, position=b.position), replace(b, position=a.position))
+    return Scene(swapped, scene.background, INVERSE_RELATION[scene.relation])
 
 
 def dataset(

@@ -26,6 +26,7 @@ from sdstudio.toyworld.world import (
     relation_holds,
     render,
     sample_scene,
+    swap_places,
     tokenize,
     unknown_words,
 )
@@ -284,3 +285,20 @@ def test_description_matches_either_order() -> None:
         False,
         False,
     ]
+
+
+def test_swap_places_exchanges_the_objects_places_and_inverts_the_relation() -> None:
+    from sdstudio.toyworld import judge
+
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        scene = sample_scene(rng, "train", 2)
+        twin = swap_places(scene)
+        (a, b), (ta, tb) = scene.objects, twin.objects
+        assert (ta.position, tb.position) == (b.position, a.position)
+        assert (ta.shape, ta.colour, ta.size, ta.dx, ta.dy) == (a.shape, a.colour, a.size, a.dx, a.dy)
+        assert relation_holds(twin.relation, ta.position, tb.position)
+        assert not relation_holds(scene.relation, ta.position, tb.position)  # the caption's relation is now false
+        assert judge.score(render(twin), twin).all and swap_places(twin) == scene
+    with pytest.raises(ValueError, match="two-object"):
+        swap_places(sample_scene(rng, "train", 1))
