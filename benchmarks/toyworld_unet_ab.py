@@ -42,7 +42,10 @@ def base_recipe(run: Path) -> R.ToyRecipe:
     run's own config, scale factor included, travels in its checkpoint's header)."""
     saved = json.loads((run / R.RECIPE).read_text())
     # Fields newer than the run take the values that reproduce what it did.
-    kept = {"snr_gamma": 0.0, "text_bf16": False, "unet_p_two_objects": None, "small_object_weight": 1.0}
+    kept = {
+        "snr_gamma": 0.0, "text_bf16": False, "unet_p_two_objects": None, "small_object_weight": 1.0,
+        "text_hard_negatives": 0.0,
+    }  # fmt: skip
     kept.update({k: v for k, v in saved.items() if k in RECIPE_FIELDS - {"config"}})
     for stage in ("vae", "text", "unet"):
         kept[stage] = TrainConfig(**{**saved[stage], "betas": tuple(saved[stage]["betas"])})

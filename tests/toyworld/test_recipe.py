@@ -12,7 +12,16 @@ from sdstudio.errors import SdStudioError
 from sdstudio.models.configs import METADATA_KEY, PRESETS, ModelConfig
 from sdstudio.models.loading import load_model
 from sdstudio.models.stablediffusion import StableDiffusion
-from sdstudio.toyworld.recipe import FINAL_MODEL, IMAGE_ENCODER, ToyRecipe, run_recipe, unet_batch_indices
+from sdstudio.toyworld import world
+from sdstudio.toyworld.recipe import (
+    FINAL_MODEL,
+    IMAGE_ENCODER,
+    ToyRecipe,
+    _scenes,
+    run_recipe,
+    text_batch_scenes,
+    unet_batch_indices,
+)
 from sdstudio.training.trainer import LOG_FILE, STATE_FILE, TrainConfig, train
 
 STEPS = 30  # enough for the VAE and UNet losses to fall clearly from their random-init values
@@ -241,3 +250,15 @@ def test_unet_batches_draw_the_asked_share_of_two_object_scenes():
     # None: uniform over the scenes, as encoded (a quarter of them have two objects here)
     uniform = unet_batch_indices(rng, counts, 4000, None)
     assert set(uniform) == set(range(8)) and 0.22 < (counts[uniform] == 2).mean() < 0.28
+
+
+def test_text_batches_hold_swapped_twins_of_two_object_scenes():
+    batch = text_batch_scenes(np.random.default_rng(3), 256, 0.5, 0.25)
+    assert len(batch) == 256
+    rest, twins = batch[:192], batch[192:]
+    assert twins == [world.swap_places(s) for s in rest if len(s.objects) == 2][:64]
+    assert all(t.relation == world.INVERSE_RELATION[s.relation] for s, t in zip([s for s in rest if s.relation], twins))
+    # None asked: the plain batch; too few two-object scenes: as many twins as there are
+    assert text_batch_scenes(np.random.default_rng(3), 64, 0.5, 0.0) == _scenes(np.random.default_rng(3), 64, 0.5)
+    few = text_batch_scenes(np.random.default_rng(3), 40, 0.0, 0.5)
+    assert len(few) == 20 and all(len(s.objects) == 1 for s in few)
