@@ -226,3 +226,30 @@ def test_shipped_model_adherence():
     (row,) = evaluate(SHIPPED_MODEL, settings)["rows"]
     assert row["n"] == 24
     assert row["all"] >= 0.8, row
+
+
+@pytest.mark.skipif(not SHIPPED_MODEL.is_file(), reason="embedded model not shipped yet")
+def test_shipped_text_encoder_tells_opposite_relations_apart():
+    """The pooled embeddings of "A above B" and "A below B" (and left / right) lie far apart, while
+    synonyms ("above" / "over") stay together; without hard negatives in its training, the text
+    encoder once put above and below as close as synonyms."""
+    import torch
+
+    from sdstudio.models.loading import load_model
+    from sdstudio.models.tokenizer import ClipTokenizer
+    from sdstudio.toyworld.recipe import _tokens
+    from sdstudio.training.contrastive import pooled_text
+
+    loaded = load_model(SHIPPED_MODEL, dtype=torch.float32)
+    tokenizer = ClipTokenizer()
+
+    def embed(text: str) -> torch.Tensor:
+        tokens = _tokens([text], loaded.config, tokenizer)
+        with torch.no_grad():
+            return pooled_text(loaded.model.cond_stage_model(tokens, 1), tokens)[0]
+
+    for a, b in (("red circle", "blue square"), ("tiny green star", "huge white cross"), ("black diamond", "orange triangle")):
+        for word, synonym, opposite in (("above", "over", "below"), ("left of", "to the left of", "right of")):
+            e = {w: embed(f"a {a} {w} a {b}") for w in (word, synonym, opposite)}
+            apart, together = (e[word] - e[opposite]).norm(), (e[word] - e[synonym]).norm()
+            assert apart > 3 * together, (a, b, word, float(apart), float(together))
