@@ -34,15 +34,13 @@ def caption_pairs(pairs: int, seed: int) -> dict[str, list[tuple[str, str]]]:
     from sdstudio.toyworld import world
 
     rng = np.random.default_rng(seed)
-    seen = [(c, s) for c in world.COLOURS for s in world.SHAPES if (c, s) not in world.HELDOUT_PAIRS]
-    heldout = sorted(world.HELDOUT_PAIRS)
+    seen, heldout = world._allowed_pairs("train"), world._allowed_pairs("heldout")
 
     def pick(options: list[tuple[str, str]]) -> tuple[str, str]:
         return options[int(rng.integers(len(options)))]
 
     def phrase(colour: str, shape: str, size: str = "") -> str:
-        text = f"{size} {colour} {shape}".strip()
-        return ("an " if text[0] in "aeiou" else "a ") + text
+        return world._article(f"{size} {colour} {shape}".strip())
 
     probes: dict[str, list[tuple[str, str]]] = {k: [] for k in (
         "above/below", "left/right", "synonym", "size seen", "size held-out", "shape seen", "shape held-out"
