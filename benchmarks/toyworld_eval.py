@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts-per-set", type=int)
     parser.add_argument("--images-per-prompt", type=int)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--ngms", type=float, help="negative guidance minimum sigma (default: the model's; 0: off)")
+    parser.add_argument(
+        "--ngms-all-steps", action=argparse.BooleanOptionalAction, help="default: the model's"
+    )
     parser.add_argument(
         "--prompt", action="append", default=[], help="extra prompt to generate and judge; repeatable"
     )
@@ -49,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
         prompts_per_set=args.prompts_per_set,
         images_per_prompt=args.images_per_prompt,
         seed=args.seed,
+        ngms=args.ngms,
+        ngms_all_steps=args.ngms_all_steps,
         image_encoder_path=args.image_encoder,
         extra_prompts=args.prompt,
     )

@@ -28,7 +28,8 @@ AXES = {"left of": "left/right", "right of": "left/right", "above": "above/below
 
 
 def breakdown(
-    model: Path, prompts: int, images: int, sampler: str, cfg: float, steps: int, seed: int
+    model: Path, prompts: int, images: int, sampler: str, cfg: float, steps: int, seed: int,
+    ngms: float | None = None,
 ) -> dict:
     from sdstudio.engine import Pipeline
     from sdstudio.toyworld import judge
@@ -43,7 +44,7 @@ def breakdown(
     for p in prompt_sets(seed, prompts, ("two",))["two"]:
         want = p.description
         kind = f"{AXES[want.relation]}, {'with positions' if want.objects[0].position else 'relation only'}"
-        for image in _generate(pipe, p.text, sampler, cfg, steps, p.seed, images):
+        for image in _generate(pipe, p.text, sampler, cfg, steps, p.seed, images, ngms):
             s = judge.score(image, want)
             n += 1
             both_right += all(o.all for o in s.per_object) and s.relation_ok
@@ -66,7 +67,10 @@ def breakdown(
                     confusions[f"{w.size or ''} {w.shape} -> {o.detected.shape}".strip()] += 1
     return {
         "model": str(model),
-        "settings": {"prompts": prompts, "images": images, "sampler": sampler, "cfg": cfg, "steps": steps},
+        "settings": {
+            "prompts": prompts, "images": images, "sampler": sampler, "cfg": cfg, "steps": steps,
+            "ngms": pipe.model.config.sampling.ngms if ngms is None else ngms,
+        },
         "seed": seed,
         "images": n,
         "both_right": round(both_right / n, 3),
@@ -93,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampler", default="Euler")
     parser.add_argument("--cfg", type=float, default=7.0)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--ngms", type=float, help="negative guidance minimum sigma (default: the model's; 0: off)")
     parser.add_argument("--seed", type=int, default=5, help="prompt set seed (the eval's tables use 0)")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
@@ -101,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     result = breakdown(Path(args.model) if args.model else SHIPPED_MODEL, args.prompts, args.images,
-                       args.sampler, args.cfg, args.steps, args.seed)  # fmt: skip
+                       args.sampler, args.cfg, args.steps, args.seed, args.ngms)  # fmt: skip
     result["seconds"] = round(time.perf_counter() - start, 1)
     text = json.dumps(result, indent=2)
     print(text)

@@ -58,7 +58,15 @@ GENERATE_DEFAULTS: dict[str, object] = {
     "subseed_strength": 0.0, "strength": 0.75, "resize_mode": "just resize", "mask_blur": 4,
     "inpaint_only_masked": False, "masked_padding": 32, "masked_content": "original", "outpaint": None,
     "hires_scale": None, "hires_steps": 0, "hires_strength": 0.7, "hires_upscaler": "Latent", "tome": 0.0,
+    "ngms": None, "ngms_all_steps": None,
 }
+
+def _bool(text: str) -> bool:
+    """An infotext boolean, as AUTOMATIC1111 writes it (``True`` / ``False``)."""
+    if text not in ("True", "False"):
+        raise ValueError(text)
+    return text == "True"
+
 
 # infotext key -> (option, parser), for --from-png
 _PNG_OPTIONS: dict[str, tuple[str, type]] = {
@@ -69,6 +77,7 @@ _PNG_OPTIONS: dict[str, tuple[str, type]] = {
     "Masked content": ("masked_content", str), "Resize mode": ("resize_mode", str), "Outpaint": ("outpaint", str),
     "Hires upscale": ("hires_scale", float), "Hires steps": ("hires_steps", int),
     "Hires upscaler": ("hires_upscaler", str), "Token merging ratio": ("tome", float),
+    "NGMS": ("ngms", float), "NGMS all steps": ("ngms_all_steps", _bool),
 }
 
 
@@ -158,6 +167,8 @@ def build_request(args: argparse.Namespace) -> tuple[object, list[str]]:
         subseed=values["subseed"],
         subseed_strength=values["subseed_strength"],
         token_merging_ratio=values["tome"],
+        ngms=values["ngms"],
+        ngms_all_steps=values["ngms_all_steps"],
         init=init,
         inpaint=inpaint,
         hires=hires,
@@ -331,7 +342,7 @@ def cmd_eval_toyworld(args: argparse.Namespace) -> int:
     if args.json and Path(args.json).exists() and not args.overwrite:
         raise SdStudioError(f"{args.json}: already exists; pass --overwrite to replace it")
     encoder = args.image_encoder or embedded_model_path(EMBEDDED_IMAGE_ENCODER)
-    results = evaluate(model, image_encoder_path=encoder, extra_prompts=args.prompt or (), **(
+    results = evaluate(model, image_encoder_path=encoder, extra_prompts=args.prompt or (), ngms=args.ngms, **(
         {"prompts_per_set": args.prompts} if args.prompts else {}))
     print(format_table(results))
     if args.json:
@@ -366,6 +377,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--tome", type=float, metavar="RATIO",
         help="token merging: share of full-resolution tokens merged before self-attention (0-0.75; 0.5 usual). "
         "Faster at 512x512 and above; the image changes (default 0: exact)",
+    )  # fmt: skip
+    gen.add_argument(
+        "--ngms", type=float, metavar="SIGMA",
+        help="negative guidance minimum sigma (AUTOMATIC1111's NGMS): below this noise level steps use the "
+        "prompt alone, without CFG; 0 turns it off (default: the model's, off but for the embedded model's 0.5)",
+    )  # fmt: skip
+    gen.add_argument(
+        "--ngms-all-steps", action=argparse.BooleanOptionalAction,
+        help="apply --ngms at every step below it, not every other one as AUTOMATIC1111 (default: the model's)",
     )  # fmt: skip
     gen.add_argument("--subseed", type=int, help="variation seed (-1: random); used with --subseed-strength")
     gen.add_argument("--subseed-strength", type=float, help="variation strength 0..1 (default 0: none)")
@@ -440,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     ew.add_argument("--image-encoder", help="toy image encoder for FID (default: the embedded one)")
     ew.add_argument("--prompts", type=int, help="prompts per set")
     ew.add_argument("--prompt", action="append", help="also generate for this prompt and report unknown words")
+    ew.add_argument("--ngms", type=float, metavar="SIGMA", help="negative guidance minimum sigma (default: the model's; 0: off)")
     ew.add_argument("--json", help="also write the table as JSON to this file")
     ew.add_argument("--overwrite", action="store_true")
     ew.set_defaults(func=cmd_eval_toyworld)

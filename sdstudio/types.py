@@ -81,6 +81,11 @@ class GenerationRequest:
     # ToMe: share of the full-resolution tokens merged before self-attention (0: exact; at most 0.75).
     # Faster at large sizes, and the image changes: see BENCHMARKS.md for by how much.
     token_merging_ratio: float = 0.0
+    # AUTOMATIC1111's "Negative Guidance minimum sigma": below this noise level a step uses the prompt
+    # alone (no negative prompt, no CFG); 0 turns it off. None: the model's default (off, but for the
+    # embedded toy model). ``ngms_all_steps``: every such step, not every other one as A1111 does.
+    ngms: float | None = None
+    ngms_all_steps: bool | None = None
     init: InitImage | None = None
     inpaint: Inpaint | None = None  # needs ``init``
     hires: Hires | None = None  # txt2img only

@@ -128,13 +128,13 @@ def test_from_png_replays_and_flags_override(tmp_path, tiny_ckpt):
             "--sampler", "Euler a", "--scheduler", "Karras", "--cfg", "5.5", "--eta", "0.7", "--ensd", "31337",
             "--subseed", "9", "--subseed-strength", "0.25", "--width", "32", "--height", "48",
             "--hires-scale", "1.5", "--hires-steps", "2", "--hires-strength", "0.6", "--hires-upscaler", "Latent (nearest)",
-            "--tome", "0.5", "-o", str(first), "-q"]
+            "--tome", "0.5", "--ngms", "1.5", "--ngms-all-steps", "-o", str(first), "-q"]
     assert main(argv) == 0
     params = parse_infotext(Image.open(first).info["parameters"])[2]
     assert params["ENSD"] == "31337" and params["Variation seed"] == "9" and params["Variation seed strength"] == "0.25"
     assert params["Hires upscale"] == "1.5" and params["Hires steps"] == "2" and params["Denoising strength"] == "0.6"
     assert params["Hires upscaler"] == "Latent (nearest)" and params["Size"] == "32x48" and params["Eta"] == "0.7"
-    assert params["Token merging ratio"] == "0.5"
+    assert params["Token merging ratio"] == "0.5" and params["NGMS"] == "1.5" and params["NGMS all steps"] == "True"
     replay = tmp_path / "replay.png"
     assert main(["generate", "--from-png", str(first), "--model", str(tiny_ckpt), "-o", str(replay), "-q"]) == 0
     assert Image.open(replay).tobytes() == Image.open(first).tobytes()

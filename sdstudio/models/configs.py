@@ -91,6 +91,20 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request that leaves a sampling option unset gets from this model. Not architecture: two
+    checkpoints of one preset may differ here.
+
+    ``ngms``: AUTOMATIC1111's "Negative Guidance minimum sigma" (``s_min_uncond``): at noise levels below
+    it a step uses the prompt alone, without the negative prompt and CFG; 0 turns it off (A1111's
+    default). ``ngms_all_steps``: every such step, not every other one as in A1111 by default.
+    """
+
+    ngms: float = 0.0
+    ngms_all_steps: bool = False
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A whole Stable Diffusion model."""
 
@@ -101,6 +115,7 @@ class ModelConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     prediction: Prediction = "epsilon"
     default_size: int = 512
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
 
     @property
     def is_inpainting(self) -> bool:
@@ -112,6 +127,12 @@ class ModelConfig:
     @classmethod
     def from_json(cls, text: str) -> ModelConfig:
         return config_from_dict(json.loads(text))
+
+
+def same_architecture(a: ModelConfig, b: ModelConfig) -> bool:
+    """Equal networks and prediction: name, default size and sampling defaults aside."""
+    neutral = {"name": "custom", "default_size": 0, "sampling": SamplingDefaults()}
+    return dataclasses.replace(a, **neutral) == dataclasses.replace(b, **neutral)
 
 
 def _build(kind: type, data: dict[str, Any]) -> Any:
@@ -130,6 +151,7 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
         "vae": VAEConfig,
         "text": TextEncoderConfig,
         "schedule": ScheduleConfig,
+        "sampling": SamplingDefaults,
     }
     for key, kind in parts.items():
         if key in data:
@@ -194,6 +216,10 @@ PRESETS: dict[str, ModelConfig] = {
         vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, norm_groups=16),
         text=TextEncoderConfig(width=128, layers=4, heads=4),
         default_size=64,
+        # Its cond and uncond predictions agree on a clean image but for noise, which CFG 7 multiplies:
+        # with Euler a that noise drifts small objects' colours. Guidance only above sigma 0.5 (the last
+        # 5 of 20 steps use the prompt alone) fixes it; see BENCHMARKS.md, "Guidance at low noise".
+        sampling=SamplingDefaults(ngms=0.5, ngms_all_steps=True),
     ),
     "tiny-sd2": ModelConfig(
         name="tiny-sd2",

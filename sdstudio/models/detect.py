@@ -19,6 +19,7 @@ from sdstudio.models.configs import (
     TextEncoderConfig,
     UNetConfig,
     VAEConfig,
+    same_architecture,
 )
 
 Shapes = Mapping[str, tuple[int, ...]]
@@ -134,10 +135,10 @@ def detect_config(shapes: Shapes, prediction: str | None = None) -> ModelConfig:
     pred = prediction or "epsilon"
     config = ModelConfig(name="custom", unet=unet, vae=vae, text=text, prediction=pred)
     for name, candidate in PRESETS.items():
-        if dataclasses.replace(candidate, name="custom", default_size=512) == dataclasses.replace(
-            config, default_size=512
-        ):
-            return dataclasses.replace(config, name=name, default_size=candidate.default_size)
+        if same_architecture(candidate, config):
+            return dataclasses.replace(
+                config, name=name, default_size=candidate.default_size, sampling=candidate.sampling
+            )
     if text.kind == "open_clip" and pred == "v":
         return dataclasses.replace(config, default_size=768)
     return config

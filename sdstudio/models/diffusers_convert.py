@@ -40,6 +40,7 @@ from sdstudio.models.configs import (
     TextEncoderConfig,
     UNetConfig,
     VAEConfig,
+    same_architecture,
 )
 
 log = logging.getLogger(__name__)
@@ -617,11 +618,9 @@ def _pad_token(path: Path) -> str | None:
 
 
 def _matching_preset(config: ModelConfig) -> str:
-    """The preset this architecture equals (``default_size`` aside), as ``detect_config`` names it."""
+    """The preset this architecture equals (``same_architecture``), as ``detect_config`` names it."""
     for name, candidate in PRESETS.items():
-        if dataclasses.replace(candidate, name="custom", default_size=0) == dataclasses.replace(
-            config, name="custom", default_size=0
-        ):
+        if same_architecture(candidate, config):
             return name
     return "custom"
 
@@ -661,7 +660,9 @@ def configs_from_diffusers_folder(path: str | Path) -> ModelConfig:
         prediction=prediction,
         default_size=int(sample_size) * vae.downsample,
     )
-    return dataclasses.replace(config, name=_matching_preset(config))
+    name = _matching_preset(config)
+    sampling = PRESETS[name].sampling if name in PRESETS else config.sampling
+    return dataclasses.replace(config, name=name, sampling=sampling)
 
 
 # ---------------------------------------------------------------------------------------------- weights

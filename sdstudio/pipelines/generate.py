@@ -81,6 +81,10 @@ def infotext(model: LoadedModel, request: GenerationRequest, p: Plan, index: int
         params["Hires upscaler"] = hires.upscaler
     params["Eta"] = format_number(p.eta) if p.eta is not None else None
     params["Token merging ratio"] = format_number(p.token_merging) if p.token_merging else None
+    # Also where it is off against a model default that is on, so that the line replays exactly.
+    params["NGMS"] = format_number(p.ngms) if p.ngms or model.config.sampling.ngms else None
+    all_steps = p.ngms and (p.ngms_all_steps or model.config.sampling.ngms_all_steps)
+    params["NGMS all steps"] = str(p.ngms_all_steps) if all_steps else None
     params["Version"] = f"sdstudio {__version__}"
     return format_infotext(request.prompt, request.negative_prompt, params)
 

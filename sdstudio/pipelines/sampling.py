@@ -53,6 +53,8 @@ class Plan:
     hires_size: tuple[int, int] | None = None  # (width, height) of the hires pass
     warnings: tuple[str, ...] = ()
     token_merging: float = 0.0
+    ngms: float = 0.0  # Negative Guidance minimum sigma (0: off)
+    ngms_all_steps: bool = False
 
 
 def _check_size(name: str, value: int) -> None:
@@ -159,6 +161,10 @@ def plan(model: LoadedModel, request: GenerationRequest) -> Plan:
             f"token merging ratio must be between 0 and {MAX_RATIO} (got {request.token_merging_ratio}); "
             "0 turns it off, 0.5 is the usual setting"
         )
+    ngms = config.sampling.ngms if request.ngms is None else request.ngms
+    if not ngms >= 0:  # also refuses NaN
+        raise SdStudioError(f"NGMS (negative guidance minimum sigma) must be >= 0, 0 turns it off (got {ngms})")
+    ngms_all = config.sampling.ngms_all_steps if request.ngms_all_steps is None else request.ngms_all_steps
     ensd = request.ensd
     if ensd and sampler.brownian_noise:
         warnings.append(
@@ -204,6 +210,8 @@ def plan(model: LoadedModel, request: GenerationRequest) -> Plan:
         hires_size=hires_size,
         warnings=tuple(warnings),
         token_merging=request.token_merging_ratio,
+        ngms=ngms,
+        ngms_all_steps=ngms_all,
     )
 
 
@@ -314,8 +322,9 @@ def sample_latents(
         assert source is not None
         return source.latents
     guided: DenoiserFn = PromptGuidedDenoiser(
-        denoiser, cond.tensors, cond.positive, cond.negative, cfg_scale, tuple(sigmas.tolist()), extra
-    )
+        denoiser, cond.tensors, cond.positive, cond.negative, cfg_scale, tuple(sigmas.tolist()), extra,
+        ngms=p.ngms, ngms_all_steps=p.ngms_all_steps,
+    )  # fmt: skip
     down = config.vae.downsample
     shape = (config.unet.out_channels, p.height // down, p.width // down)
     if source is not None:

@@ -87,6 +87,8 @@ class EvalSettings:
     sets: tuple[str, ...] = tuple(PROMPT_SETS)
     fid_reference: int = 512  # rendered images the generated ones are compared with
     psnr_images: int = 64  # held-out renders passed through the VAE
+    ngms: float | None = None  # negative guidance minimum sigma; None: the model's default
+    ngms_all_steps: bool | None = None  # None: the model's default
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.sets if s not in PROMPT_SETS]
@@ -265,12 +267,15 @@ def adherence(scores: Sequence[Score], two_objects: bool) -> dict[str, float | N
 
 
 def _generate(
-    pipe: Pipeline, prompt: str, sampler: str, cfg: float, steps: int, seed: int, n: int
+    pipe: Pipeline, prompt: str, sampler: str, cfg: float, steps: int, seed: int, n: int,
+    ngms: float | None = None,
+    ngms_all_steps: bool | None = None,
 ) -> list[np.ndarray]:
-    """``n`` images (uint8 [64, 64, 3]) of one prompt, seeds ``seed .. seed + n - 1``."""
+    """``n`` images (uint8 [64, 64, 3]) of one prompt, seeds ``seed .. seed + n - 1``; ``ngms`` and
+    ``ngms_all_steps`` None: the model's defaults."""
     request = GenerationRequest(
         prompt=prompt, negative_prompt="", sampler=sampler, steps=steps, cfg_scale=cfg, seed=seed,
-        width=64, height=64, batch_size=n,
+        width=64, height=64, batch_size=n, ngms=ngms, ngms_all_steps=ngms_all_steps,
     )  # fmt: skip
     return [np.asarray(g.image.convert("RGB")) for g in pipe(request).images]
 
@@ -297,7 +302,8 @@ def _extra_prompt_report(pipe: Pipeline, prompts: Sequence[str], s: EvalSettings
     out: list[dict[str, object]] = []
     for text in prompts:
         seed = int(rng.integers(0, 2**31))
-        images = _generate(pipe, text, s.main_sampler, s.main_cfg, s.steps, seed, s.images_per_prompt)
+        images = _generate(pipe, text, s.main_sampler, s.main_cfg, s.steps, seed, s.images_per_prompt, s.ngms,
+                           s.ngms_all_steps)  # fmt: skip
         description = parse_caption(text)
         unknown = unknown_words(text)
         entry: dict[str, object] = {"prompt": text, "unknown_words": unknown, "seed": seed, "n": len(images)}
@@ -324,6 +330,8 @@ def evaluate(
     prompts_per_set: int | None = None,
     images_per_prompt: int | None = None,
     seed: int | None = None,
+    ngms: float | None = None,
+    ngms_all_steps: bool | None = None,
     image_encoder_path: str | os.PathLike | None = None,
     extra_prompts: Sequence[str] = (),
     progress: Callable[[int, int], None] | None = None,
@@ -345,6 +353,8 @@ def evaluate(
         "prompts_per_set": prompts_per_set,
         "images_per_prompt": images_per_prompt,
         "seed": seed,
+        "ngms": ngms,
+        "ngms_all_steps": ngms_all_steps,
     }
     s = replace(s, **{k: v for k, v in overrides.items() if v is not None})
     t0 = time.perf_counter()
@@ -360,7 +370,10 @@ def evaluate(
             for name, prompts in sets.items():
                 scores: list[Score] = []
                 for p in prompts:
-                    images = _generate(pipe, p.text, sampler, cfg, s.steps, p.seed, s.images_per_prompt)
+                    images = _generate(
+                        pipe, p.text, sampler, cfg, s.steps, p.seed, s.images_per_prompt, s.ngms,
+                        s.ngms_all_steps,
+                    )  # fmt: skip
                     scores += [score(img, p.description) for img in images]
                     if cfg == s.main_cfg:
                         main_images.setdefault(sampler, []).extend(images)
@@ -393,6 +406,7 @@ def evaluate(
         psnr_db = vae_psnr(pipe, [sample_scene(rng, "heldout", 1 + i % 2) for i in range(s.psnr_images)])
 
     extra = _extra_prompt_report(pipe, extra_prompts, s)
+    defaults = pipe.model.config.sampling
     if progress is not None and extra:
         progress(total, total)
     return {
@@ -400,6 +414,10 @@ def evaluate(
         "image_encoder": str(encoder_path) if encoder_path is not None else None,
         "settings": asdict(s),
         "main": {"sampler": s.main_sampler, "cfg": s.main_cfg},
+        "ngms": {
+            "value": defaults.ngms if s.ngms is None else s.ngms,
+            "all_steps": defaults.ngms_all_steps if s.ngms_all_steps is None else s.ngms_all_steps,
+        },
         "rows": rows,
         "fid": fid,
         "fid_images": {"generated": len(next(iter(main_images.values()), [])), "reference": s.fid_reference},
@@ -422,7 +440,13 @@ def format_table(results: dict) -> str:
     """A readable table of ``evaluate``'s results: percentages of images with each attribute right."""
     columns = (*ATTRIBUTES, *TWO_OBJECT_ATTRIBUTES)
     head = f"{'sampler':<10} {'cfg':>4} {'set':<8} {'n':>4}  " + " ".join(f"{c:>10}" for c in columns)
-    lines = [f"model: {results['model']}", head, "-" * len(head)]
+    ngms = results.get("ngms") or {"value": 0}
+    guidance = (
+        f"NGMS {ngms['value']:g}: below sigma {ngms['value']:g} "
+        f"{'every step' if ngms['all_steps'] else 'every other step'} uses the prompt alone, without CFG"
+        if ngms["value"] else "NGMS off: CFG at every step"
+    )  # fmt: skip
+    lines = [f"model: {results['model']}", guidance, head, "-" * len(head)]
     for r in results["rows"]:
         cells = " ".join(f"{_pct(r[c]):>10}" for c in columns)
         lines.append(f"{r['sampler']:<10} {r['cfg']:>4g} {r['set']:<8} {r['n']:>4}  {cells}")

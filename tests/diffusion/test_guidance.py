@@ -115,3 +115,38 @@ def test_plain_prompt_matches_the_plain_cfg_denoiser(scale):
                                scale, tuple(SIGMAS.tolist()))(x, sigma)
     old = CFGDenoiser(denoiser, c[:1].expand(2, -1, -1), c[1:].expand(2, -1, -1), scale)(x, sigma)
     assert torch.equal(new, old)
+
+
+def ngms_guided(stub, prompt, ngms, all_steps, negative="blurry"):
+    return PromptGuidedDenoiser(stub, conds(), schedule(prompt), schedule(negative, False)[0].schedule,
+                                7.0, tuple(SIGMAS.tolist()), ngms=ngms, ngms_all_steps=all_steps)
+
+
+@pytest.mark.parametrize("all_steps", [True, False])
+def test_ngms_leaves_the_negative_out_below_its_sigma(all_steps):
+    stub = StubDenoiser()
+    sample_euler(ngms_guided(stub, "cat", 4.5, all_steps), torch.zeros(1, 1, 2, 2), SIGMAS)
+    # steps 6..9 run at sigmas 4, 3, 2, 1 (< 4.5); A1111 skips the uncond on odd steps unless "all steps"
+    skipped = {6, 7, 8, 9} if all_steps else {7, 9}
+    assert [ids for _, ids in stub.calls] == [[0] if i in skipped else [0, 3] for i in range(10)]
+    # a skipped step is the prompt's own prediction, a guided one extrapolates away from the negative
+    g = ngms_guided(StubDenoiser(), "dog", 4.5, all_steps)
+    x = torch.zeros(1, 1, 2, 2)
+    torch.testing.assert_close(g(x, torch.tensor([3.0])), torch.full_like(x, 1.0))  # step 7: skipped
+    torch.testing.assert_close(g(x, torch.tensor([5.0])), torch.full_like(x, 3.0 + 7.0 * (1 - 3.0)))
+
+
+def test_ngms_with_and_uses_the_first_subprompt_as_the_uncond():
+    stub = StubDenoiser()
+    g = ngms_guided(stub, "cat AND dog :0.5", 4.5, True)
+    out = g(torch.zeros(1, 1, 2, 2), torch.tensor([2.0]))
+    # AUTOMATIC1111 puts the first sub-prompt's prediction where the uncond's would be
+    torch.testing.assert_close(out, torch.full((1, 1, 2, 2), 0.0 + 7.0 * 0.5 * (1 - 0.0)))
+    assert stub.calls == [(2.0, [0, 1])]
+
+
+def test_ngms_zero_changes_nothing():
+    a, b = StubDenoiser(), StubDenoiser()
+    sample_euler(guided(a, "cat", negative="blurry"), torch.zeros(1, 1, 2, 2), SIGMAS)
+    sample_euler(ngms_guided(b, "cat", 0.0, True), torch.zeros(1, 1, 2, 2), SIGMAS)
+    assert a.calls == b.calls

@@ -13,7 +13,7 @@ from sdstudio.diffusion.schedulers import get_sigmas
 from sdstudio.errors import SdStudioError
 from sdstudio.io.images import to_pil
 from sdstudio.io.infotext import parse_infotext
-from sdstudio.models.configs import PRESETS
+from sdstudio.models.configs import PRESETS, SamplingDefaults
 from sdstudio.models.loading import LoadedModel
 from sdstudio.models.stablediffusion import random_model
 from sdstudio.models.tokenizer import ClipTokenizer
@@ -97,6 +97,28 @@ def test_ensd_changes_ancestral_noise_only(tiny):
     euler_ensd = generate(tiny, TOKENIZER, request(sampler="Euler", ensd=31337))
     assert euler.images[0].image.tobytes() == euler_ensd.images[0].image.tobytes()
     assert any("ENSD ignored" in w and "Euler" in w for w in euler_ensd.warnings)
+
+
+def test_ngms_defaults_come_from_the_model_and_replay_from_the_infotext(tiny):
+    # NGMS above the largest sigma on every step: no step is guided, as at CFG 1
+    on = loaded(dataclasses.replace(PRESETS["tiny"], sampling=SamplingDefaults(ngms=20.0, ngms_all_steps=True)))
+    on.model.load_state_dict(tiny.model.state_dict())
+    default = generate(on, TOKENIZER, request()).images[0]
+    params = parse_infotext(default.infotext)[2]
+    assert params["NGMS"] == "20" and params["NGMS all steps"] == "True"
+    assert plan(on, request()).ngms == 20.0 and plan(on, request(ngms_all_steps=False)).ngms_all_steps is False
+    assert default.image.tobytes() == generate(tiny, TOKENIZER, request(cfg_scale=1.0)).images[0].image.tobytes()
+    # off, on a model whose default is on: the line says so, so that a replay does not turn it back on
+    off = generate(on, TOKENIZER, request(ngms=0.0)).images[0]
+    params = parse_infotext(off.infotext)[2]
+    assert params["NGMS"] == "0" and "NGMS all steps" not in params
+    plain = generate(tiny, TOKENIZER, request()).images[0]
+    assert off.image.tobytes() == plain.image.tobytes() and "NGMS" not in parse_infotext(plain.infotext)[2]
+    assert default.image.tobytes() != plain.image.tobytes()
+    # A1111's own default, every other step, spelled out against a model default of every step
+    odd = generate(on, TOKENIZER, request(ngms_all_steps=False)).images[0]
+    assert parse_infotext(odd.infotext)[2]["NGMS all steps"] == "False"
+    assert odd.image.tobytes() not in (default.image.tobytes(), plain.image.tobytes())
 
 
 def test_variation_seed_infotext_and_effect(tiny):
@@ -225,6 +247,8 @@ def test_hires_fix(tiny, upscaler):
         ({"hires": Hires(upscaler="ESRGAN")}, "unknown hires upscaler 'ESRGAN'"),
         ({"subseed_strength": 2.0}, "variation seed strength"),
         ({"sampler": "Euler", "eta": 0.5}, "does not use eta"),
+        ({"ngms": -1.0}, "NGMS .* must be >= 0"),
+        ({"ngms": float("nan")}, "NGMS .* must be >= 0"),
     ],
 )
 def test_bad_requests(tiny, kw, message):

@@ -174,6 +174,7 @@ def test_evaluate_structure_on_smoke_model(smoke_model):
         assert r["all"] <= min(r["colour"], r["shape"], r["size"], r["position"])
 
     assert results["main"] == {"sampler": "Euler a", "cfg": 7.0}
+    assert results["ngms"] == {"value": 0.5, "all_steps": True}  # the toyworld preset's sampling defaults
     assert results["image_encoder"] is not None  # found beside the model, as the recipe writes it
     assert set(results["fid"]) == set(settings.samplers)
     assert all(math.isfinite(v) and v >= 0 for v in results["fid"].values())
@@ -198,6 +199,7 @@ def test_evaluate_structure_on_smoke_model(smoke_model):
     table = format_table(results)
     assert len([line for line in table.splitlines() if line.startswith(("Euler a ", "DDIM "))]) == len(rows)
     assert "fluffy" in table and "PSNR" in table and "FID" in table
+    assert "NGMS 0.5: below sigma 0.5 every step uses the prompt alone" in table
 
 
 def test_evaluate_without_image_encoder_leaves_fid_out(smoke_model, tmp_path):
@@ -205,7 +207,8 @@ def test_evaluate_without_image_encoder_leaves_fid_out(smoke_model, tmp_path):
     model.write_bytes(smoke_model.read_bytes())
     settings = EvalSettings(samplers=("Euler",), cfgs=(3.0,), steps=2, prompts_per_set=1, images_per_prompt=1,
                             sets=("seen",), fid_reference=8, psnr_images=0)  # fmt: skip
-    results = evaluate(model, settings, seed=5)
+    results = evaluate(model, settings, seed=5, ngms=0.0)
+    assert results["ngms"] == {"value": 0.0, "all_steps": True} and "NGMS off" in format_table(results)
     assert results["fid"] is None and results["image_encoder"] is None and results["vae_psnr_db"] is None
     assert results["main"] == {"sampler": "Euler", "cfg": 3.0}
     assert results["settings"]["seed"] == 5
@@ -253,3 +256,16 @@ def test_shipped_text_encoder_tells_opposite_relations_apart():
             e = {w: embed(f"a {a} {w} a {b}") for w in (word, synonym, opposite)}
             apart, together = (e[word] - e[opposite]).norm(), (e[word] - e[synonym]).norm()
             assert apart > 3 * together, (a, b, word, float(apart), float(together))
+
+
+@pytest.mark.skipif(not SHIPPED_MODEL.is_file(), reason="embedded model not shipped yet")
+def test_shipped_model_carries_the_recipes_sampling_defaults():
+    """The header of the shipped file holds the toyworld preset's NGMS, so a generation that leaves
+    it unset gets the guidance the eval measured (BENCHMARKS.md, "Guidance at low noise")."""
+    from safetensors import safe_open
+
+    from sdstudio.models.configs import METADATA_KEY, PRESETS, ModelConfig
+
+    with safe_open(str(SHIPPED_MODEL), framework="pt") as f:
+        config = ModelConfig.from_json(f.metadata()[METADATA_KEY])
+    assert config.sampling == PRESETS["toyworld"].sampling and config.sampling.ngms > 0
