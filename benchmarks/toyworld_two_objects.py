@@ -70,6 +70,7 @@ def breakdown(
         "settings": {
             "prompts": prompts, "images": images, "sampler": sampler, "cfg": cfg, "steps": steps,
             "ngms": pipe.model.config.sampling.ngms if ngms is None else ngms,
+            "ngms_all_steps": pipe.model.config.sampling.ngms_all_steps,
         },
         "seed": seed,
         "images": n,

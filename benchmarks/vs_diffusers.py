@@ -76,6 +76,7 @@ class Ours:
         request = GenerationRequest(
             prompt=PROMPT, negative_prompt=NEGATIVE, sampler="Euler", steps=a.steps, cfg_scale=7.0, seed=seed,
             width=a.size, height=a.size, batch_size=a.batch, token_merging_ratio=self.tome,
+            ngms=0.0,  # CFG at every step, as diffusers runs it (the toy model's default skips the last ones)
         )  # fmt: skip
         clock = _StepClock()
         self.pipe(request, callback=lambda step: clock.step(step.x))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import re
 import sys
 from importlib import resources
@@ -97,6 +98,12 @@ def options_from_png(path: str) -> tuple[dict[str, object], str | None]:
                 options[name] = kind(params[key])
             except ValueError:
                 raise SdStudioError(f"{path}: bad {key!r} value {params[key]!r} in its parameters") from None
+    # No NGMS key: made with it off (AUTOMATIC1111 writes it only when on; sdstudio also writes "NGMS: 0"
+    # against a model default that is on); no "NGMS all steps": every other step.
+    options.setdefault("ngms", 0.0)
+    options.setdefault("ngms_all_steps", False)
+    if not 0 <= options["ngms"] < math.inf:  # type: ignore[operator]
+        raise SdStudioError(f"{path}: bad 'NGMS' value {params['NGMS']!r} in its parameters (a number >= 0)")
     if "Size" in params:
         w, _, h = params["Size"].partition("x")
         try:
@@ -342,8 +349,10 @@ def cmd_eval_toyworld(args: argparse.Namespace) -> int:
     if args.json and Path(args.json).exists() and not args.overwrite:
         raise SdStudioError(f"{args.json}: already exists; pass --overwrite to replace it")
     encoder = args.image_encoder or embedded_model_path(EMBEDDED_IMAGE_ENCODER)
-    results = evaluate(model, image_encoder_path=encoder, extra_prompts=args.prompt or (), ngms=args.ngms, **(
-        {"prompts_per_set": args.prompts} if args.prompts else {}))
+    results = evaluate(
+        model, image_encoder_path=encoder, extra_prompts=args.prompt or (), ngms=args.ngms,
+        ngms_all_steps=args.ngms_all_steps, **({"prompts_per_set": args.prompts} if args.prompts else {}),
+    )  # fmt: skip
     print(format_table(results))
     if args.json:
         from sdstudio.io.files import write_text_atomic
@@ -381,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--ngms", type=float, metavar="SIGMA",
         help="negative guidance minimum sigma (AUTOMATIC1111's NGMS): below this noise level steps use the "
-        "prompt alone, without CFG; 0 turns it off (default: the model's, off but for the embedded model's 0.5)",
+        "prompt alone, without CFG; 0 turns it off (default: the model's: off, but 0.5 for toyworld models)",
     )  # fmt: skip
     gen.add_argument(
         "--ngms-all-steps", action=argparse.BooleanOptionalAction,
@@ -461,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     ew.add_argument("--prompts", type=int, help="prompts per set")
     ew.add_argument("--prompt", action="append", help="also generate for this prompt and report unknown words")
     ew.add_argument("--ngms", type=float, metavar="SIGMA", help="negative guidance minimum sigma (default: the model's; 0: off)")
+    ew.add_argument("--ngms-all-steps", action=argparse.BooleanOptionalAction, help="with --ngms: every step below it (default: the model's)")
     ew.add_argument("--json", help="also write the table as JSON to this file")
     ew.add_argument("--overwrite", action="store_true")
     ew.set_defaults(func=cmd_eval_toyworld)

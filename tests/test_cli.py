@@ -221,3 +221,62 @@ def test_unwritable_output_is_one_line(tmp_path, tiny_ckpt, capsys):
     blocker.write_text("a file where a folder is needed")
     line = run_error(capsys, ["generate", "x", "--model", str(tiny_ckpt), "--steps", "1", "-q", "-o", str(blocker / "o.png")])
     assert "file.txt" in line
+
+
+@pytest.fixture(scope="module")
+def ngms_ckpt(tmp_path_factory):
+    """A tiny model whose file asks for NGMS on every step below sigma 20 (every step: no CFG at all)."""
+    import dataclasses
+
+    from sdstudio.models.configs import PRESETS, SamplingDefaults
+    from sdstudio.models.loading import save_model
+    from sdstudio.models.stablediffusion import random_model
+    from tests.reference import randomise_
+
+    config = dataclasses.replace(PRESETS["tiny"], sampling=SamplingDefaults(ngms=20.0, ngms_all_steps=True))
+    model = random_model(config)
+    randomise_(model, seed=3)  # cond and uncond differ, so NGMS changes the picture
+    return save_model(model, tmp_path_factory.mktemp("ngms") / "ngms.safetensors", dtype=torch.float32)
+
+
+def test_ngms_replays_on_a_model_whose_default_is_on(tmp_path, ngms_ckpt, capsys):
+    base = ["--model", str(ngms_ckpt), "--steps", "3", "--seed", "5", "--negative", "dog", "-q"]
+
+    def make(name, *extra):
+        path = tmp_path / name
+        assert main(["generate", "a cat", *base, *extra, "-o", str(path)]) == 0
+        return path, parse_infotext(Image.open(path).info["parameters"])[2]
+
+    def replay(png, name):
+        path = tmp_path / name
+        assert main(["generate", "--from-png", str(png), "--model", str(ngms_ckpt), "-q", "-o", str(path)]) == 0
+        return Image.open(path).tobytes()
+
+    default, params = make("default.png")
+    assert params["NGMS"] == "20" and params["NGMS all steps"] == "True"
+    off, params = make("off.png", "--ngms", "0")
+    assert params["NGMS"] == "0" and "NGMS all steps" not in params
+    odd, params = make("odd.png", "--no-ngms-all-steps")
+    assert params["NGMS"] == "20" and params["NGMS all steps"] == "False"
+    images = {Image.open(p).tobytes() for p in (default, off, odd)}
+    assert len(images) == 3
+    for png in (default, off, odd):
+        assert replay(png, f"replay-{png.name}") == Image.open(png).tobytes()
+    # A PNG without NGMS keys (AUTOMATIC1111's, or an older sdstudio's) was made with it off
+    text = Image.open(off).info["parameters"].replace(", NGMS: 0", "")
+    assert "NGMS" not in text
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    a1111 = tmp_path / "a1111.png"
+    Image.open(off).save(a1111, pnginfo=info)
+    assert replay(a1111, "replay-a1111.png") == Image.open(off).tobytes()
+    # bad values recorded in a PNG are named with the file
+    for bad, key in ((", NGMS: -1", "'NGMS'"), (", NGMS: 20, NGMS all steps: yes", "'NGMS all steps'")):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", text.replace(", Version", bad + ", Version"))
+        broken = tmp_path / "broken.png"
+        Image.open(off).save(broken, pnginfo=info)
+        line = run_error(capsys, ["generate", "--from-png", str(broken), "--model", str(ngms_ckpt), "-o", str(tmp_path / "x.png")])
+        assert "broken.png" in line and key in line, line

@@ -53,8 +53,10 @@ class PromptGuidedDenoiser:
 
     ``ngms`` (AUTOMATIC1111's "Negative Guidance minimum sigma", ``s_min_uncond``): at ``sigma < ngms``
     the negative row is left out of the batch and the first sub-prompt stands in for it, so a plain
-    prompt is denoised by itself, without CFG. A1111 does this on odd steps only unless
-    ``ngms_all_steps``. Guidance at low noise mostly amplifies the small, noise-driven differences
+    prompt is denoised by itself, without CFG. Unless ``ngms_all_steps``, only on odd steps: A1111
+    counts model calls there, this the step an evaluation belongs to (as for prompt editing above), so
+    the two agree for one-call samplers (Euler, Euler a, DDIM, DPM++ 2M, ...) and differ for Heun, DPM2
+    and the other samplers with two calls a step. Guidance at low noise mostly amplifies the small, noise-driven differences
     between the cond and uncond predictions of a nearly clean image (Kynkaanniemi et al. 2024, "Applying
     Guidance in a Limited Interval Improves Sample and Distribution Quality in Diffusion Models").
     """

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -102,6 +103,13 @@ class SamplingDefaults:
 
     ngms: float = 0.0
     ngms_all_steps: bool = False
+
+    def __post_init__(self) -> None:
+        ngms_ok = isinstance(self.ngms, (int, float)) and not isinstance(self.ngms, bool)
+        if not ngms_ok or not 0.0 <= self.ngms < math.inf:
+            raise ValueError(f"sampling.ngms must be a finite number >= 0 (got {self.ngms!r})")
+        if not isinstance(self.ngms_all_steps, bool):
+            raise TypeError(f"sampling.ngms_all_steps must be true or false (got {self.ngms_all_steps!r})")
 
 
 @dataclass(frozen=True)
@@ -217,8 +225,9 @@ PRESETS: dict[str, ModelConfig] = {
         text=TextEncoderConfig(width=128, layers=4, heads=4),
         default_size=64,
         # Its cond and uncond predictions agree on a clean image but for noise, which CFG 7 multiplies:
-        # with Euler a that noise drifts small objects' colours. Guidance only above sigma 0.5 (the last
-        # 5 of 20 steps use the prompt alone) fixes it; see BENCHMARKS.md, "Guidance at low noise".
+        # with Euler a that noise drifts small objects' colours. Guidance only above sigma 0.5 (at 20
+        # steps the last 4 use the prompt alone, 7 with a Karras schedule) fixes it; see BENCHMARKS.md,
+        # "Guidance at low noise".
         sampling=SamplingDefaults(ngms=0.5, ngms_all_steps=True),
     ),
     "tiny-sd2": ModelConfig(

@@ -4,6 +4,7 @@ pass's sigmas, draw the seeds' noise, run the sampler over the guided denoiser."
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections import deque
 from collections.abc import Callable
@@ -162,8 +163,10 @@ def plan(model: LoadedModel, request: GenerationRequest) -> Plan:
             "0 turns it off, 0.5 is the usual setting"
         )
     ngms = config.sampling.ngms if request.ngms is None else request.ngms
-    if not ngms >= 0:  # also refuses NaN
-        raise SdStudioError(f"NGMS (negative guidance minimum sigma) must be >= 0, 0 turns it off (got {ngms})")
+    if not 0 <= ngms < math.inf:  # also refuses NaN
+        raise SdStudioError(
+            f"NGMS (negative guidance minimum sigma) must be a finite number >= 0, 0 turns it off (got {ngms})"
+        )
     ngms_all = config.sampling.ngms_all_steps if request.ngms_all_steps is None else request.ngms_all_steps
     ensd = request.ensd
     if ensd and sampler.brownian_noise:

@@ -147,6 +147,25 @@ def test_ngms_with_and_uses_the_first_subprompt_as_the_uncond():
 
 def test_ngms_zero_changes_nothing():
     a, b = StubDenoiser(), StubDenoiser()
-    sample_euler(guided(a, "cat", negative="blurry"), torch.zeros(1, 1, 2, 2), SIGMAS)
-    sample_euler(ngms_guided(b, "cat", 0.0, True), torch.zeros(1, 1, 2, 2), SIGMAS)
-    assert a.calls == b.calls
+    x = torch.randn(1, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    out_a = sample_euler(guided(a, "cat", negative="blurry"), x, SIGMAS)
+    out_b = sample_euler(ngms_guided(b, "cat", 0.0, True), x, SIGMAS)
+    assert a.calls == b.calls and torch.equal(out_a, out_b)
+
+
+def test_ngms_is_strictly_below_its_sigma():
+    stub = StubDenoiser()
+    g = ngms_guided(stub, "dog", 3.0, True)
+    g(torch.zeros(1, 1, 2, 2), torch.tensor([3.0]))  # sigma == ngms: still guided
+    g(torch.zeros(1, 1, 2, 2), torch.tensor([2.9999]))
+    assert [ids for _, ids in stub.calls] == [[1, 3], [1]]
+
+
+def test_ngms_every_other_step_counts_steps_not_calls():
+    # Heun evaluates each step twice (at sigmas[i] and sigmas[i + 1]); parity follows the step an
+    # evaluation belongs to, as prompt editing does (AUTOMATIC1111 counts calls here: see the docstring)
+    stub = StubDenoiser()
+    sample_heun(ngms_guided(stub, "cat", 4.5, False), torch.zeros(1, 1, 2, 2), SIGMAS)
+    for sigma, ids in stub.calls:
+        step = math.floor(10.0 - sigma + 1e-9)
+        assert (ids == [0]) == (sigma < 4.5 and step % 2 == 1), (sigma, ids)

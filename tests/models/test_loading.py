@@ -194,6 +194,19 @@ def test_bad_metadata_config_is_named(tmp_path, tiny_model):
         load_model(path)
 
 
+@pytest.mark.parametrize(
+    "sampling", ['{"ngms": "0.5"}', '{"ngms": -1}', '{"ngms_all_steps": "false"}', '{"ngms": true}']
+)
+def test_bad_sampling_defaults_in_a_header_are_named(tmp_path, tiny_model, sampling):
+    import json
+
+    config = json.loads(tiny_model.config.to_json())
+    config["sampling"].update(json.loads(sampling))
+    path = save_model(tiny_model, tmp_path / "m.safetensors", metadata={"sdstudio.config": json.dumps(config)})
+    with pytest.raises(CheckpointError, match="unreadable 'sdstudio.config'.*sampling.ngms"):
+        load_model(path)
+
+
 def test_saved_files_get_the_usual_permissions(tmp_path, tiny_model):
     import os
 

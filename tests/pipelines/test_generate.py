@@ -247,8 +247,9 @@ def test_hires_fix(tiny, upscaler):
         ({"hires": Hires(upscaler="ESRGAN")}, "unknown hires upscaler 'ESRGAN'"),
         ({"subseed_strength": 2.0}, "variation seed strength"),
         ({"sampler": "Euler", "eta": 0.5}, "does not use eta"),
-        ({"ngms": -1.0}, "NGMS .* must be >= 0"),
-        ({"ngms": float("nan")}, "NGMS .* must be >= 0"),
+        ({"ngms": -1.0}, "NGMS .* must be a finite number >= 0"),
+        ({"ngms": float("nan")}, "NGMS .* must be a finite number >= 0"),
+        ({"ngms": float("inf")}, "NGMS .* must be a finite number >= 0"),
     ],
 )
 def test_bad_requests(tiny, kw, message):

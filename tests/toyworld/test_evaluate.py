@@ -215,6 +215,18 @@ def test_evaluate_without_image_encoder_leaves_fid_out(smoke_model, tmp_path):
     assert [(r["set"], r["n"]) for r in results["rows"]] == [("seen", 1)]
 
 
+def test_eval_generation_takes_the_ngms_it_is_given(smoke_model):
+    from sdstudio.engine import Pipeline
+    from sdstudio.toyworld.evaluate import _generate
+
+    pipe = Pipeline.from_file(smoke_model)
+    args = (pipe, "a red circle on the left", "Euler a", 7.0, 10, 3, 1)
+    default, off, never = (_generate(*args, ngms=v)[0] for v in (None, 0.0, 100.0))
+    assert np.array_equal(default, _generate(*args, ngms=0.5, ngms_all_steps=True)[0])  # the preset's
+    assert not np.array_equal(off, default) and not np.array_equal(never, default)
+    assert np.array_equal(never, _generate(pipe, "a red circle on the left", "Euler a", 1.0, 10, 3, 1)[0])
+
+
 # ------------------------------------------------------------------------------------------------
 # The shipped model.
 
