@@ -65,12 +65,12 @@ def breakdown(
                 per_object["wrong shape is the other's"] += not o.shape and o.detected.shape == other.shape
                 if not o.shape:
                     confusions[f"{w.size or ''} {w.shape} -> {o.detected.shape}".strip()] += 1
+    sampling = pipe.model.config.sampling.overridden(ngms, None)
     return {
         "model": str(model),
         "settings": {
             "prompts": prompts, "images": images, "sampler": sampler, "cfg": cfg, "steps": steps,
-            "ngms": pipe.model.config.sampling.ngms if ngms is None else ngms,
-            "ngms_all_steps": pipe.model.config.sampling.ngms_all_steps,
+            "ngms": sampling.ngms, "ngms_all_steps": sampling.ngms_all_steps,
         },
         "seed": seed,
         "images": n,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import re
 import sys
 from importlib import resources
@@ -62,6 +61,7 @@ GENERATE_DEFAULTS: dict[str, object] = {
     "ngms": None, "ngms_all_steps": None,
 }
 
+
 def _bool(text: str) -> bool:
     """An infotext boolean, as AUTOMATIC1111 writes it (``True`` / ``False``)."""
     if text not in ("True", "False"):
@@ -86,6 +86,7 @@ def options_from_png(path: str) -> tuple[dict[str, object], str | None]:
     """The generate options recorded in a PNG's infotext, and its model hash."""
     from sdstudio.io.images import load_image
     from sdstudio.io.infotext import parse_infotext
+    from sdstudio.models.configs import SamplingDefaults
 
     text = load_image(path, "PNG").info.get("parameters")
     if not text:
@@ -102,8 +103,10 @@ def options_from_png(path: str) -> tuple[dict[str, object], str | None]:
     # against a model default that is on); no "NGMS all steps": every other step.
     options.setdefault("ngms", 0.0)
     options.setdefault("ngms_all_steps", False)
-    if not 0 <= options["ngms"] < math.inf:  # type: ignore[operator]
-        raise SdStudioError(f"{path}: bad 'NGMS' value {params['NGMS']!r} in its parameters (a number >= 0)")
+    try:
+        SamplingDefaults(options["ngms"], options["ngms_all_steps"])  # type: ignore[arg-type]
+    except ValueError:
+        raise SdStudioError(f"{path}: bad 'NGMS' value {params['NGMS']!r} in its parameters (a number >= 0)") from None
     if "Size" in params:
         w, _, h = params["Size"].partition("x")
         try:

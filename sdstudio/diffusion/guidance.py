@@ -56,9 +56,10 @@ class PromptGuidedDenoiser:
     prompt is denoised by itself, without CFG. Unless ``ngms_all_steps``, only on odd steps: A1111
     counts model calls there, this the step an evaluation belongs to (as for prompt editing above), so
     the two agree for one-call samplers (Euler, Euler a, DDIM, DPM++ 2M, ...) and differ for Heun, DPM2
-    and the other samplers with two calls a step. Guidance at low noise mostly amplifies the small, noise-driven differences
-    between the cond and uncond predictions of a nearly clean image (Kynkaanniemi et al. 2024, "Applying
-    Guidance in a Limited Interval Improves Sample and Distribution Quality in Diffusion Models").
+    and the other samplers with two calls a step. Guidance at low noise mostly amplifies the small,
+    noise-driven differences between the cond and uncond predictions of a nearly clean image
+    (Kynkaanniemi et al. 2024, "Applying Guidance in a Limited Interval Improves Sample and Distribution
+    Quality in Diffusion Models").
     """
 
     denoiser: Denoiser
@@ -93,11 +94,11 @@ class PromptGuidedDenoiser:
         step = self.step_at(s)
         positive, negative = self.rows_at(step)
         batch = x.shape[0]
-        if self.skips_negative(s, step):
+        skip = self.skips_negative(s, step)
+        if skip:
             negative = positive[0][1]  # uncond := the first sub-prompt's prediction
-            if len(positive) == 1:
-                return self.denoiser(x, sigma, self.conds[negative].expand(batch, -1, -1), self.extra)
-        if self.scale == 1.0 and len(positive) == 1 and positive[0][0] == 1.0:  # plain prompt, no CFG
+        # one sub-prompt without CFG (scale 1, or NGMS: uncond + w scale (cond - cond) = cond)
+        if len(positive) == 1 and (skip or (self.scale == 1.0 and positive[0][0] == 1.0)):
             context = self.conds[positive[0][1]].expand(batch, -1, -1)
             return self.denoiser(x, sigma, context, self.extra)
         rows = list(dict.fromkeys([row for _, row in positive] + [negative]))  # distinct, in order

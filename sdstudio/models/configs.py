@@ -111,6 +111,14 @@ class SamplingDefaults:
         if not isinstance(self.ngms_all_steps, bool):
             raise TypeError(f"sampling.ngms_all_steps must be true or false (got {self.ngms_all_steps!r})")
 
+    def overridden(self, ngms: float | None, ngms_all_steps: bool | None) -> SamplingDefaults:
+        """These defaults with a request's values in place of those it gives (None: keep the default);
+        checked like the defaults themselves."""
+        return SamplingDefaults(
+            self.ngms if ngms is None else ngms,
+            self.ngms_all_steps if ngms_all_steps is None else ngms_all_steps,
+        )
+
 
 @dataclass(frozen=True)
 class ModelConfig:

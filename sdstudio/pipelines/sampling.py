@@ -4,7 +4,6 @@ pass's sigmas, draw the seeds' noise, run the sampler over the guided denoiser."
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 from collections import deque
 from collections.abc import Callable
@@ -162,12 +161,14 @@ def plan(model: LoadedModel, request: GenerationRequest) -> Plan:
             f"token merging ratio must be between 0 and {MAX_RATIO} (got {request.token_merging_ratio}); "
             "0 turns it off, 0.5 is the usual setting"
         )
-    ngms = config.sampling.ngms if request.ngms is None else request.ngms
-    if not 0 <= ngms < math.inf:  # also refuses NaN
+    try:
+        sampling = config.sampling.overridden(request.ngms, request.ngms_all_steps)
+    except ValueError:  # also NaN and inf
         raise SdStudioError(
-            f"NGMS (negative guidance minimum sigma) must be a finite number >= 0, 0 turns it off (got {ngms})"
-        )
-    ngms_all = config.sampling.ngms_all_steps if request.ngms_all_steps is None else request.ngms_all_steps
+            f"NGMS (negative guidance minimum sigma) must be a finite number >= 0, 0 turns it off (got {request.ngms})"
+        ) from None
+    except TypeError:
+        raise SdStudioError(f"NGMS all steps must be True or False (got {request.ngms_all_steps!r})") from None
     ensd = request.ensd
     if ensd and sampler.brownian_noise:
         warnings.append(
@@ -213,8 +214,8 @@ def plan(model: LoadedModel, request: GenerationRequest) -> Plan:
         hires_size=hires_size,
         warnings=tuple(warnings),
         token_merging=request.token_merging_ratio,
-        ngms=ngms,
-        ngms_all_steps=ngms_all,
+        ngms=sampling.ngms,
+        ngms_all_steps=sampling.ngms_all_steps,
     )
 
 

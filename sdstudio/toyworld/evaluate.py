@@ -406,7 +406,7 @@ def evaluate(
         psnr_db = vae_psnr(pipe, [sample_scene(rng, "heldout", 1 + i % 2) for i in range(s.psnr_images)])
 
     extra = _extra_prompt_report(pipe, extra_prompts, s)
-    defaults = pipe.model.config.sampling
+    sampling = pipe.model.config.sampling.overridden(s.ngms, s.ngms_all_steps)
     if progress is not None and extra:
         progress(total, total)
     return {
@@ -414,10 +414,7 @@ def evaluate(
         "image_encoder": str(encoder_path) if encoder_path is not None else None,
         "settings": asdict(s),
         "main": {"sampler": s.main_sampler, "cfg": s.main_cfg},
-        "ngms": {
-            "value": defaults.ngms if s.ngms is None else s.ngms,
-            "all_steps": defaults.ngms_all_steps if s.ngms_all_steps is None else s.ngms_all_steps,
-        },
+        "ngms": {"value": sampling.ngms, "all_steps": sampling.ngms_all_steps},
         "rows": rows,
         "fid": fid,
         "fid_images": {"generated": len(next(iter(main_images.values()), [])), "reference": s.fid_reference},
