@@ -16,7 +16,9 @@ Sections, each written to ``--out`` as soon as it ends (a failing one is recorde
    (its default SDPA attention), same weights, alternating, batch 1 and 4; peak GPU memory; PSNR of the
    two images of the same seed (both draw the seed's noise on the CPU) and of sdstudio fp16 against fp32.
 5. ``compile``: ``torch.compile`` (inductor) inside the CUDA graphs: first image (the compile) and steady
-   state. Skipped with ``--skip-compile`` or when ``--budget`` seconds are used up.
+   state at batch 1 and batch 4, each as a multiple of the FLOP floor when ``ceilings`` ran. Skipped with
+   ``--skip-compile`` or when ``--budget`` seconds are used up. The shortest run that answers the floor
+   target: ``--sections ceilings,compile``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ TFLOP_PER_IMAGE = 20 * 1.6 + 2.5  # sd15 512x512: 20 CFG steps + VAE decode (iss
 # --dry-run: the same code on the CPU with the tiny preset at 64x64, to check the script before a lease
 DEVICE, ARCH, SIZE = "cuda", "sd15", 512
 IMAGES: dict[str, object] = {}  # seed 42 at the default settings, for the compiled path's comparison
+FLOOR_SECONDS: list[float] = []  # one sd15 512x512 image at the measured fp16 matmul rate (``ceilings``)
 
 
 def psnr(a, b) -> float:
@@ -132,6 +135,7 @@ def ceilings() -> dict[str, object]:
         out[f"matmul_tflops_{str(dtype).removeprefix('torch.')}"] = round(rate, 1)
         del a, b
     out["floor_seconds_per_image"] = round(TFLOP_PER_IMAGE / out["matmul_tflops_float16"], 4)  # type: ignore[operator]
+    FLOOR_SECONDS[:] = [out["floor_seconds_per_image"]]  # type: ignore[list-item]
     return out
 
 
@@ -311,6 +315,11 @@ def compiled(path: Path, runs: int) -> dict[str, object]:
     out = {"first_image_seconds_with_compile": round(first, 1), **time_ours(pipe, runs)}
     if "fp16" in IMAGES:
         out["psnr_compiled_vs_eager_kernels"] = psnr(run_ours(pipe, SIZE, 1, 42)[1][0], IMAGES["fp16"])
+    # Batch 4: the FLOP floor is per image, and a batch of 4 keeps the GPU busier than batch 1 can.
+    out["batch4"] = time_ours(pipe, max(2, runs // 2), batch=4)  # its warm-up compiles the new shapes
+    if FLOOR_SECONDS:
+        for key, timing in (("batch1", out), ("batch4", out["batch4"])):
+            out[f"{key}_times_the_flop_floor"] = round(timing["seconds_per_image"] / FLOOR_SECONDS[0], 2)  # type: ignore[index]
     return out
 
 

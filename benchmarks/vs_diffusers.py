@@ -1,4 +1,4 @@
-"""sdstudio against diffusers' StableDiffusionPipeline on the same weights, in one process, alternating
+"""sdstudio against diffusers' StableDiffusionPipeline on the same weights, in one run, alternating
 (issue 6).
 
     python benchmarks/vs_diffusers.py --arch sd15 --size 512 --batch 1 --runs 3
@@ -14,18 +14,26 @@ Each run times one request end to end (text encode + sampling + VAE decode) and 
 alone (from the step callbacks); Euler, CFG 7, 20 steps. Warm-ups are excluded; medians reported.
 ``--only`` runs one side alone and reports its peak RSS (``ru_maxrss``) and cold start.
 Needs the test dependencies (``pip install -e '.[test]'``).
+
+Each tool runs in its own process, as its users run it, and the two take turns: sdstudio's process
+keeps freed memory in its heap as the ``sdstudio`` command does (``sdstudio.host_memory``), diffusers'
+keeps glibc's default (``--diffusers-keeps-freed-memory`` gives it the same setting, to show what that
+setting alone is worth to it). A process-wide malloc setting cannot be undone, so sharing one process
+would hand one side's setting to the other.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import platform
 import resource
 import statistics
 import sys
 import tempfile
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
@@ -115,6 +123,66 @@ def _summary(times: list[tuple[float, float]], batch: int) -> dict[str, object]:
     }
 
 
+def _serve(sides: tuple[str, ...], path: Path, args: argparse.Namespace, conn: Connection) -> None:
+    """One tool's process: builds its runners, then times ``(side, seed)`` requests until ``None``; answers
+    ``("ok", (seconds, seconds per step))`` or ``("error", why)``, and last its peak RSS in MiB."""
+    from sdstudio.host_memory import keep_freed_memory
+
+    kept = keep_freed_memory() if sides[0] == "ours" or args.diffusers_keeps_freed_memory else False
+    runners: dict[str, Ours | Diffusers] = {}
+    if sides[0] == "ours":
+        runners["ours"] = Ours(path, args)
+        if "ours_tome" in sides:
+            runners["ours_tome"] = Ours(path, args, args.tome, runners["ours"].pipe)
+    else:
+        runners["diffusers"] = Diffusers(path, args)
+    conn.send(kept)
+    while (message := conn.recv()) is not None:
+        side, seed = message
+        try:
+            conn.send(("ok", runners[side](seed)))
+        except SystemExit as e:
+            conn.send(("error", str(e)))
+    conn.send(round(_rss_mib()))
+
+
+def _alternate(path: Path, args: argparse.Namespace, result: dict[str, object]) -> None:
+    ours = ("ours", "ours_tome") if args.tome else ("ours",)
+    ctx = mp.get_context("spawn")
+    conns, procs = {}, []
+    for sides in (ours, ("diffusers",)):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_serve, args=(sides, path, args, child), daemon=True)
+        proc.start()
+        procs.append(proc)
+        conns.update(dict.fromkeys(sides, parent))
+    kept = {sides[0]: conns[sides[0]].recv() for sides in (ours, ("diffusers",))}  # both loaded
+
+    def run(side: str, seed: int) -> tuple[float, float]:
+        conns[side].send((side, seed))
+        status, value = conns[side].recv()
+        if status != "ok":
+            raise SystemExit(value)
+        return value
+
+    times: dict[str, list[tuple[float, float]]] = {side: [] for side in conns}
+    for _ in range(args.warmups):
+        for side in conns:
+            run(side, 0)
+    for i in range(args.runs):
+        for side in conns:  # alternating, so drifts hit both sides
+            times[side].append(run(side, i + 1))
+    for side in conns:
+        result[side] = _summary(times[side], args.batch)
+    for sides in (ours, ("diffusers",)):
+        conn = conns[sides[0]]
+        conn.send(None)
+        result[sides[0]]["peak_rss_mib"] = conn.recv()  # type: ignore[index]
+        result[sides[0]]["heap_keeps_freed_memory"] = kept[sides[0]]  # type: ignore[index]
+    for proc in procs:
+        proc.join()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -129,7 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="auto", help="sdstudio's precision (diffusers stays fp32)")
     parser.add_argument("--only", choices=("ours", "diffusers"), help="one side alone: peak RSS, cold start")
     parser.add_argument(
-        "--tome", type=float, default=0.0, help="also time sdstudio with token merging at this ratio (a third side)"
+        "--tome",
+        type=float,
+        default=0.0,
+        help="also time sdstudio with token merging at this ratio (a third side)",
+    )
+    parser.add_argument(
+        "--diffusers-keeps-freed-memory",
+        action="store_true",
+        help="give diffusers' process sdstudio's heap setting too (sdstudio.host_memory)",
     )
     args = parser.parse_args(argv)
 
@@ -148,9 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = _checkpoint(args, Path(tmp))
         made = time.perf_counter()
-        sides = {"ours": Ours, "diffusers": Diffusers}
         if args.only:
-            runner = sides[args.only](path, args)
+            from sdstudio.host_memory import keep_freed_memory
+
+            if args.only == "ours" or args.diffusers_keeps_freed_memory:
+                keep_freed_memory()  # as the sdstudio command does
+            runner = {"ours": Ours, "diffusers": Diffusers}[args.only](path, args)
             first = runner(0)
             result[args.only] = {
                 "cold_start_seconds": round(time.perf_counter() - made, 3),  # load + first image
@@ -158,28 +237,15 @@ def main(argv: list[str] | None = None) -> int:
                 "peak_rss_mib": round(_rss_mib()),
             }
         else:
-            runners = {name: cls(path, args) for name, cls in sides.items()}
-            if args.tome:
-                runners["ours_tome"] = Ours(path, args, args.tome, runners["ours"].pipe)
-            times: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
-            for _ in range(args.warmups):
-                for run in runners.values():
-                    run(0)
-            for i in range(args.runs):
-                for name, run in runners.items():  # alternating, so drifts hit both sides
-                    times[name].append(run(i + 1))
-            for name in runners:
-                result[name] = _summary(times[name], args.batch)
-            ratio = result["diffusers"]["seconds_per_image"] / result["ours"]["seconds_per_image"]  # type: ignore[index]
-            result["speedup_per_image"] = round(ratio, 3)
-            result["speedup_per_step"] = round(
-                result["diffusers"]["seconds_per_step"] / result["ours"]["seconds_per_step"],
-                3,  # type: ignore[index]
-            )
+            _alternate(path, args, result)
+            ours, theirs = result["ours"], result["diffusers"]
+            result["speedup_per_image"] = round(theirs["seconds_per_image"] / ours["seconds_per_image"], 3)  # type: ignore[index]
+            result["speedup_per_step"] = round(theirs["seconds_per_step"] / ours["seconds_per_step"], 3)  # type: ignore[index]
             if args.tome:
                 result["tome_ratio"] = args.tome
                 result["speedup_per_image_with_tome"] = round(
-                    result["diffusers"]["seconds_per_image"] / result["ours_tome"]["seconds_per_image"], 3  # type: ignore[index]
+                    theirs["seconds_per_image"] / result["ours_tome"]["seconds_per_image"],
+                    3,  # type: ignore[index]
                 )
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(result, indent=2))

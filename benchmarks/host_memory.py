@@ -1,0 +1,154 @@
+"""The host-memory lever alone (issue 6): one UNet CFG step and one VAE decode of a random-weight preset,
+timed in two fresh processes, alternating, with glibc's default heap and with freed blocks kept
+(``sdstudio.host_memory.keep_freed_memory``, what the CLI sets); page faults counted per call.
+
+    python benchmarks/host_memory.py --arch sd15 --latent 64 --runs 3     # 512x512, auto dtype (bf16 here)
+    python benchmarks/host_memory.py --arch sd15 --latent 64 --request    # and a whole 20-step request
+
+A setting of the whole process cannot be undone inside it (glibc's dynamic mmap threshold stays off
+once set), so each side is its own process. Medians in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.reference: random_unet, cfg_inputs
+
+
+JOBS = ("unet_cfg_step", "vae_decode", "request")
+
+
+def _faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _side(keep: bool, args: argparse.Namespace, conn: Connection) -> None:
+    import torch
+
+    from sdstudio.engine import choose_dtype, prefer_channels_last
+    from sdstudio.host_memory import keep_freed_memory
+    from sdstudio.models.configs import PRESETS
+    from sdstudio.models.vae import AutoencoderKL
+    from tests.reference import cfg_inputs, random_unet, randomise_
+
+    kept = keep_freed_memory() if keep else False
+    dtype = choose_dtype(args.precision)
+    config = PRESETS[args.arch]
+    fmt = torch.channels_last if prefer_channels_last(dtype) else torch.contiguous_format
+    unet = random_unet(config.unet).to(dtype).to(memory_format=fmt)
+    with torch.device("meta"):
+        vae = AutoencoderKL(config.vae)
+    vae.to_empty(device="cpu")
+    randomise_(vae, 0)
+    vae = vae.eval().to(dtype).to(memory_format=fmt)
+    x, t, context = cfg_inputs(config.unet, args.latent, dtype)
+    x = x.contiguous(memory_format=fmt)
+    z = x[:1].contiguous(memory_format=fmt)
+    jobs = {"unet_cfg_step": lambda: unet(x, t, context), "vae_decode": lambda: vae.decode(z)}
+    if args.checkpoint:
+        from sdstudio.engine import Pipeline
+        from sdstudio.types import GenerationRequest
+
+        pipe = Pipeline.from_file(args.checkpoint, dtype=dtype)
+        side = args.latent * 8
+        request = GenerationRequest(
+            prompt="a photo of a red fox in the snow, detailed", negative_prompt="blurry", sampler="Euler",
+            steps=args.steps, cfg_scale=7.0, seed=1, width=side, height=side, ngms=0.0,
+        )  # fmt: skip
+        jobs["request"] = lambda: pipe(request)
+    with torch.inference_mode():
+        for job in jobs.values():
+            job()  # warm-up
+        conn.send(kept)
+        while (name := conn.recv()) is not None:
+            f0, t0 = _faults(), time.perf_counter()
+            jobs[name]()
+            conn.send((time.perf_counter() - t0, _faults() - f0))
+    conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--arch", default="sd15")
+    parser.add_argument("--latent", type=int, default=64, help="latent side (image side / 8)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    parser.add_argument(
+        "--request",
+        action="store_true",
+        help="also a whole txt2img request (Euler, CFG 7, --steps) of the preset",
+    )
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args.checkpoint = None
+        if args.request:
+            from tests.reference import write_random_checkpoint
+
+            args.checkpoint = str(write_random_checkpoint(args.arch, Path(tmp) / f"{args.arch}.safetensors"))
+        result = _compare(args)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> dict[str, object]:
+    ctx = mp.get_context("spawn")
+    sides = {"glibc default": False, "freed memory kept": True}
+    conns, procs, kept = {}, [], {}
+    for name, keep in sides.items():
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_side, args=(keep, args, child), daemon=True)
+        proc.start()
+        conns[name], kept[name] = parent, parent.recv()  # the model is built and warm
+        procs.append(proc)
+    times: dict[str, dict[str, list[tuple[float, int]]]] = {
+        s: {"unet_cfg_step": [], "vae_decode": []} for s in sides
+    }
+    for _ in range(args.runs):
+        for job in JOBS[: 3 if args.request else 2]:
+            for side, conn in conns.items():  # alternating, so drifts hit both sides
+                conn.send(job)
+                times[side].setdefault(job, []).append(conn.recv())
+    result: dict[str, object] = {
+        "arch": args.arch,
+        "image_side": args.latent * 8,
+        "precision": args.precision,
+    }
+    for side, conn in conns.items():
+        conn.send(None)
+        result[side] = {
+            "setting_took_effect": kept[side],
+            **{
+                job: {
+                    "seconds": round(statistics.median(s for s, _ in runs), 3),
+                    "page_faults": statistics.median(f for _, f in runs),
+                }
+                for job, runs in times[side].items()
+            },
+            "peak_rss_mib": conn.recv(),
+        }
+    for proc in procs:
+        proc.join()
+    default, kept_side = result["glibc default"], result["freed memory kept"]
+    result["speedup"] = {
+        job: round(default[job]["seconds"] / kept_side[job]["seconds"], 3)  # type: ignore[index]
+        for job in times["glibc default"]
+    }
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
