@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import resource
 import statistics
 import sys
 import tempfile
 import time
-from multiprocessing.connection import Connection
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.reference: random_unet, cfg_inputs
@@ -32,7 +31,9 @@ def _faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def _side(keep: bool, args: argparse.Namespace, conn: Connection) -> None:
+def _side(keep: bool, args: argparse.Namespace) -> tuple[bool, Callable]:
+    """A worker: the models, built and warm; answers a job's name with (seconds, page faults) and ``None``
+    with its peak RSS in MiB."""
     import torch
 
     from sdstudio.engine import choose_dtype, prefer_channels_last
@@ -69,12 +70,16 @@ def _side(keep: bool, args: argparse.Namespace, conn: Connection) -> None:
     with torch.inference_mode():
         for job in jobs.values():
             job()  # warm-up
-        conn.send(kept)
-        while (name := conn.recv()) is not None:
+
+    def handle(name: str | None) -> object:
+        if name is None:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+        with torch.inference_mode():
             f0, t0 = _faults(), time.perf_counter()
             jobs[name]()
-            conn.send((time.perf_counter() - t0, _faults() - f0))
-    conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+            return time.perf_counter() - t0, _faults() - f0
+
+    return kept, handle
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,46 +110,43 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _compare(args: argparse.Namespace) -> dict[str, object]:
-    ctx = mp.get_context("spawn")
+    from benchmarks.vs_diffusers import Worker
+
     sides = {"glibc default": False, "freed memory kept": True}
-    conns, procs, kept = {}, [], {}
-    for name, keep in sides.items():
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_side, args=(keep, args, child), daemon=True)
-        proc.start()
-        conns[name], kept[name] = parent, parent.recv()  # the model is built and warm
-        procs.append(proc)
-    times: dict[str, dict[str, list[tuple[float, int]]]] = {
-        s: {"unet_cfg_step": [], "vae_decode": []} for s in sides
-    }
-    for _ in range(args.runs):
-        for job in JOBS[: 3 if args.request else 2]:
-            for side, conn in conns.items():  # alternating, so drifts hit both sides
-                conn.send(job)
-                times[side].setdefault(job, []).append(conn.recv())
+    workers: dict[str, Worker] = {}
+    took: dict[str, bool] = {}
     result: dict[str, object] = {
         "arch": args.arch,
         "image_side": args.latent * 8,
         "precision": args.precision,
     }
-    for side, conn in conns.items():
-        conn.send(None)
-        result[side] = {
-            "setting_took_effect": kept[side],
-            **{
-                job: {
-                    "seconds": round(statistics.median(s for s, _ in runs), 3),
-                    "page_faults": statistics.median(f for _, f in runs),
-                }
-                for job, runs in times[side].items()
-            },
-            "peak_rss_mib": conn.recv(),
-        }
-    for proc in procs:
-        proc.join()
-    default, kept_side = result["glibc default"], result["freed memory kept"]
+    try:
+        for name, keep in sides.items():  # one at a time: building and warming up is not what is compared
+            workers[name] = Worker(name, _side, keep, args)
+            took[name] = workers[name].receive()
+        times: dict[str, dict[str, list[tuple[float, int]]]] = {side: {} for side in sides}
+        for _ in range(args.runs):
+            for job in JOBS[: 3 if args.request else 2]:
+                for side, worker in workers.items():  # alternating, so drifts hit both sides
+                    times[side].setdefault(job, []).append(worker.ask(job))
+        for side, worker in workers.items():
+            result[side] = {
+                "setting_took_effect": took[side],
+                **{
+                    job: {
+                        "seconds": round(statistics.median(s for s, _ in runs), 3),
+                        "page_faults": statistics.median(f for _, f in runs),
+                    }
+                    for job, runs in times[side].items()
+                },
+                "peak_rss_mib": worker.ask(None),
+            }
+    finally:
+        for worker in workers.values():
+            worker.close()
+    default, kept = result["glibc default"], result["freed memory kept"]
     result["speedup"] = {
-        job: round(default[job]["seconds"] / kept_side[job]["seconds"], 3)  # type: ignore[index]
+        job: round(default[job]["seconds"] / kept[job]["seconds"], 3)  # type: ignore[index]
         for job in times["glibc default"]
     }
     return result

@@ -33,8 +33,11 @@ import statistics
 import sys
 import tempfile
 import time
-from multiprocessing.connection import Connection
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -123,9 +126,62 @@ def _summary(times: list[tuple[float, float]], batch: int) -> dict[str, object]:
     }
 
 
-def _serve(sides: tuple[str, ...], path: Path, args: argparse.Namespace, conn: Connection) -> None:
-    """One tool's process: builds its runners, then times ``(side, seed)`` requests until ``None``; answers
-    ``("ok", (seconds, seconds per step))`` or ``("error", why)``, and last its peak RSS in MiB."""
+def _answer(setup: Callable, args: tuple, conn: Connection) -> None:
+    """A worker process: ``setup(*args)`` gives a greeting and a handler; the greeting is sent, then each
+    message's answer until the handler has answered ``None``. A failure is sent back as its traceback."""
+    try:
+        greeting, handle = setup(*args)
+        conn.send(("ok", greeting))
+        while True:
+            message = conn.recv()
+            conn.send(("ok", handle(message)))
+            if message is None:
+                return
+    except EOFError:  # the parent is gone
+        return
+    except BaseException:  # noqa: BLE001 -- anything, SystemExit on inf/NaN included, goes back to the parent
+        conn.send(("error", traceback.format_exc()))
+
+
+class Worker:
+    """``setup(*args)`` run in a spawned process of its own (its own allocator settings); ``ask`` sends it a
+    message and returns the answer, or raises SystemExit with the worker's traceback, or when it died."""
+
+    def __init__(self, name: str, setup: Callable, *args: object) -> None:
+        ctx = mp.get_context("spawn")
+        self.name = name
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_answer, args=(setup, args, child), name=name, daemon=True)
+        self.proc.start()
+        child.close()  # so a dead worker reads as end of file here, not as a wait forever
+
+    def receive(self) -> Any:
+        ready = wait([self.conn, self.proc.sentinel])
+        if self.conn in ready:
+            try:
+                status, value = self.conn.recv()
+            except EOFError:
+                status, value = "error", "it closed its pipe"
+        else:
+            status, value = "error", f"it ended with exit code {self.proc.exitcode}"
+        if status != "ok":
+            raise SystemExit(f"{self.name} worker: {value}")
+        return value
+
+    def ask(self, message: object) -> Any:
+        self.conn.send(message)
+        return self.receive()
+
+    def close(self) -> None:
+        self.proc.join(timeout=60)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join()
+
+
+def _tool(sides: tuple[str, ...], path: Path, args: argparse.Namespace) -> tuple[bool, Callable]:
+    """One tool's worker: its runners; answers ``(side, seed)`` with ``(seconds, seconds per step)`` and
+    ``None`` with its peak RSS in MiB."""
     from sdstudio.host_memory import keep_freed_memory
 
     kept = keep_freed_memory() if sides[0] == "ours" or args.diffusers_keeps_freed_memory else False
@@ -136,51 +192,38 @@ def _serve(sides: tuple[str, ...], path: Path, args: argparse.Namespace, conn: C
             runners["ours_tome"] = Ours(path, args, args.tome, runners["ours"].pipe)
     else:
         runners["diffusers"] = Diffusers(path, args)
-    conn.send(kept)
-    while (message := conn.recv()) is not None:
+
+    def handle(message: tuple[str, int] | None) -> object:
+        if message is None:
+            return round(_rss_mib())
         side, seed = message
-        try:
-            conn.send(("ok", runners[side](seed)))
-        except SystemExit as e:
-            conn.send(("error", str(e)))
-    conn.send(round(_rss_mib()))
+        return runners[side](seed)
+
+    return kept, handle
 
 
 def _alternate(path: Path, args: argparse.Namespace, result: dict[str, object]) -> None:
     ours = ("ours", "ours_tome") if args.tome else ("ours",)
-    ctx = mp.get_context("spawn")
-    conns, procs = {}, []
-    for sides in (ours, ("diffusers",)):
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_serve, args=(sides, path, args, child), daemon=True)
-        proc.start()
-        procs.append(proc)
-        conns.update(dict.fromkeys(sides, parent))
-    kept = {sides[0]: conns[sides[0]].recv() for sides in (ours, ("diffusers",))}  # both loaded
-
-    def run(side: str, seed: int) -> tuple[float, float]:
-        conns[side].send((side, seed))
-        status, value = conns[side].recv()
-        if status != "ok":
-            raise SystemExit(value)
-        return value
-
-    times: dict[str, list[tuple[float, float]]] = {side: [] for side in conns}
-    for _ in range(args.warmups):
-        for side in conns:
-            run(side, 0)
-    for i in range(args.runs):
-        for side in conns:  # alternating, so drifts hit both sides
-            times[side].append(run(side, i + 1))
-    for side in conns:
-        result[side] = _summary(times[side], args.batch)
-    for sides in (ours, ("diffusers",)):
-        conn = conns[sides[0]]
-        conn.send(None)
-        result[sides[0]]["peak_rss_mib"] = conn.recv()  # type: ignore[index]
-        result[sides[0]]["heap_keeps_freed_memory"] = kept[sides[0]]  # type: ignore[index]
-    for proc in procs:
-        proc.join()
+    tools = {"ours": Worker("sdstudio", _tool, ours, path, args)}
+    try:
+        tools["diffusers"] = Worker("diffusers", _tool, ("diffusers",), path, args)
+        kept = {name: tool.receive() for name, tool in tools.items()}  # both loaded
+        workers = {side: tools["ours"] for side in ours} | {"diffusers": tools["diffusers"]}
+        times: dict[str, list[tuple[float, float]]] = {side: [] for side in workers}
+        for _ in range(args.warmups):
+            for side, worker in workers.items():
+                worker.ask((side, 0))
+        for i in range(args.runs):
+            for side, worker in workers.items():  # alternating, so drifts hit both sides
+                times[side].append(tuple(worker.ask((side, i + 1))))  # type: ignore[arg-type]
+        for side in workers:
+            result[side] = _summary(times[side], args.batch)
+        for name, tool in tools.items():
+            result[name]["peak_rss_mib"] = tool.ask(None)  # type: ignore[index]
+            result[name]["heap_keeps_freed_memory"] = kept[name]  # type: ignore[index]
+    finally:
+        for tool in tools.values():
+            tool.close()
 
 
 def main(argv: list[str] | None = None) -> int:

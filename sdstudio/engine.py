@@ -90,8 +90,12 @@ def prefer_channels_last(dtype: torch.dtype, device: str = "cpu") -> bool:
 
 def unet_runner(unet: torch.nn.Module, *, compile: bool, cuda_graphs: bool) -> torch.nn.Module | None:
     """What sampling calls in place of ``unet``: compiled (inductor) and/or replayed from CUDA graphs;
-    None for the UNet itself."""
-    runner: torch.nn.Module | None = torch.compile(unet) if compile else None  # type: ignore[assignment]
+    None for the UNet itself.
+
+    Compiled with static shapes: each new shape (size, batch) compiles its own graph, as the CUDA graphs
+    capture one per shape, instead of the second shape switching every later call to kernels generic in
+    the batch and size (PyTorch's default); after 8 shapes dynamo runs the UNet uncompiled."""
+    runner: torch.nn.Module | None = torch.compile(unet, dynamic=False) if compile else None  # type: ignore[assignment]
     if cuda_graphs:
         runner = CudaGraphRunner(runner if runner is not None else unet)
     return runner

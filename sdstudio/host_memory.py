@@ -3,21 +3,22 @@
 PyTorch's CPU tensors come from ``malloc``. glibc's default serves every block above a threshold (at
 most 32 MB) with its own ``mmap`` and unmaps it on ``free``, and trims the heap's free top; so every
 large activation of a UNet step lands on fresh pages, and the kernel zero-fills each 4 KiB page on its
-first touch. One sd15 CFG step at 512x512 in bf16 takes about 155,000 such page faults (~600 MB) and
-spends ~0.3 of its 2.8 s in them; with freed blocks kept in the heap it takes none after the first step
-(``python benchmarks/host_memory.py`` times it both ways).
+first touch. One sd15 CFG step at 512x512 in bf16 takes 85,000-155,000 such page faults and a VAE decode
+720,000; with freed blocks kept in the heap neither takes any after the first run, and a whole 20-step
+request is 1.09x faster, its VAE decode 1.5x (``python benchmarks/host_memory.py --request``).
 
 This is a setting of the whole process, so the library never makes it on its own: the CLI makes it
-for the process it owns (``sdstudio.cli.entry``), and a program that embeds sdstudio may call
-:func:`keep_freed_memory` itself. The cost is that the process keeps its peak heap until
-:func:`release_freed_memory` or exit: it never grows past the peak a run reached, but it does not shrink
-after it.
+for the process it owns when that process computes on the CPU (``sdstudio.cli.entry``), and a program
+that embeds sdstudio may call :func:`keep_freed_memory` itself. The cost: the process keeps the largest
+heap it has grown to until :func:`release_freed_memory` or exit. That heap cannot be compacted, so
+fragmentation can take it past the peak of live tensors (PyTorch's 64-byte aligned blocks ask for a
+little more than a freed block of the same size holds, so a new size pattern grows it for a few rounds
+before it settles); on a sd15 512x512 request the peak RSS was the same both ways (8.2 GB).
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import platform
 
 __all__ = ["keep_freed_memory", "release_freed_memory"]
@@ -32,19 +33,28 @@ NEVER_TRIM = 2**31 - 1
 def _glibc() -> ctypes.CDLL | None:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
-    name = ctypes.util.find_library("c") or "libc.so.6"
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return None
-    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    if not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):
+        return None
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    libc.mallopt.restype = ctypes.c_int
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    libc.malloc_trim.restype = ctypes.c_int
+    return libc
 
 
 def keep_freed_memory() -> bool:
-    """Serve every block from glibc's heap (no ``mmap`` per large block) and never trim it, so a freed
-    tensor's pages are reused by the next allocation instead of being unmapped and faulted in again.
+    """Serve large blocks from glibc's main heap instead of one ``mmap`` each, and never trim that heap,
+    so a freed tensor's pages are reused by the next allocation instead of being unmapped and faulted in
+    again.
 
-    True when the setting took effect; False where the C library is not glibc (nothing is changed).
+    True when glibc took both settings; False where the C library is not glibc (nothing is changed) or,
+    unlikely, where it refused the second one (then only the first holds). Under an allocator put in
+    with ``LD_PRELOAD`` (jemalloc, tcmalloc) the call reaches glibc but that allocator decides. Blocks
+    that other threads allocate come from their own arenas, which keep using ``mmap`` for large blocks.
     """
     libc = _glibc()
     if libc is None:
@@ -53,7 +63,8 @@ def keep_freed_memory() -> bool:
 
 
 def release_freed_memory() -> bool:
-    """Hand the heap's free pages back to the OS (``malloc_trim(0)``), e.g. after a job of a long-lived
-    process. True when some memory was released."""
+    """Hand the heap's free pages back to the OS (``malloc_trim(0)``, which also releases whole free pages
+    inside the heap, not only at its top), e.g. after a job of a long-lived process. True when some
+    memory was released."""
     libc = _glibc()
     return bool(libc.malloc_trim(0)) if libc is not None else False
