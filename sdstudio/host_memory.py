@@ -13,7 +13,9 @@ that embeds sdstudio may call :func:`keep_freed_memory` itself. The cost: the pr
 heap it has grown to until :func:`release_freed_memory` or exit. That heap cannot be compacted, so
 fragmentation can take it past the peak of live tensors (PyTorch's 64-byte aligned blocks ask for a
 little more than a freed block of the same size holds, so a new size pattern grows it for a few rounds
-before it settles); on a sd15 512x512 request the peak RSS was the same both ways (8.2 GB).
+before it settles). On a sd15 512x512 request sdstudio's peak RSS was the same both ways (8.2 GB);
+diffusers' pipeline under the same setting peaked 1.1 GB higher than with glibc's default
+(``benchmarks/vs_diffusers.py --diffusers-keeps-freed-memory``).
 """
 
 from __future__ import annotations
@@ -53,8 +55,9 @@ def keep_freed_memory() -> bool:
 
     True when glibc took both settings; False where the C library is not glibc (nothing is changed) or,
     unlikely, where it refused the second one (then only the first holds). Under an allocator put in
-    with ``LD_PRELOAD`` (jemalloc, tcmalloc) the call reaches glibc but that allocator decides. Blocks
-    that other threads allocate come from their own arenas, which keep using ``mmap`` for large blocks.
+    with ``LD_PRELOAD`` (jemalloc, tcmalloc) the call reaches glibc but that allocator decides. Other
+    threads allocate from arenas of their own, whose heaps hold at most 64 MB: a block larger than that
+    still gets a ``mmap`` of its own there.
     """
     libc = _glibc()
     if libc is None:
