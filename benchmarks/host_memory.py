@@ -1,5 +1,5 @@
-"""The host-memory lever alone (issue 6): one UNet CFG step and one VAE decode of a random-weight preset,
-timed in two fresh processes, alternating, with glibc's default heap and with freed blocks kept
+"""The host-memory lever alone (issue 6): one UNet CFG step and one VAE decode of a random-weight preset
+(loaded as ``sdstudio generate`` loads it), timed in two fresh processes, alternating, with glibc's default heap and with freed blocks kept
 (``sdstudio.host_memory.keep_freed_memory``, what the CLI sets); page faults counted per call.
 
     python benchmarks/host_memory.py --arch sd15 --latent 64 --runs 3     # 512x512, auto dtype (bf16 here)
@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.reference: random_unet, cfg_inputs
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.reference, benchmarks.vs_diffusers
 
 
 JOBS = ("unet_cfg_step", "vae_decode", "request")
@@ -32,35 +32,25 @@ def _faults() -> int:
 
 
 def _side(keep: bool, args: argparse.Namespace) -> tuple[bool, Callable]:
-    """A worker: the models, built and warm; answers a job's name with (seconds, page faults) and ``None``
-    with its peak RSS in MiB."""
+    """A worker: the checkpoint loaded as ``sdstudio generate`` loads it, its jobs warm; answers a job's name
+    with (seconds, page faults) and ``None`` with its peak RSS in MiB."""
     import torch
 
-    from sdstudio.engine import choose_dtype, prefer_channels_last
+    from sdstudio.engine import Pipeline, choose_dtype, prefer_channels_last
     from sdstudio.host_memory import keep_freed_memory
-    from sdstudio.models.configs import PRESETS
-    from sdstudio.models.vae import AutoencoderKL
-    from tests.reference import cfg_inputs, random_unet, randomise_
+    from sdstudio.types import GenerationRequest
+    from tests.reference import cfg_inputs
 
     kept = keep_freed_memory() if keep else False
     dtype = choose_dtype(args.precision)
-    config = PRESETS[args.arch]
-    fmt = torch.channels_last if prefer_channels_last(dtype) else torch.contiguous_format
-    unet = random_unet(config.unet).to(dtype).to(memory_format=fmt)
-    with torch.device("meta"):
-        vae = AutoencoderKL(config.vae)
-    vae.to_empty(device="cpu")
-    randomise_(vae, 0)
-    vae = vae.eval().to(dtype).to(memory_format=fmt)
-    x, t, context = cfg_inputs(config.unet, args.latent, dtype)
+    pipe = Pipeline.from_file(args.checkpoint, dtype=dtype)
+    unet, vae = pipe.model.model.unet, pipe.model.model.vae
+    fmt = torch.channels_last if prefer_channels_last(dtype) else torch.contiguous_format  # as from_file
+    x, t, context = cfg_inputs(pipe.model.config.unet, args.latent, dtype)
     x = x.contiguous(memory_format=fmt)
     z = x[:1].contiguous(memory_format=fmt)
     jobs = {"unet_cfg_step": lambda: unet(x, t, context), "vae_decode": lambda: vae.decode(z)}
-    if args.checkpoint:
-        from sdstudio.engine import Pipeline
-        from sdstudio.types import GenerationRequest
-
-        pipe = Pipeline.from_file(args.checkpoint, dtype=dtype)
+    if args.request:
         side = args.latent * 8
         request = GenerationRequest(
             prompt="a photo of a red fox in the snow, detailed", negative_prompt="blurry", sampler="Euler",
@@ -98,12 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args(argv)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        args.checkpoint = None
-        if args.request:
-            from tests.reference import write_random_checkpoint
+    from tests.reference import write_random_checkpoint
 
-            args.checkpoint = str(write_random_checkpoint(args.arch, Path(tmp) / f"{args.arch}.safetensors"))
+    with tempfile.TemporaryDirectory() as tmp:
+        args.checkpoint = str(write_random_checkpoint(args.arch, Path(tmp) / f"{args.arch}.safetensors"))
         result = _compare(args)
     print(json.dumps(result, indent=2))
     return 0

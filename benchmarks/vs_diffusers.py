@@ -179,12 +179,18 @@ class Worker:
             self.proc.join()
 
 
+def _set_heap(tool: str, args: argparse.Namespace) -> bool:
+    """The tool's process keeps freed memory as ``sdstudio generate`` does: ours always, diffusers' when
+    asked. True when the setting took effect."""
+    from sdstudio.host_memory import keep_freed_memory
+
+    return keep_freed_memory() if tool == "ours" or args.diffusers_keeps_freed_memory else False
+
+
 def _tool(sides: tuple[str, ...], path: Path, args: argparse.Namespace) -> tuple[bool, Callable]:
     """One tool's worker: its runners; answers ``(side, seed)`` with ``(seconds, seconds per step)`` and
     ``None`` with its peak RSS in MiB."""
-    from sdstudio.host_memory import keep_freed_memory
-
-    kept = keep_freed_memory() if sides[0] == "ours" or args.diffusers_keeps_freed_memory else False
+    kept = _set_heap(sides[0], args)
     runners: dict[str, Ours | Diffusers] = {}
     if sides[0] == "ours":
         runners["ours"] = Ours(path, args)
@@ -268,10 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         path = _checkpoint(args, Path(tmp))
         made = time.perf_counter()
         if args.only:
-            from sdstudio.host_memory import keep_freed_memory
-
-            if args.only == "ours" or args.diffusers_keeps_freed_memory:
-                keep_freed_memory()  # as the sdstudio command does
+            _set_heap(args.only, args)
             runner = {"ours": Ours, "diffusers": Diffusers}[args.only](path, args)
             first = runner(0)
             result[args.only] = {
