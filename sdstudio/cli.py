@@ -528,7 +528,7 @@ def generates_on_cpu(args: argparse.Namespace) -> bool:
 def entry() -> int:
     """The ``sdstudio`` command: :func:`main` in a process it owns. When it generates on the CPU it also
     keeps freed tensor memory in the process's heap (:mod:`sdstudio.host_memory`: no page faults per
-    activation, a sd15 512x512 request 1.09x faster). Not on a GPU, where it would only keep the freed CPU
+    activation, a sd15 512x512 request 1.09-1.11x faster). Not on a GPU, where it would only keep the freed CPU
     copies of the load, and not for training, where a shortened toyworld recipe ran no faster with it and
     peaked 0.3-0.6 GB higher."""
     args = build_parser().parse_args()

@@ -3,9 +3,9 @@
 PyTorch's CPU tensors come from ``malloc``. glibc's default serves every block above a threshold (at
 most 32 MB) with its own ``mmap`` and unmaps it on ``free``, and trims the heap's free top; so every
 large activation of a UNet step lands on fresh pages, and the kernel zero-fills each 4 KiB page on its
-first touch. One sd15 CFG step at 512x512 in bf16 takes 85,000-155,000 such page faults and a VAE decode
-720,000; with freed blocks kept in the heap neither takes any after the first run, and a whole 20-step
-request is 1.09x faster, its VAE decode 1.5x (``python benchmarks/host_memory.py --request``).
+first touch. One sd15 CFG step at 512x512 in bf16 takes 85,000-200,000 such page faults and a VAE decode
+~710,000; with freed blocks kept in the heap neither takes any after the first run, and a whole 20-step
+request is 1.09-1.11x faster, its VAE decode 1.4-1.5x (``python benchmarks/host_memory.py --request``).
 
 This is a setting of the whole process, so the library never makes it on its own: the CLI makes it
 for the process it owns when that process generates on the CPU (``sdstudio.cli.entry``), and a program
@@ -14,7 +14,7 @@ toyworld recipe ran as fast either way and peaked 0.3-0.6 GB higher with it. The
 heap it has grown to until :func:`release_freed_memory` or exit. That heap cannot be compacted, so
 fragmentation can take it past the peak of live tensors (PyTorch's 64-byte aligned blocks ask for a
 little more than a freed block of the same size holds, so a new size pattern grows it for a few rounds
-before it settles). On a sd15 512x512 request sdstudio's peak RSS was the same both ways (8.2 GB);
+before it settles). On a sd15 512x512 request sdstudio's peak RSS was the same both ways (6.3 GB);
 diffusers' pipeline under the same setting peaked 1.1 GB higher than with glibc's default
 (``benchmarks/vs_diffusers.py --diffusers-keeps-freed-memory``).
 """
