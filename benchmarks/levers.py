@@ -6,9 +6,10 @@ shapes one UNet step runs.
     python benchmarks/levers.py --arch sd15 --latent 32 --runs 3 --precision fp32  # 256x256 in fp32
     python benchmarks/levers.py --arch sd15 --latent 64 --runs 2 --compile         # and torch.compile
 
-The default is what sdstudio runs at that precision: in bf16 on CPU, channels-last weights and the
-sliced attention (``sdstudio.models.attention``); in fp32, NCHW and PyTorch's fused SDPA kernel; in both,
-cond and uncond in one batched call. Medians in seconds; ratios against the default.
+The default is what sdstudio runs at that precision: in bf16 on CPU, channels-last weights, the
+sliced attention (``sdstudio.models.attention``) and weights prepacked for oneDNN
+(``sdstudio.models.prepacked``); in fp32, NCHW and PyTorch's fused SDPA kernel; in both, cond and uncond
+in one batched call. Freed memory is kept in the heap, as ``sdstudio generate`` runs on the CPU. Medians in seconds; ratios against the default.
 """
 
 from __future__ import annotations
@@ -38,6 +39,21 @@ def _median_seconds(fn: Callable[[], object], runs: int) -> float:
     return statistics.median(times)
 
 
+def _interleaved_medians(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
+    """Medians of ``fns`` run in turns, one call each per round: this machine drifts by several per cent
+    within a process, which sequential medians would book to whichever ran in the slower stretch."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.inference_mode():
+        for fn in fns.values():
+            fn()  # warm-up
+        for _ in range(runs):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -52,11 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from sdstudio.engine import choose_dtype, prefer_channels_last
+    from sdstudio.host_memory import keep_freed_memory
     from sdstudio.models.attention import attention
     from sdstudio.models.configs import PRESETS
+    from sdstudio.models.prepacked import Conv2d, Linear
     from sdstudio.models.unet import CrossAttention, GroupNorm32
     from tests.reference import cfg_inputs, random_unet
 
+    keep_freed_memory()  # as ``sdstudio generate`` runs on the CPU
     dtype = choose_dtype(args.precision)
     config = PRESETS[args.arch]
     unet = random_unet(config.unet).to(dtype)
@@ -97,9 +116,20 @@ def main(argv: list[str] | None = None) -> int:
         unet(x[:1], t[:1], context[:1])
         unet(x[1:], t[1:], context[1:])
 
+    def unpacked() -> None:
+        packing = [m for m in unet.modules() if isinstance(m, (Conv2d, Linear))]
+        for m in packing:
+            m.prepack = False
+        try:
+            unet(x, t, context)
+        finally:
+            for m in packing:
+                m.prepack = True
+
     set_channels_last(channels_last)
     default = f"default ({'channels-last' if channels_last else 'NCHW'}, batched CFG)"
-    step = {default: _median_seconds(batched, args.runs)}
+    # Taking turns, twice the runs: the lever is worth a few per cent, inside sequential medians' drift.
+    step = _interleaved_medians({default: batched, "weights not prepacked for oneDNN": unpacked}, 2 * args.runs)
     step["two calls instead of batched CFG"] = _median_seconds(separate, args.runs)
     set_channels_last(not channels_last)
     step["NCHW" if channels_last else "channels-last"] = _median_seconds(batched, args.runs)

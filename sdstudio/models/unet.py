@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from sdstudio.models.attention import attention
 from sdstudio.models.configs import UNetConfig
+from sdstudio.models.prepacked import Conv2d, Linear
 from sdstudio.models.tome import TokenMerging, merge, plan_merge, unmerge
 
 __all__ = ["UNetModel", "timestep_embedding"]
@@ -62,18 +63,18 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int) -> None:
         super().__init__()
         self.in_layers = nn.Sequential(
-            GroupNorm32(groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            GroupNorm32(groups, channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1)
         )
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.emb_layers = nn.Sequential(nn.SiLU(), Linear(emb_channels, out_channels))
         # Index 2 is LDM's Dropout: kept as Identity so that the conv is ``out_layers.3``.
         self.out_layers = nn.Sequential(
             GroupNorm32(groups, out_channels),
             nn.SiLU(),
             nn.Identity(),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+            Conv2d(out_channels, out_channels, 3, padding=1),
         )
         self.skip_connection: nn.Module = (
-            nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+            nn.Identity() if out_channels == channels else Conv2d(channels, out_channels, 1)
         )
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
@@ -90,11 +91,11 @@ class CrossAttention(nn.Module):
         super().__init__()
         inner = heads * head_dim
         self.heads = heads
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_q = Linear(query_dim, inner, bias=False)
+        self.to_k = Linear(context_dim, inner, bias=False)
+        self.to_v = Linear(context_dim, inner, bias=False)
         # Index 1 is LDM's Dropout.
-        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Identity())
+        self.to_out = nn.Sequential(Linear(inner, query_dim), nn.Identity())
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         context = x if context is None else context
@@ -114,7 +115,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, x: Tensor) -> Tensor:
         x, gate = self.proj(x).chunk(2, dim=-1)
@@ -125,7 +126,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4) -> None:
         super().__init__()
         # Index 1 is LDM's Dropout.
-        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), Linear(dim * mult, dim))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -166,17 +167,17 @@ class SpatialTransformer(nn.Module):
         self.proj_in: nn.Module
         self.proj_out: nn.Module
         if self.use_linear:
-            self.proj_in = nn.Linear(channels, inner)
+            self.proj_in = Linear(channels, inner)
         else:
-            self.proj_in = nn.Conv2d(channels, inner, 1)
+            self.proj_in = Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, head_dim, config.context_dim)
             for _ in range(config.transformer_depth)
         )
         if self.use_linear:
-            self.proj_out = nn.Linear(inner, channels)
+            self.proj_out = Linear(inner, channels)
         else:
-            self.proj_out = nn.Conv2d(inner, channels, 1)
+            self.proj_out = Conv2d(inner, channels, 1)
 
     def forward(self, x: Tensor, context: Tensor, merging: TokenMerging | None = None) -> Tensor:
         height, width = x.shape[-2:]
@@ -207,7 +208,7 @@ class SpatialTransformer(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.op(x)  # [batch, c, ceil(h / 2), ceil(w / 2)]
@@ -216,7 +217,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         # ``size`` is the next skip connection's: it differs from 2 * (h, w) when a latent side is not a
@@ -268,10 +269,10 @@ class UNetModel(nn.Module):
             heads, head_dim = config.heads_at(channels)
             return SpatialTransformer(channels, heads, head_dim, config)
 
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_embed = nn.Sequential(Linear(mc, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
 
         self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(nn.Conv2d(config.in_channels, mc, 3, padding=1))]
+            [TimestepEmbedSequential(Conv2d(config.in_channels, mc, 3, padding=1))]
         )
         skip_channels = [mc]  # channels of each input block's output, consumed by the output blocks
         ch = mc
@@ -307,7 +308,7 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(
-            GroupNorm32(groups, ch), nn.SiLU(), nn.Conv2d(ch, config.out_channels, 3, padding=1)
+            GroupNorm32(groups, ch), nn.SiLU(), Conv2d(ch, config.out_channels, 3, padding=1)
         )
         self._init_zero_outputs()
 

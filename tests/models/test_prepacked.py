@@ -1,0 +1,132 @@
+"""Layers with oneDNN-packed weights: the same outputs as ``nn.Linear`` / ``nn.Conv2d``, the packed copy made
+again whenever the weight changes, and never used where it does not apply."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from sdstudio.models import prepacked
+from sdstudio.models.configs import preset
+from sdstudio.models.prepacked import Conv2d, Linear
+from tests.reference import cfg_inputs, random_unet
+
+# Where oneDNN has no bf16 kernels the layers run plain; the equality tests still hold, the cache ones skip.
+needs_packing = pytest.mark.skipif(
+    not prepacked._mkldnn_bf16(), reason="this CPU has no oneDNN bf16 kernels: the layers run plain"
+)
+
+
+def layers(seed: int = 0) -> list[tuple[nn.Module, nn.Module, torch.Tensor]]:
+    """(plain layer, prepacked twin with the same weights, a bf16 input) for the shapes the UNet has."""
+    gen = torch.Generator().manual_seed(seed)
+    cases: list[tuple[nn.Module, nn.Module, torch.Tensor]] = []
+    for plain, twin, shape in [
+        (nn.Linear(64, 96), Linear(64, 96), (2, 50, 64)),
+        (nn.Linear(64, 32, bias=False), Linear(64, 32, bias=False), (2, 7, 64)),
+        (nn.Conv2d(16, 24, 3, padding=1), Conv2d(16, 24, 3, padding=1), (2, 16, 9, 11)),
+        (nn.Conv2d(16, 16, 3, stride=2, padding=1), Conv2d(16, 16, 3, stride=2, padding=1), (2, 16, 9, 11)),
+        (nn.Conv2d(16, 8, 1), Conv2d(16, 8, 1), (2, 16, 8, 8)),
+    ]:
+        plain = plain.to(torch.bfloat16)
+        twin = twin.to(torch.bfloat16)
+        twin.load_state_dict(plain.state_dict())
+        x = torch.randn(shape, generator=gen).to(torch.bfloat16)
+        if x.dim() == 4:  # as the UNet runs on the CPU in bf16
+            plain.to(memory_format=torch.channels_last)
+            twin.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        cases.append((plain, twin, x))
+    return cases
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_packed_layers_give_the_plain_layers_output_exactly(case):
+    plain, twin, x = layers()[case]
+    with torch.inference_mode():
+        expected = plain(x)
+        assert torch.equal(twin(x), expected)
+        assert torch.equal(twin(x), expected)  # second call: from the packed copy
+    assert (twin._packed.weight is not None) == prepacked._mkldnn_bf16()
+
+
+@needs_packing
+@pytest.mark.parametrize("case", [0, 2])
+def test_a_weight_changed_in_place_or_replaced_is_packed_again(case):
+    plain, twin, x = layers()[case]
+    with torch.inference_mode():
+        twin(x)
+        first = twin._packed.weight
+        with torch.no_grad():  # a patch merged into the weights, as a LoRA would be
+            plain.weight.add_(0.5)
+            twin.weight.add_(0.5)
+        assert torch.equal(twin(x), plain(x))
+        assert twin._packed.weight is not first
+        # new parameter objects (load_state_dict with assign, as the loader does)
+        state = {k: v.clone() * 2 for k, v in plain.state_dict().items()}
+        plain.load_state_dict(state)
+        twin.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)
+        assert torch.equal(twin(x), plain(x))
+
+
+@needs_packing
+def test_a_conv_packs_again_for_a_new_input_shape():
+    plain, twin, x = layers()[2]
+    with torch.inference_mode():
+        twin(x)
+        bigger = torch.randn(1, 16, 20, 12).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        assert torch.equal(twin(bigger), plain(bigger))
+        assert twin._packed.key[-1] == tuple(bigger.shape)
+        assert torch.equal(twin(x), plain(x))
+
+
+def test_training_fp32_and_compiled_shapes_run_the_plain_layer():
+    plain, twin, x = layers()[0]
+    # gradients wanted: the plain layer, with its backward
+    twin.train()
+    out = twin(x)
+    out.float().sum().backward()
+    assert twin.weight.grad is not None
+    assert twin._packed.weight is None
+    # fp32 weights
+    twin32 = copy.deepcopy(twin).float()
+    with torch.inference_mode():
+        torch.testing.assert_close(twin32(x.float()), plain.float()(x.float()))
+    assert twin32._packed.weight is None
+    # an instance told not to pack (what benchmarks/levers.py measures against)
+    twin.prepack = False
+    with torch.inference_mode():
+        assert torch.equal(twin(x), plain.to(torch.bfloat16)(x))
+    assert twin._packed.weight is None
+
+
+@needs_packing
+def test_copies_and_pickles_pack_their_own_weight():
+    _plain, twin, x = layers()[2]
+    with torch.inference_mode():
+        expected = twin(x)
+    assert twin._packed.weight is not None
+    for other in (copy.deepcopy(twin), pickle.loads(pickle.dumps(twin))):
+        assert other._packed.weight is None  # the opaque packed tensor is not copied
+        with torch.inference_mode():
+            assert torch.equal(other(x), expected)
+
+
+def test_unet_gives_the_same_output_with_and_without_packed_weights():
+    config = preset("tiny").unet
+    unet = random_unet(config).to(torch.bfloat16).to(memory_format=torch.channels_last)
+    x, t, context = cfg_inputs(config, 16, torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    packed_layers = [m for m in unet.modules() if isinstance(m, (Linear, Conv2d))]
+    assert len(packed_layers) == sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in unet.modules())
+    with torch.inference_mode():
+        packed = unet(x, t, context)
+        for m in packed_layers:
+            m.prepack = False
+        plain = unet(x, t, context)
+    assert torch.equal(packed, plain)
+    assert all((m._packed.weight is not None) == prepacked._mkldnn_bf16() for m in packed_layers)
