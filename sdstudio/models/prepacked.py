@@ -5,9 +5,9 @@ every call. Where the weight is large against the activations (the UNet's 1280-c
 16x16 latents, its 2560-wide GEGLU projections) that reorder costs up to a third of the call: a 1280->1280
 3x3 conv at 8x8, batch 2, takes 6.8 ms plain and 4.3 ms on a packed weight. These layers keep the packed
 weight beside the parameter and reuse it while the parameter is unchanged: one sd15 CFG step at 512x512
-goes from 2.63 to 2.48 s (``python benchmarks/levers.py --arch sd15 --latent 64``), at the cost of a second
-copy of the weights (1.7 GB for sd15 in bf16). The SD VAE decoder gained nothing (its convs run on large
-maps), so only the UNet uses these layers.
+goes from 2.38 to 2.25 s (5.5 %; ``python benchmarks/levers.py --arch sd15 --latent 64``), at the cost of
+a second copy of the UNet's weights (1.7 GB for sd15 in bf16). The SD VAE decoder gained nothing (its
+convs run on large maps), so only the UNet uses these layers.
 
 The parameters stay ordinary ``weight`` / ``bias`` tensors, so checkpoint keys, ``state_dict``, training
 and patches applied to the weights are unchanged. The packed copy is used only for inference on the CPU
@@ -76,14 +76,23 @@ def _source(weight: Tensor) -> tuple[Any, ...]:
     return (weight, weight.data_ptr(), weight._version)
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` with the same parameters; a packed weight for bf16 inference on the CPU."""
+class _KeepsPacked(nn.Module):
+    """What both layers share: the cache, and dropping it when the module is converted (``.to``, ``.cuda``,
+    ``.half``), so that a model moved to a GPU does not keep a CPU copy of its weights."""
 
     prepack = True  # set False on an instance to measure it without (``benchmarks/levers.py``)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._packed = _Packed()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        self._packed = _Packed()
+        return super()._apply(fn, recurse)
+
+
+class Linear(_KeepsPacked, nn.Linear):
+    """``nn.Linear`` with the same parameters; a packed weight for bf16 inference on the CPU."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not (self.prepack and packable(x, self.weight)):
@@ -94,18 +103,12 @@ class Linear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
 
 
-class Conv2d(nn.Conv2d):
+class Conv2d(_KeepsPacked, nn.Conv2d):
     """``nn.Conv2d`` with the same parameters; a packed weight for bf16 inference on the CPU.
 
     oneDNN picks the blocked layout for an input shape (packed without one, the layout made the step 35 %
     slower), so the weight is packed again when the input shape changes: once per image size.
     """
-
-    prepack = True  # set False on an instance to measure it without (``benchmarks/levers.py``)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._packed = _Packed()
 
     def forward(self, x: Tensor) -> Tensor:
         if not (

@@ -130,3 +130,16 @@ def test_unet_gives_the_same_output_with_and_without_packed_weights():
         plain = unet(x, t, context)
     assert torch.equal(packed, plain)
     assert all((m._packed.weight is not None) == prepacked._mkldnn_bf16() for m in packed_layers)
+
+
+@needs_packing
+def test_converting_the_module_drops_the_packed_copy():
+    """A model moved to another device or dtype must not keep a CPU copy of its old weights."""
+    plain, twin, x = layers()[2]
+    with torch.inference_mode():
+        twin(x)
+    assert twin._packed.weight is not None
+    twin.float()
+    assert twin._packed.weight is None
+    with torch.inference_mode():
+        torch.testing.assert_close(twin(x.float()), plain.float()(x.float()))
