@@ -77,10 +77,9 @@ def choose_device(device: str = "auto") -> str:
 def prefer_channels_last(dtype: torch.dtype, device: str = "cpu") -> bool:
     """Whether convolutions should run on NHWC (channels-last) weights and activations.
 
-    On CPUs in bf16, oneDNN's convolutions were faster on NHWC while their weights were reordered on every
-    call: one sd15 CFG step at 512x512 took 2.64 s instead of 2.84 s (``python benchmarks/levers.py --arch
-    sd15 --latent 64``); with the UNet's weights prepacked (``sdstudio.models.prepacked``) both formats take
-    2.25 s, and NHWC is kept. In fp32 NCHW is
+    On CPUs in bf16, oneDNN's convolutions are faster on NHWC: one sd15 CFG step at 512x512 takes 2.33 s
+    instead of 2.71 s (``python benchmarks/levers.py --arch sd15 --latent 64``; the UNet's prepacked
+    convolutions, ``sdstudio.models.prepacked``, run on NHWC inputs only). In fp32 NCHW is
     the faster one (channels-last is 5.6 % slower: ``--precision fp32 --latent 32``). On CUDA in fp16 /
     bf16, cuDNN's tensor-core convolutions want NHWC too: a sd15 512x512 image with CUDA graphs takes
     0.248 s instead of 0.300 s on an H200 (``python benchmarks/gpu.py``, sd15_levers).

@@ -5,20 +5,23 @@ every call. Where the weight is large against the activations (the UNet's 1280-c
 16x16 latents, its 2560-wide GEGLU projections) that reorder costs up to a third of the call: a 1280->1280
 3x3 conv at 8x8, batch 2, takes 6.8 ms plain and 4.3 ms on a packed weight. These layers keep the packed
 weight beside the parameter and reuse it while the parameter is unchanged: one sd15 CFG step at 512x512
-goes from 2.38 to 2.25 s (5.5 %; ``python benchmarks/levers.py --arch sd15 --latent 64``), at the cost of
+goes from 2.49 to 2.33 s (6.7 %; ``python benchmarks/levers.py --arch sd15 --latent 64``), at the cost of
 a second copy of the UNet's weights (1.7 GB for sd15 in bf16). The SD VAE decoder gained nothing (its
 convs run on large maps), so only the UNet uses these layers.
 
 The parameters stay ordinary ``weight`` / ``bias`` tensors, so checkpoint keys, ``state_dict``, training
 and patches applied to the weights are unchanged. The packed copy is used only for inference on the CPU
-in bf16 (where oneDNN supports bf16), and is made again when the parameter is replaced or changed in
-place (its version counter moves: ``copy_``, ``add_``, ``load_state_dict``; a write through ``.data`` is
-not seen). Outputs equal the plain layers' bit for bit (``tests/models/test_prepacked.py``).
+in bf16 (where oneDNN supports bf16; convolutions on channels-last inputs only, as the engine runs them),
+and is made again when the parameter is replaced or changed in place (its version counter moves:
+``copy_``, ``add_``, ``load_state_dict``, optimizer steps; not seen: writes through ``.data`` and fused
+optimizers such as ``AdamW(fused=True)``, which leave the version alone). Outputs equal the plain
+layers' bit for bit on this project's CPU (``tests/models/test_prepacked.py``).
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any
 
 import torch
@@ -32,48 +35,63 @@ def _mkldnn_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def packable(x: Tensor, weight: Tensor) -> bool:
-    """Inference on the CPU in bf16 with oneDNN's bf16 kernels, outside ``torch.compile``."""
+def packable(x: Tensor, layer: nn.Module) -> bool:
+    """Inference on the CPU in bf16 with oneDNN's bf16 kernels, outside ``torch.compile``, with no
+    gradient wanted for the input or any of the layer's parameters."""
+    if torch.compiler.is_compiling():  # first: dynamo cannot trace the checks below
+        return False
+    weight = layer.weight
     return (
         x.device.type == "cpu"
         and weight.device.type == "cpu"
         and x.dtype == weight.dtype == torch.bfloat16
         and not weight.is_inference()  # its version counter, which tells changes apart, is not kept
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and not torch.compiler.is_compiling()
+        and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters())))
         and torch.backends.mkldnn.enabled
         and _mkldnn_bf16()
     )
 
 
 class _Packed:
-    """The packed weight and what it was packed from. Not copied, not pickled: a copy packs anew."""
+    """The packed weight and what it was packed from. Not copied, not pickled: a copy packs anew.
 
-    __slots__ = ("key", "weight")
+    One ``(key, packed)`` tuple, read and published in single assignments, so that threads sharing a layer
+    never see a key with another key's weight. The key holds the parameter weakly: a replaced parameter is
+    not kept alive by it.
+    """
+
+    __slots__ = ("entry",)
 
     def __init__(self) -> None:
-        self.key: tuple[Any, ...] | None = None
-        self.weight: Tensor | None = None
+        self.entry: tuple[tuple[Any, ...], Tensor] | None = None
 
-    def get(self, key: tuple[Any, ...], pack: Any) -> Tensor:
-        if self.key is None or self.key[0] is not key[0] or self.key[1:] != key[1:]:
-            self.weight = None  # free the old copy before making the new one
-            self.weight = pack()
-            self.key = key
-        assert self.weight is not None
-        return self.weight
+    @property
+    def key(self) -> tuple[Any, ...] | None:
+        entry = self.entry
+        return None if entry is None else entry[0]
+
+    @property
+    def weight(self) -> Tensor | None:
+        entry = self.entry
+        return None if entry is None else entry[1]
+
+    def get(self, weight: Tensor, extra: tuple[Any, ...], pack: Any) -> Tensor:
+        # The parameter object (replaced by ``load_state_dict(assign=True)``), its memory and its version
+        # (moved by in-place writes), and what else the layout depends on.
+        key = (weakref.ref(weight), weight.data_ptr(), weight._version, *extra)
+        entry = self.entry
+        if entry is not None and entry[0][0]() is weight and entry[0][1:] == key[1:]:
+            return entry[1]
+        self.entry = None  # free the old copy before making the new one
+        packed = pack()
+        self.entry = (key, packed)
+        return packed
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Packed:
         return _Packed()
 
     def __reduce__(self) -> tuple[type[_Packed], tuple[()]]:
         return (_Packed, ())
-
-
-def _source(weight: Tensor) -> tuple[Any, ...]:
-    # The parameter object (replaced by ``load_state_dict(assign=True)`` or ``.to``), its memory and its
-    # version (moved by in-place writes).
-    return (weight, weight.data_ptr(), weight._version)
 
 
 class _KeepsPacked(nn.Module):
@@ -95,10 +113,10 @@ class Linear(_KeepsPacked, nn.Linear):
     """``nn.Linear`` with the same parameters; a packed weight for bf16 inference on the CPU."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (self.prepack and packable(x, self.weight)):
+        if not (self.prepack and packable(x, self)):
             return super().forward(x)
         weight = self._packed.get(
-            _source(self.weight), lambda: torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+            self.weight, (), lambda: torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
         )
         return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
 
@@ -116,12 +134,15 @@ class Conv2d(_KeepsPacked, nn.Conv2d):
             and self.padding_mode == "zeros"
             and not isinstance(self.padding, str)
             and x.dim() == 4
-            and packable(x, self.weight)
+            # oneDNN's packed convolution returns channels-last whatever it is given: NCHW stays plain
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and packable(x, self)
         ):
             return super().forward(x)
         padding, stride, dilation = list(self.padding), list(self.stride), list(self.dilation)
         weight = self._packed.get(
-            (*_source(self.weight), tuple(x.shape)),
+            self.weight,
+            (tuple(x.shape),),
             lambda: torch.ops.mkldnn._reorder_convolution_weight(
                 self.weight.detach(), padding, stride, dilation, self.groups, list(x.shape)
             ),

@@ -84,7 +84,7 @@ def test_a_conv_packs_again_for_a_new_input_shape():
         assert torch.equal(twin(x), plain(x))
 
 
-def test_training_fp32_and_compiled_shapes_run_the_plain_layer():
+def test_training_fp32_and_unpacked_instances_run_the_plain_layer():
     plain, twin, x = layers()[0]
     # gradients wanted: the plain layer, with its backward
     twin.train()
@@ -116,11 +116,13 @@ def test_copies_and_pickles_pack_their_own_weight():
             assert torch.equal(other(x), expected)
 
 
-def test_unet_gives_the_same_output_with_and_without_packed_weights():
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_unet_gives_the_same_output_with_and_without_packed_weights(channels_last):
     config = preset("tiny").unet
-    unet = random_unet(config).to(torch.bfloat16).to(memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    unet = random_unet(config).to(torch.bfloat16).to(memory_format=fmt)
     x, t, context = cfg_inputs(config, 16, torch.bfloat16)
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=fmt)
     packed_layers = [m for m in unet.modules() if isinstance(m, (Linear, Conv2d))]
     assert len(packed_layers) == sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in unet.modules())
     with torch.inference_mode():
@@ -129,7 +131,9 @@ def test_unet_gives_the_same_output_with_and_without_packed_weights():
             m.prepack = False
         plain = unet(x, t, context)
     assert torch.equal(packed, plain)
-    assert all((m._packed.weight is not None) == prepacked._mkldnn_bf16() for m in packed_layers)
+    # NCHW: the linears pack, the convolutions run plain (packed, they would turn the maps channels-last)
+    expect = [prepacked._mkldnn_bf16() and (channels_last or isinstance(m, Linear)) for m in packed_layers]
+    assert [m._packed.weight is not None for m in packed_layers] == expect
 
 
 @needs_packing
@@ -143,3 +147,42 @@ def test_converting_the_module_drops_the_packed_copy():
     assert twin._packed.weight is None
     with torch.inference_mode():
         torch.testing.assert_close(twin(x.float()), plain.float()(x.float()))
+
+
+@pytest.mark.parametrize("case", [0, 2])
+def test_a_trainable_bias_alone_still_gets_its_gradient(case):
+    _plain, twin, x = layers()[case]
+    twin.weight.requires_grad_(False)  # frozen weight, trainable bias: the packed op has no backward
+    twin(x).float().sum().backward()
+    assert twin.bias.grad is not None
+    assert twin._packed.weight is None
+
+
+@pytest.mark.parametrize("case", [0, 2])
+def test_no_grad_packs_as_inference_mode_does(case):
+    plain, twin, x = layers()[case]
+    with torch.no_grad():
+        assert torch.equal(twin(x), plain(x))
+    assert (twin._packed.weight is not None) == prepacked._mkldnn_bf16()
+
+
+def test_an_nchw_input_runs_the_plain_conv_and_keeps_its_format():
+    """oneDNN's packed convolution returns channels-last; NCHW callers get the plain layer's NCHW output."""
+    plain, twin, x = layers()[2]
+    plain.to(memory_format=torch.contiguous_format)
+    twin.to(memory_format=torch.contiguous_format)
+    x = x.contiguous()
+    with torch.inference_mode():
+        out = twin(x)
+        assert torch.equal(out, plain(x))
+    assert out.is_contiguous()
+    assert twin._packed.weight is None
+
+
+@pytest.mark.parametrize("case", [0, 2])
+def test_compiling_traces_one_graph_through_the_layer(case):
+    """Under ``torch.compile`` the layers are the plain ones, with no graph break (``fullgraph``)."""
+    plain, twin, x = layers()[case]
+    compiled = torch.compile(twin, fullgraph=True, backend="eager")
+    with torch.inference_mode():
+        assert torch.equal(compiled(x), plain(x))
