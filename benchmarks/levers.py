@@ -116,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         unet(x[:1], t[:1], context[:1])
         unet(x[1:], t[1:], context[1:])
 
+    packing = [m for m in unet.modules() if isinstance(m, (Conv2d, Linear))]
+
     def unpacked() -> None:
-        packing = [m for m in unet.modules() if isinstance(m, (Conv2d, Linear))]
         for m in packing:
             m.prepack = False
         try:
