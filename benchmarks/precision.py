@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 import torch
 
-from sdstudio.engine import choose_dtype, cpu_flags
+from sdstudio.cpu import cpu_flags
+from sdstudio.engine import choose_dtype
 
 
 def timed(fn: Callable[[], object], runs: int = 2) -> float:

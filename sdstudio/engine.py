@@ -6,10 +6,10 @@ import dataclasses
 import logging
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
+from sdstudio.cpu import cpu_flags
 from sdstudio.diffusion.samplers import SamplerStep
 from sdstudio.errors import SdStudioError
 from sdstudio.models.cuda_graphs import CudaGraphRunner
@@ -22,17 +22,6 @@ from sdstudio.types import GenerationRequest, GenerationResult
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-def cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> frozenset[str]:
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
 
 
 def choose_dtype(precision: str, device: str = "cpu", flags: frozenset[str] | None = None) -> torch.dtype:

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from sdstudio.engine import choose_dtype, cpu_flags
+from sdstudio.cpu import cpu_flags
+from sdstudio.engine import choose_dtype
 from sdstudio.errors import SdStudioError
 from sdstudio.toyworld.evaluate import SHIPPED_MODEL
 

@@ -1,17 +1,20 @@
 """Scaled dot-product attention for the UNet and the VAE (the text encoders' causal attention is short
 and stays on ``F.scaled_dot_product_attention``).
 
-On GPUs and for short sequences this is ``F.scaled_dot_product_attention``. On CPUs, PyTorch's fused
-kernel is slow for the long, narrow heads of Stable Diffusion (4096 tokens of head width 40 at 512x512):
-in bf16 it runs at about 80 GFLOP/s on this project's 2-core EPYC, where its softmax, not its matmuls,
-is the cost. Computing each head in slices of queries, with the score block small enough to stay in
-cache, takes one sd15 step's attention at 512x512 from 1.68 s to 0.93 s there
-(``python benchmarks/levers.py --arch sd15 --latent 64``) and never holds more than one slice of
-scores. Its scores and probabilities are rounded to bf16 (the fused kernel keeps them in fp32), so its
-mean error is about one bf16 rounding of the output, as every bf16 matmul of the network adds, and ~3
-on peaked softmaxes (logits of std ~25; ``tests/models/test_attention.py``), where the fused kernel is
-~7x more precise. The quality guard (bf16 against fp32, ``benchmarks/quality_guard.py``) includes it.
-In fp32 the fused kernel is the faster one (by 10-30 %, measured per call) and is kept.
+On GPUs, on CPUs with AMX and for short sequences this is ``F.scaled_dot_product_attention``. On CPUs
+without AMX, PyTorch's fused kernel is slow for the long, narrow heads of Stable Diffusion (4096 tokens
+of head width 40 at 512x512): in bf16 it runs at about 80 GFLOP/s on this project's 2-core AMD EPYC
+(AVX-512 BF16, no AMX), where its softmax, not its matmuls, is the cost. Computing each head in slices of
+queries, with the score block small enough to stay in cache, takes one sd15 step's attention at 512x512
+from 1.68 s to 0.93 s there (``python benchmarks/levers.py --arch sd15 --latent 64``) and never holds
+more than one slice of scores. On a 2-core Xeon with AMX the fused kernel runs its products on the
+tiles and is the faster one at every shape measured, by 1.3-3x (4096 x 40: 85 ms against 172 ms per
+call, batch 2 x 8 heads; the whole sd15 step 1.36 s against 1.89 s), so the slicing is for CPUs
+without AMX only. Its scores and probabilities are rounded to bf16 (the fused kernel keeps them in
+fp32), so its mean error is about one bf16 rounding of the output, as every bf16 matmul of the network
+adds, and ~3 on peaked softmaxes (logits of std ~25; ``tests/models/test_attention.py``), where the
+fused kernel is ~7x more precise. The quality guard (bf16 against fp32, ``benchmarks/quality_guard.py``)
+includes it. In fp32 the fused kernel is the faster one (by 10-30 %, measured per call) and is kept.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from sdstudio.cpu import has_amx
 
 __all__ = ["attention", "prefer_sliced"]
 
@@ -50,11 +55,13 @@ def _sliceable(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and k.shape[-2] > 0 and q.numel() > 0
 
 
-def prefer_sliced(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """CPU, bf16, enough work per head (see ``SLICED_MIN_WORK``), no gradient wanted, not being compiled
-    (a traced Python loop over heads and slices would unroll into thousands of nodes)."""
+def prefer_sliced(q: Tensor, k: Tensor, v: Tensor, *, amx: bool | None = None) -> bool:
+    """CPU without AMX (``amx``: this machine's by default), bf16, enough work per head (see
+    ``SLICED_MIN_WORK``), no gradient wanted, not being compiled (a traced Python loop over heads and
+    slices would unroll into thousands of nodes)."""
     return (
         q.device.type == "cpu"
+        and not (has_amx() if amx is None else amx)
         and q.dtype == torch.bfloat16
         and q.shape[-1] >= SLICED_MIN_HEAD_DIM
         and q.shape[-2] * k.shape[-2] * q.shape[-1] >= SLICED_MIN_WORK

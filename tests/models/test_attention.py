@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sdstudio.cpu import cpu_flags, has_amx
 from sdstudio.engine import prefer_channels_last
 from sdstudio.models.attention import _sliced_attention, attention, prefer_sliced
 from sdstudio.models.configs import preset
@@ -69,16 +70,26 @@ def test_sliced_bf16_is_as_close_to_fp32_as_bf16_rounding_allows(logit_scale):
     assert err.mean() < 4 * ulp and err.max() < 100 * ulp, (err.mean() / ulp, err.max() / ulp)
 
 
-def test_sliced_path_is_chosen_for_long_wide_bf16_inference_only():
+def test_sliced_path_is_chosen_for_long_wide_bf16_inference_without_amx_only():
     long_bf16 = qkv((1, 2, 512, 40), (1, 2, 512, 40), torch.bfloat16)
-    assert prefer_sliced(*long_bf16)
-    assert not prefer_sliced(*qkv((1, 2, 512, 40), (1, 2, 512, 40)))  # fp32: the fused kernel is faster
-    assert not prefer_sliced(*qkv((1, 2, 64, 40), (1, 2, 77, 40), torch.bfloat16))  # short
-    assert not prefer_sliced(*qkv((1, 2, 1024, 16), (1, 2, 1024, 16), torch.bfloat16))  # narrow heads
+    assert prefer_sliced(*long_bf16, amx=False)
+    assert not prefer_sliced(*long_bf16, amx=True)  # the fused kernel runs on the AMX tiles
+    assert not prefer_sliced(*qkv((1, 2, 512, 40), (1, 2, 512, 40)), amx=False)  # fp32: fused is faster
+    assert not prefer_sliced(*qkv((1, 2, 64, 40), (1, 2, 77, 40), torch.bfloat16), amx=False)  # short
+    assert not prefer_sliced(*qkv((1, 2, 1024, 16), (1, 2, 1024, 16), torch.bfloat16), amx=False)  # narrow
     q, k, v = (t.requires_grad_(True) for t in long_bf16)
-    assert not prefer_sliced(q, k, v)  # training keeps the fused kernel's backward
+    assert not prefer_sliced(q, k, v, amx=False)  # training keeps the fused kernel's backward
     with torch.no_grad():
-        assert prefer_sliced(q, k, v)
+        assert prefer_sliced(q, k, v, amx=False)
+    # by default, this machine's CPU decides
+    assert prefer_sliced(*long_bf16) == (not has_amx())
+
+
+def test_amx_is_read_from_the_cpu_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    assert "amx_bf16" in cpu_flags(info)
+    assert has_amx() == ("amx_bf16" in cpu_flags())
 
 
 def test_bf16_group_norm_runs_natively_and_matches_the_fp32_round_trip():
@@ -122,13 +133,13 @@ def test_channels_last_for_bf16_on_cpu_and_half_precision_on_cuda():
 
 
 def test_bf16_channels_last_unet_with_sliced_attention_tracks_fp32():
-    """What the CPU bf16 policy runs at 32x32 latents (1024 tokens of head width 32: the sliced path)
-    against fp32."""
+    """What the CPU bf16 policy runs at 32x32 latents against fp32 (1024 tokens of head width 32: the
+    sliced path on CPUs without AMX, the fused kernel with AMX; both checked per call above)."""
     unet, (x, t, context) = unet_and_inputs(dataclasses.replace(preset("tiny").unet, num_heads=1), 32, seed=2)
     with torch.no_grad():
         expected = unet(x, t, context)
         unet.to(torch.bfloat16, memory_format=torch.channels_last)
         out = unet(x.to(torch.bfloat16), t, context.to(torch.bfloat16)).float()
-    assert prefer_sliced(*qkv((2, 1, 1024, 32), (2, 1, 1024, 32), torch.bfloat16))
+    assert prefer_sliced(*qkv((2, 1, 1024, 32), (2, 1, 1024, 32), torch.bfloat16), amx=False)
     rel = (out - expected).norm() / expected.norm()
     assert rel < 0.02, rel
