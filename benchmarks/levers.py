@@ -7,7 +7,8 @@ shapes one UNet step runs.
     python benchmarks/levers.py --arch sd15 --latent 64 --runs 2 --compile         # and torch.compile
 
 The default is what sdstudio runs at that precision: in bf16 on CPU, channels-last weights, the
-sliced attention (``sdstudio.models.attention``) and weights prepacked for oneDNN
+attention policy of ``sdstudio.models.attention`` (sliced on CPUs without AMX, the fused kernel with AMX),
+weights prepacked for oneDNN and the GEGLU's GELU and product fused into its products
 (``sdstudio.models.prepacked``); in fp32, NCHW and PyTorch's fused SDPA kernel; in both, cond and uncond
 in one batched call. Freed memory is kept in the heap, as ``sdstudio generate`` runs on the CPU. Medians in seconds; ratios against the default.
 """
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from sdstudio.models.attention import attention
     from sdstudio.models.configs import PRESETS
     from sdstudio.models.prepacked import Conv2d, Linear
-    from sdstudio.models.unet import CrossAttention, GroupNorm32
+    from sdstudio.models.unet import GEGLU, CrossAttention, GroupNorm32
     from tests.reference import cfg_inputs, random_unet
 
     keep_freed_memory()  # as ``sdstudio generate`` runs on the CPU
@@ -127,10 +128,28 @@ def main(argv: list[str] | None = None) -> int:
             for m in packing:
                 m.prepack = True
 
+    geglu = [m.proj for m in unet.modules() if isinstance(m, GEGLU)]
+
+    def geglu_unfused() -> None:
+        for m in geglu:
+            m.fuse_gelu = False
+        try:
+            unet(x, t, context)
+        finally:
+            for m in geglu:
+                m.fuse_gelu = True
+
     set_channels_last(channels_last)
     default = f"default ({'channels-last' if channels_last else 'NCHW'}, batched CFG)"
     # Taking turns, twice the runs: the lever is worth a few per cent, inside sequential medians' drift.
-    step = _interleaved_medians({default: batched, "weights not prepacked for oneDNN": unpacked}, 2 * args.runs)
+    step = _interleaved_medians(
+        {
+            default: batched,
+            "weights not prepacked for oneDNN": unpacked,
+            "GEGLU not fused (packed projection, then GELU and product)": geglu_unfused,
+        },
+        2 * args.runs,
+    )
     step["two calls instead of batched CFG"] = _median_seconds(separate, args.runs)
     set_channels_last(not channels_last)
     step["NCHW" if channels_last else "channels-last"] = _median_seconds(batched, args.runs)
