@@ -117,27 +117,22 @@ def main(argv: list[str] | None = None) -> int:
         unet(x[:1], t[:1], context[:1])
         unet(x[1:], t[1:], context[1:])
 
-    packing = [m for m in unet.modules() if isinstance(m, (Conv2d, Linear))]
+    def switched_off(modules: list[torch.nn.Module], switch: str) -> Callable[[], None]:
+        """One step with the class switch ``switch`` (``prepack``, ``fuse_gelu``) off on ``modules``."""
 
-    def unpacked() -> None:
-        for m in packing:
-            m.prepack = False
-        try:
-            unet(x, t, context)
-        finally:
-            for m in packing:
-                m.prepack = True
+        def run() -> None:
+            for m in modules:
+                setattr(m, switch, False)
+            try:
+                unet(x, t, context)
+            finally:
+                for m in modules:
+                    delattr(m, switch)  # back to the class default
 
-    geglu = [m.proj for m in unet.modules() if isinstance(m, GEGLU)]
+        return run
 
-    def geglu_unfused() -> None:
-        for m in geglu:
-            m.fuse_gelu = False
-        try:
-            unet(x, t, context)
-        finally:
-            for m in geglu:
-                m.fuse_gelu = True
+    unpacked = switched_off([m for m in unet.modules() if isinstance(m, (Conv2d, Linear))], "prepack")
+    geglu_unfused = switched_off([m.proj for m in unet.modules() if isinstance(m, GEGLU)], "fuse_gelu")
 
     set_channels_last(channels_last)
     default = f"default ({'channels-last' if channels_last else 'NCHW'}, batched CFG)"
