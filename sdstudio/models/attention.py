@@ -8,12 +8,12 @@ of head width 40 at 512x512): in bf16 it runs at about 80 GFLOP/s on this projec
 queries, with the score block small enough to stay in cache, takes one sd15 step's attention at 512x512
 from 1.68 s to 0.93 s there (``python benchmarks/levers.py --arch sd15 --latent 64``) and never holds
 more than one slice of scores. On a 2-core Xeon with AMX the fused kernel runs its products on the
-tiles and is the faster one at every shape measured, by 1.3-3x (4096 x 40: 85 ms against 172 ms per
-call, batch 2 x 8 heads; the whole sd15 step 1.36 s against 1.89 s), so the slicing is for CPUs
-without AMX only. Its scores and probabilities are rounded to bf16 (the fused kernel keeps them in
-fp32), so its mean error is about one bf16 rounding of the output, as every bf16 matmul of the network
-adds, and ~3 on peaked softmaxes (logits of std ~25; ``tests/models/test_attention.py``), where the
-fused kernel is ~7x more precise. The quality guard (bf16 against fp32, ``benchmarks/quality_guard.py``)
+tiles and is the faster one at every shape measured, by 1.3-3x (4096 x 40, batch 2 x 8 heads: 82 ms
+against 170 ms per call; ``python benchmarks/attention_shapes.py``; a whole sd15 step's 32 calls 0.53 s
+against 1.07 s), so the slicing is for CPUs without AMX only. The sliced path rounds its scores and
+probabilities to bf16 (the fused kernel keeps them in fp32), so its mean error is about one bf16
+rounding of the output, as every bf16 matmul of the network adds, and ~3 on peaked softmaxes (logits of
+std ~25; ``tests/models/test_attention.py``), where the fused kernel is ~7x more precise. The quality guard (bf16 against fp32, ``benchmarks/quality_guard.py``)
 includes it. In fp32 the fused kernel is the faster one (by 10-30 %, measured per call) and is kept.
 """
 
