@@ -1,6 +1,6 @@
 """The precision policy's quality guard on a full-size architecture (issue 6): the same request in fp32
-and at the automatic precision (bf16 on CPUs with native bf16: sliced attention, channels-last, bf16
-VAE), PSNR of the images and relative error of the final latents.
+and at the automatic precision (bf16 on CPUs with native bf16: the attention policy of
+``sdstudio.models.attention``, channels-last, bf16 VAE), PSNR of the images and relative error of the final latents.
 
     python benchmarks/quality_guard.py --arch sd15 --size 256
     python benchmarks/quality_guard.py --arch sd15 --size 512 --precision bf16

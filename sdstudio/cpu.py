@@ -21,7 +21,11 @@ def cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> frozenset[str]:
 
 
 @functools.cache
-def has_amx() -> bool:
-    """AMX tiles with bf16 (Intel Xeon since Sapphire Rapids): oneDNN and PyTorch's fused attention run
-    their bf16 products on them. Read once: the hardware does not change under a running process."""
-    return "amx_bf16" in cpu_flags()
+def _this_cpu() -> frozenset[str]:
+    return cpu_flags()  # read once: the hardware does not change under a running process
+
+
+def has_amx(flags: frozenset[str] | None = None) -> bool:
+    """AMX tiles with bf16 (Intel Xeon since Sapphire Rapids) in ``flags`` (this machine's by default):
+    oneDNN and PyTorch's fused attention run their bf16 products on them."""
+    return "amx_bf16" in (_this_cpu() if flags is None else flags)

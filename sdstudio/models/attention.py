@@ -13,8 +13,8 @@ against 170 ms per call; ``python benchmarks/attention_shapes.py``; a whole sd15
 against 1.07 s), so the slicing is for CPUs without AMX only. The sliced path rounds its scores and
 probabilities to bf16 (the fused kernel keeps them in fp32), so its mean error is about one bf16
 rounding of the output, as every bf16 matmul of the network adds, and ~3 on peaked softmaxes (logits of
-std ~25; ``tests/models/test_attention.py``), where the fused kernel is ~7x more precise. The quality guard (bf16 against fp32, ``benchmarks/quality_guard.py``)
-includes it. In fp32 the fused kernel is the faster one (by 10-30 %, measured per call) and is kept.
+std ~25; ``tests/models/test_attention.py``), where the fused kernel is ~7x more precise. The quality
+guard (bf16 against fp32, ``benchmarks/quality_guard.py``) includes it. In fp32 the fused kernel is the faster one (by 10-30 %, measured per call) and is kept.
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ SLICE_BYTES = 2 * 1024 * 1024
 def attention(q: Tensor, k: Tensor, v: Tensor, *, sliced: bool | None = None) -> Tensor:
     """``softmax(q k^T / sqrt(d)) v`` over ``[batch, heads, tokens, head_dim]`` tensors, no mask.
 
-    ``sliced`` forces (True) or forbids (False) the CPU slicing; by default it is used on CPU for long
-    sequences in bf16 when no gradient is needed (training keeps the fused kernel and its backward).
+    ``sliced`` forces (True) or forbids (False) the CPU slicing; by default it is used on CPUs without AMX
+    for long sequences in bf16 when no gradient is needed (training keeps the fused kernel and its
+    backward).
     """
     if sliced is None:
         sliced = prefer_sliced(q, k, v)
@@ -56,9 +57,11 @@ def _sliceable(q: Tensor, k: Tensor, v: Tensor) -> bool:
 
 
 def prefer_sliced(q: Tensor, k: Tensor, v: Tensor, *, amx: bool | None = None) -> bool:
-    """CPU without AMX (``amx``: this machine's by default), bf16, enough work per head (see
-    ``SLICED_MIN_WORK``), no gradient wanted, not being compiled (a traced Python loop over heads and
-    slices would unroll into thousands of nodes)."""
+    """Not being compiled (a traced Python loop over heads and slices would unroll into thousands of
+    nodes; checked first, as dynamo cannot trace the CPU-flags lookup), CPU without AMX (``amx``: this
+    machine's by default), bf16, enough work per head (see ``SLICED_MIN_WORK``), no gradient wanted."""
+    if torch.compiler.is_compiling():
+        return False
     return (
         q.device.type == "cpu"
         and not (has_amx() if amx is None else amx)
@@ -66,7 +69,6 @@ def prefer_sliced(q: Tensor, k: Tensor, v: Tensor, *, amx: bool | None = None) -
         and q.shape[-1] >= SLICED_MIN_HEAD_DIM
         and q.shape[-2] * k.shape[-2] * q.shape[-1] >= SLICED_MIN_WORK
         and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-        and not torch.compiler.is_compiling()
     )
 
 

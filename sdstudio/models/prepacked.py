@@ -15,7 +15,8 @@ in bf16 (where oneDNN supports bf16; convolutions on channels-last inputs only, 
 and is made again when the parameter is replaced or changed in place (its version counter moves:
 ``copy_``, ``add_``, ``load_state_dict``, optimizer steps; not seen: writes through ``.data`` and fused
 optimizers such as ``AdamW(fused=True)``, which leave the version alone). Outputs equal the plain
-layers' bit for bit on this project's CPU (``tests/models/test_prepacked.py``).
+layers' bit for bit on this project's CPUs (``tests/models/test_prepacked.py``), except
+``Linear.gelu_gated``'s, by design: its GELU reads the fp32 accumulator, one bf16 rounding fewer.
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ class _KeepsPacked(nn.Module):
 class Linear(_KeepsPacked, nn.Linear):
     """``nn.Linear`` with the same parameters; a packed weight for bf16 inference on the CPU."""
 
-    fuse_gelu = True  # ``gelu_gated``: set False on an instance to measure it without (``benchmarks/levers.py``)
+    # ``gelu_gated``'s fusion: set False on an instance to measure it without (``benchmarks/levers.py``)
+    fuse_gelu = True
 
     def forward(self, x: Tensor) -> Tensor:
         if not (self.prepack and packable(x, self)):

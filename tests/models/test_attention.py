@@ -1,4 +1,4 @@
-"""The shared attention function (sliced on CPU in bf16), bf16 GroupNorm and channels-last execution."""
+"""The shared attention function (sliced on CPUs without AMX in bf16), bf16 GroupNorm and channels-last execution."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from sdstudio.cpu import cpu_flags, has_amx
 from sdstudio.engine import prefer_channels_last
+from sdstudio.models import attention as attention_module
 from sdstudio.models.attention import _sliced_attention, attention, prefer_sliced
 from sdstudio.models.configs import preset
 from sdstudio.models.unet import GroupNorm32
@@ -74,6 +75,7 @@ def test_sliced_path_is_chosen_for_long_wide_bf16_inference_without_amx_only():
     long_bf16 = qkv((1, 2, 512, 40), (1, 2, 512, 40), torch.bfloat16)
     assert prefer_sliced(*long_bf16, amx=False)
     assert not prefer_sliced(*long_bf16, amx=True)  # the fused kernel runs on the AMX tiles
+    assert prefer_sliced(*long_bf16) == (not has_amx())  # by default, this machine's CPU decides
     assert not prefer_sliced(*qkv((1, 2, 512, 40), (1, 2, 512, 40)), amx=False)  # fp32: fused is faster
     assert not prefer_sliced(*qkv((1, 2, 64, 40), (1, 2, 77, 40), torch.bfloat16), amx=False)  # short
     assert not prefer_sliced(*qkv((1, 2, 1024, 16), (1, 2, 1024, 16), torch.bfloat16), amx=False)  # narrow
@@ -81,15 +83,24 @@ def test_sliced_path_is_chosen_for_long_wide_bf16_inference_without_amx_only():
     assert not prefer_sliced(q, k, v, amx=False)  # training keeps the fused kernel's backward
     with torch.no_grad():
         assert prefer_sliced(q, k, v, amx=False)
-    # by default, this machine's CPU decides
-    assert prefer_sliced(*long_bf16) == (not has_amx())
 
 
 def test_amx_is_read_from_the_cpu_flags(tmp_path):
-    info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n")
-    assert "amx_bf16" in cpu_flags(info)
-    assert has_amx() == ("amx_bf16" in cpu_flags())
+    xeon, epyc = tmp_path / "xeon", tmp_path / "epyc"
+    xeon.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    epyc.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")
+    assert has_amx(cpu_flags(xeon)) and not has_amx(cpu_flags(epyc))
+
+
+def test_attention_compiles_on_the_cpu_without_graph_breaks():
+    """``prefer_sliced`` must answer inside a traced graph before it reads the CPU flags (which dynamo
+    cannot trace): one graph, the fused kernel in it, the eager bf16 result."""
+    q, k, v = qkv((1, 2, 512, 40), (1, 2, 512, 40), torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = torch.compile(attention, fullgraph=True, backend="eager")  # raises on any graph break
+    with torch.no_grad():
+        out = compiled(q, k, v)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
 
 
 def test_bf16_group_norm_runs_natively_and_matches_the_fp32_round_trip():
@@ -132,14 +143,16 @@ def test_channels_last_for_bf16_on_cpu_and_half_precision_on_cuda():
     assert not prefer_channels_last(torch.float32, "cuda")
 
 
-def test_bf16_channels_last_unet_with_sliced_attention_tracks_fp32():
-    """What the CPU bf16 policy runs at 32x32 latents against fp32 (1024 tokens of head width 32: the
-    sliced path on CPUs without AMX, the fused kernel with AMX; both checked per call above)."""
+@pytest.mark.parametrize("amx", [False, True])
+def test_bf16_channels_last_unet_tracks_fp32_with_either_attention_policy(amx, monkeypatch):
+    """What the CPU bf16 policy runs at 32x32 latents against fp32 (1024 tokens of head width 32): the
+    sliced path on CPUs without AMX, the fused kernel with AMX; each forced here whatever this CPU is."""
+    monkeypatch.setattr(attention_module, "has_amx", lambda: amx)
+    assert prefer_sliced(*qkv((2, 1, 1024, 32), (2, 1, 1024, 32), torch.bfloat16)) == (not amx)
     unet, (x, t, context) = unet_and_inputs(dataclasses.replace(preset("tiny").unet, num_heads=1), 32, seed=2)
     with torch.no_grad():
         expected = unet(x, t, context)
         unet.to(torch.bfloat16, memory_format=torch.channels_last)
         out = unet(x.to(torch.bfloat16), t, context.to(torch.bfloat16)).float()
-    assert prefer_sliced(*qkv((2, 1, 1024, 32), (2, 1, 1024, 32), torch.bfloat16), amx=False)
     rel = (out - expected).norm() / expected.norm()
     assert rel < 0.02, rel

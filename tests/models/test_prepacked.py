@@ -138,9 +138,10 @@ def test_unet_gives_the_same_output_with_and_without_packed_weights(channels_las
         for m in packed_layers:
             m.prepack, m.fuse_gelu = True, False
         packed_but_geglu = unet(x, t, context)
-    # Every packed layer gives the plain layer's bits (GEGLU unfused). The fused GEGLU differs by bf16 roundings (its GELU
-    # reads the fp32 accumulator, not the rounded bf16 output) and is as close to fp32 as the plain path
-    # (measured on seeds 0-2: 0.0136 / 0.0134, 0.0176 / 0.0186, 0.0138 / 0.0144 relative L2).
+    # Every packed layer gives the plain layer's bits (GEGLU unfused). The fused GEGLU differs by bf16
+    # roundings (its GELU reads the fp32 accumulator, not the rounded bf16 output) and is as close to fp32
+    # as the plain path (measured on seeds 0-2: 0.0136 / 0.0134, 0.0176 / 0.0186, 0.0138 / 0.0144
+    # relative L2).
     assert torch.equal(packed_but_geglu, plain)
     err_packed, err_plain = ((y.double() - exact).norm() / exact.norm() for y in (packed, plain))
     assert err_plain < 0.03 and err_packed < 1.1 * err_plain, (err_packed, err_plain)
