@@ -101,15 +101,18 @@ class _KeepsPacked(nn.Module):
     ``.half``), so that a model moved to a GPU does not keep a CPU copy of its weights."""
 
     prepack = True  # set False on an instance to measure it without (``benchmarks/levers.py``)
+    _caches: tuple[str, ...] = ("_packed",)  # the layer's ``_Packed`` attributes
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._packed = _Packed()
-        self._packed_halves = _Packed()  # ``Linear.gelu_gated``'s two halves
+        self._drop_packed()
+
+    def _drop_packed(self) -> None:
+        for name in self._caches:
+            setattr(self, name, _Packed())
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
-        self._packed = _Packed()
-        self._packed_halves = _Packed()
+        self._drop_packed()
         return super()._apply(fn, recurse)
 
 
@@ -118,6 +121,7 @@ class Linear(_KeepsPacked, nn.Linear):
 
     # ``gelu_gated``'s fusion: set False on an instance to measure it without (``benchmarks/levers.py``)
     fuse_gelu = True
+    _caches = ("_packed", "_packed_halves")  # ``gelu_gated`` packs the weight's two halves apart
 
     def forward(self, x: Tensor) -> Tensor:
         if not (self.prepack and packable(x, self)):
