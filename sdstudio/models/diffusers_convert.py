@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import pickle
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -688,15 +687,9 @@ def _load_weights_file(path: Path) -> dict[str, Tensor]:
             return load_file(path, device="cpu")
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path}: not a valid .safetensors file ({e})") from None
-    try:
-        # weights_only: a pickle that needs code to load is refused, never run.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: refusing to load: this pickle needs code to be executed ({str(e).splitlines()[0][:160]})"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable .bin file ({str(e).splitlines()[0][:160]})") from None
+    from sdstudio.models.loading import load_pickle  # loading imports this module
+
+    state = load_pickle(path)  # weights only: a pickle that needs code is refused by name, never run
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a dict of tensors")
     return state

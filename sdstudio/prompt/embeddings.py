@@ -16,7 +16,6 @@ Files understood (A1111's ``create_embedding_from_data``):
 from __future__ import annotations
 
 import logging
-import pickle
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -115,18 +114,9 @@ def _read(path: Path) -> object:
             raise SdStudioError(
                 f"{path}: not a valid .safetensors embedding ({str(e).splitlines()[0][:160]})"
             ) from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        what = f"needs code to be executed to load ({found.group(1)})" if found else "is a corrupt pickle"
-        raise SdStudioError(
-            f"{path}: refusing to load the embedding: it {what}; re-save it as .safetensors"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:  # a damaged zip or pickle
-        raise SdStudioError(
-            f"{path}: not a readable embedding file ({str(e).splitlines()[0][:160]})"
-        ) from None
+    from sdstudio.models.loading import load_pickle
+
+    return load_pickle(path)  # a pickle that needs code is refused by name, one line for every failure
 
 
 def _vectors(path: Path, data: object) -> Tensor:
