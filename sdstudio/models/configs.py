@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -120,6 +121,38 @@ class SamplingDefaults:
         )
 
 
+# One word of a vocabulary, as prompts are split into words to check them: letters and digits of any script.
+WORD = re.compile(r"[^\W_]+")
+
+
+@dataclass(frozen=True)
+class TrainedOn:
+    """What a model was trained on, as far as its maker states it; empty means unknown (nothing is
+    checked). Not architecture: it only feeds warnings about requests outside it
+    (``sdstudio.prompt.vocabulary``).
+
+    ``vocabulary``: every word its captions used, lower case, one word each (a model trained on a closed
+    language, like the embedded toy model, draws nothing sensible for any other word). ``sizes``: the
+    (width, height) in pixels of its training images.
+    """
+
+    vocabulary: tuple[str, ...] = ()
+    sizes: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.vocabulary, tuple):
+            raise TypeError(f"trained_on.vocabulary must be a list of words (got {self.vocabulary!r})")
+        for word in self.vocabulary:
+            if not isinstance(word, str) or WORD.fullmatch(word) is None or word != word.lower():
+                raise ValueError(f"trained_on.vocabulary: {word!r} is not one lower-case word")
+        if not isinstance(self.sizes, tuple):
+            raise TypeError(f"trained_on.sizes must be a list of [width, height] (got {self.sizes!r})")
+        for size in self.sizes:
+            ok = isinstance(size, tuple) and len(size) == 2
+            if not ok or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+                raise ValueError(f"trained_on.sizes: {size!r} is not [width, height] in pixels")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A whole Stable Diffusion model."""
@@ -132,6 +165,7 @@ class ModelConfig:
     prediction: Prediction = "epsilon"
     default_size: int = 512
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    trained_on: TrainedOn = field(default_factory=TrainedOn)
 
     @property
     def is_inpainting(self) -> bool:
@@ -146,17 +180,24 @@ class ModelConfig:
 
 
 def same_architecture(a: ModelConfig, b: ModelConfig) -> bool:
-    """Equal networks and prediction: name, default size and sampling defaults aside."""
-    neutral = {"name": "custom", "default_size": 0, "sampling": SamplingDefaults()}
+    """Equal networks and prediction: name, default size, sampling defaults and training data aside."""
+    neutral = {"name": "custom", "default_size": 0, "sampling": SamplingDefaults(), "trained_on": TrainedOn()}
     return dataclasses.replace(a, **neutral) == dataclasses.replace(b, **neutral)
 
 
+def _tuples(value: Any) -> Any:
+    """JSON lists as tuples, nested ones too (``trained_on.sizes`` is a list of pairs)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 def _build(kind: type, data: dict[str, Any]) -> Any:
+    if not isinstance(data, dict):
+        raise TypeError(f"{kind.__name__} must be a JSON object (got {data!r})")
     names = {f.name: f for f in dataclasses.fields(kind)}
     unknown = set(data) - set(names)
     if unknown:
         raise ValueError(f"unknown {kind.__name__} fields: {sorted(unknown)}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    values = {k: _tuples(v) for k, v in data.items()}
     return kind(**values)
 
 
@@ -168,6 +209,7 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
         "text": TextEncoderConfig,
         "schedule": ScheduleConfig,
         "sampling": SamplingDefaults,
+        "trained_on": TrainedOn,
     }
     for key, kind in parts.items():
         if key in data:

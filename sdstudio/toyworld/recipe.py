@@ -14,6 +14,9 @@ Stages (each resumable, each can be run alone in order):
 4. ``unet``: epsilon prediction on SD's noise schedule through ``Denoiser.loss`` (the sampler's own
    parametrisation) weighted by Min-SNR-gamma, captions re-drawn each time, 10 % caption dropout for
    classifier-free guidance, EMA weights shipped.
+
+Every model file the recipe saves says in its header what it was trained on (``TRAINED_ON``: the
+captions' words and the 64x64 image size), so generation can warn about prompts and sizes outside it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import dataclasses
 import json
 import logging
 import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,13 +38,13 @@ from tqdm import tqdm
 from sdstudio.diffusion.denoiser import Denoiser
 from sdstudio.diffusion.schedule import DiscreteSchedule
 from sdstudio.errors import SdStudioError
-from sdstudio.io.files import write_text_atomic
-from sdstudio.models.configs import PRESETS, ModelConfig
+from sdstudio.io.files import atomic_write, write_text_atomic
+from sdstudio.models.configs import METADATA_KEY, PRESETS, ModelConfig, TrainedOn
 from sdstudio.models.loading import load_model, save_model
 from sdstudio.models.stablediffusion import StableDiffusion, random_model
 from sdstudio.models.tokenizer import ClipTokenizer
 from sdstudio.prompt.conditioning import chunk_tokens
-from sdstudio.toyworld import judge, world
+from sdstudio.toyworld import judge, language, world
 from sdstudio.training.contrastive import ContrastiveHead, ImageEncoder, pooled_text
 from sdstudio.training.trainer import TrainConfig, train
 
@@ -53,11 +57,19 @@ IMAGE_ENCODER = "image_encoder.safetensors"
 LATENTS = "latents.pt"
 RECIPE = "recipe.json"
 
+# What the recipe trains every model on: captions in the world's language only, 64x64 images only.
+TRAINED_ON = TrainedOn(
+    vocabulary=tuple(sorted(language.CAPTION_VOCABULARY)),
+    sizes=((world.IMAGE_SIZE, world.IMAGE_SIZE),),
+)
+
 
 @dataclass(frozen=True)
 class ToyRecipe:
     seed: int = 0
-    config: ModelConfig = field(default_factory=lambda: PRESETS["toyworld"])
+    config: ModelConfig = field(
+        default_factory=lambda: dataclasses.replace(PRESETS["toyworld"], trained_on=TRAINED_ON)
+    )
     vae: TrainConfig = field(
         default_factory=lambda: TrainConfig(steps=3200, lr=2e-3, warmup=100, bf16=False, checkpoint_every=250)
     )
@@ -361,6 +373,8 @@ def run_recipe(
     torch.manual_seed(recipe.seed)
     work = out / WORK_MODEL
     model = load_model(work).model if work.exists() else random_model(recipe.config, seed=recipe.seed)
+    # Whatever the config says (a run begun before headers carried it, a custom config), this is the data.
+    model.config = dataclasses.replace(model.config, trained_on=TRAINED_ON)
     for stage in STAGES:
         if stage not in stages or stage in _done(out):
             continue
@@ -391,6 +405,32 @@ def run_recipe(
         save_model(model, work, dtype=None, overwrite=True)
         _mark_done(out, stage)
     return out / FINAL_MODEL
+
+
+def stamp_trained_on(path: str | os.PathLike) -> Path:
+    """Write ``TRAINED_ON`` into the config in the header of a ``.safetensors`` model file of this recipe,
+    in place (atomically), every tensor's bytes and offsets left as they are: a model of an older run
+    gets what a new run writes. Run once on the shipped model when headers began to carry it."""
+    path = Path(path)
+    raw = path.read_bytes()
+    if len(raw) < 8:
+        raise SdStudioError(f"{path}: not a safetensors file (too short)")
+    (length,) = struct.unpack("<Q", raw[:8])
+    try:
+        header = json.loads(raw[8 : 8 + length])
+        config = ModelConfig.from_json(header["__metadata__"][METADATA_KEY])
+    except (KeyError, TypeError, ValueError) as e:
+        raise SdStudioError(f"{path}: no readable '{METADATA_KEY}' in its safetensors header ({e})") from None
+    header["__metadata__"][METADATA_KEY] = dataclasses.replace(config, trained_on=TRAINED_ON).to_json()
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data keeps its 8-byte alignment, as safetensors writes it
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(text)) + text)
+            f.write(memoryview(raw)[8 + length :])
+
+    return atomic_write(path, write)
 
 
 def load_image_encoder(path: str | os.PathLike, width: int = 128) -> ImageEncoder:

@@ -28,7 +28,24 @@ from typing import Literal
 
 import numpy as np
 
+from sdstudio.toyworld import language
+from sdstudio.toyworld.language import (
+    AND_WORDS,
+    BACKGROUND_WORDS,
+    COLOUR_WORDS,
+    FILLER_WORDS,
+    POSITION_WORDS,
+    RELATION_WORDS,
+    SHAPE_WORDS,
+    SIZE_WORDS,
+    tokenize,
+)
+
 logger = logging.getLogger(__name__)
+
+# Part of this module's API since before the language had a module of its own.
+VOCABULARY = language.VOCABULARY
+unknown_words = language.unknown_words
 
 IMAGE_SIZE = 64
 
@@ -411,65 +428,7 @@ def dataset(
 
 
 # --------------------------------------------------------------------------------------------------
-# Language: synonyms, templates, vocabulary and the parser. Each phrase maps to one meaning; the
-# first synonym of each list is the canonical word.
-
-COLOUR_WORDS: dict[str, tuple[str, ...]] = {
-    "red": ("red", "crimson", "scarlet"),
-    "green": ("green", "emerald"),
-    "blue": ("blue", "cobalt"),
-    "yellow": ("yellow", "golden"),
-    "purple": ("purple", "violet"),
-    "orange": ("orange", "tangerine"),
-    "white": ("white", "ivory"),
-    "black": ("black", "ebony"),
-}
-BACKGROUND_WORDS: dict[str, tuple[str, ...]] = {
-    "gray": ("gray", "grey"),
-    "beige": ("beige", "sand"),
-    "teal": ("teal",),
-    "sky": ("sky",),
-}
-SHAPE_WORDS: dict[str, tuple[str, ...]] = {
-    "circle": ("circle", "disc", "disk"),
-    "square": ("square", "box", "block"),
-    "triangle": ("triangle",),
-    "star": ("star",),
-    "diamond": ("diamond", "rhombus"),
-    "cross": ("cross", "plus"),
-}
-SIZE_WORDS: dict[str, tuple[str, ...]] = {
-    "small": ("small", "little", "tiny"),
-    "large": ("large", "big", "huge"),
-}
-# Position phrases as they follow a preposition ("in the" / "at the" / "on the").
-POSITION_WORDS: dict[str, tuple[str, ...]] = {
-    "top left": ("top left", "upper left", "top left corner", "upper left corner"),
-    "top": ("top", "top side"),
-    "top right": ("top right", "upper right", "top right corner", "upper right corner"),
-    "left": ("left", "left side"),
-    "centre": ("centre", "center", "middle"),
-    "right": ("right", "right side"),
-    "bottom left": ("bottom left", "lower left", "bottom left corner", "lower left corner"),
-    "bottom": ("bottom", "bottom side"),
-    "bottom right": ("bottom right", "lower right", "bottom right corner", "lower right corner"),
-}
-RELATION_WORDS: dict[str, tuple[str, ...]] = {
-    "left of": ("left of", "to the left of"),
-    "right of": ("right of", "to the right of"),
-    "above": ("above", "over"),
-    "below": ("below", "under", "beneath"),
-}
-FILLER_WORDS: frozenset[str] = frozenset(
-    {"a", "an", "the", "there", "is", "in", "at", "on", "of", "with", "against", "background",
-     "image", "picture", "one", "side", "corner"}
-)  # fmt: skip
-AND_WORDS: frozenset[str] = frozenset({"and"})
-
-
-def tokenize(text: str) -> list[str]:
-    """Lower-case words; punctuation and hyphens separate words and are dropped."""
-    return re.findall(r"[a-z]+", text.lower())
+# Language: templates and the parser over the words of ``language.py``.
 
 
 def _clauses(text: str) -> list[list[str]]:
@@ -504,28 +463,6 @@ def _phrase_table() -> dict[tuple[str, ...], Token]:
     for word in AND_WORDS:
         table[(word,)] = ("and", word)
     return table
-
-
-VOCABULARY: frozenset[str] = (
-    frozenset(
-        w
-        for group in (COLOUR_WORDS, BACKGROUND_WORDS, SHAPE_WORDS, SIZE_WORDS, POSITION_WORDS, RELATION_WORDS)
-        for phrases in group.values()
-        for phrase in phrases
-        for w in phrase.split()
-    )
-    | FILLER_WORDS
-    | AND_WORDS
-)
-
-
-def unknown_words(text: str) -> list[str]:
-    """Words of ``text`` outside ``VOCABULARY``, in order, without repeats."""
-    seen: dict[str, None] = {}
-    for w in tokenize(text):
-        if w not in VOCABULARY:
-            seen.setdefault(w)
-    return list(seen)
 
 
 def _lex(text: str) -> list[Token] | None:
