@@ -72,7 +72,7 @@ def test_checkpoint_info_json(tiny_ckpt, capsys):
     [
         (["--width", "60"], "width 60 is not a positive multiple of 8"),
         (["--height", "0"], "height 0 is not a positive multiple of 8"),
-        (["--steps", "0"], "steps must be at least 1"),
+        (["--steps", "0"], "steps must be a whole number between 1 and 1000"),
         (["--sampler", "Nope"], "unknown sampler 'Nope'.*Euler a"),
         (["--clip-skip", "9"], "clip skip must be between 1 and 2"),
         (["--device", "tpu"], "unknown device 'tpu'; choose auto, cpu, cuda or cuda:N"),

@@ -16,24 +16,23 @@ from torch import Tensor
 from sdstudio.diffusion.denoiser import Denoiser
 from sdstudio.diffusion.guidance import DenoiserFn, PromptGuidedDenoiser
 from sdstudio.diffusion.noise import ImageNoise, to_device
-from sdstudio.diffusion.samplers import (
-    BrownianTreeNoiseSampler,
-    NoiseSampler,
-    SamplerInfo,
-    SamplerStep,
-    resolve_sampler,
-)
+from sdstudio.diffusion.samplers import BrownianTreeNoiseSampler, NoiseSampler, SamplerInfo, SamplerStep
 from sdstudio.diffusion.schedule import DiscreteSchedule
 from sdstudio.diffusion.schedulers import get_sigmas
 from sdstudio.errors import SdStudioError
 from sdstudio.models.loading import LoadedModel
-from sdstudio.models.tome import MAX_RATIO
+from sdstudio.pipelines.validate import (
+    DEFAULT_LIMITS,
+    MAX_SEED,
+    Limits,
+    check_pixels,
+    check_request,
+    check_size,
+)
 from sdstudio.prompt.conditioning import Conditioning
-from sdstudio.types import MASKED_CONTENTS, RESIZE_MODES, GenerationRequest
+from sdstudio.types import GenerationRequest
 
 log = logging.getLogger(__name__)
-
-MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -57,18 +56,6 @@ class Plan:
     ngms_all_steps: bool = False
 
 
-def _check_size(name: str, value: int) -> None:
-    if value < 8 or value % 8:
-        raise SdStudioError(
-            f"{name} {value} is not a positive multiple of 8; use e.g. {max(8, value // 8 * 8)}"
-        )
-
-
-def _check_unit(name: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise SdStudioError(f"{name} must be between 0 and 1 (got {value})")
-
-
 def canvas_size(request: GenerationRequest) -> tuple[int, int] | None:
     """The init image's size after outpainting, or None without an init image."""
     if request.init is None:
@@ -80,56 +67,11 @@ def canvas_size(request: GenerationRequest) -> tuple[int, int] | None:
     return w, h
 
 
-def _check_edit(request: GenerationRequest) -> None:
-    """Checks of the img2img / inpaint / hires options that need no model."""
-    if request.init is not None:
-        _check_unit("denoising strength (--strength)", request.init.strength)
-        if request.init.resize_mode not in RESIZE_MODES:
-            raise SdStudioError(
-                f"unknown resize mode {request.init.resize_mode!r}; choose one of: {', '.join(RESIZE_MODES)}"
-            )
-    inpaint = request.inpaint
-    if inpaint is not None:
-        if request.init is None:
-            raise SdStudioError("a mask or outpainting needs an init image (--init-image)")
-        o = inpaint.outpaint
-        if min(o.left, o.right, o.up, o.down) < 0:
-            raise SdStudioError("outpaint pixels must be >= 0")
-        if inpaint.mask is None and not o.any:
-            raise SdStudioError("inpainting needs a mask (--mask) or an outpaint border (--outpaint)")
-        if inpaint.blur < 0 or inpaint.only_masked_padding < 0:
-            raise SdStudioError("mask blur and masked area padding must be >= 0")
-        if inpaint.masked_content not in MASKED_CONTENTS:
-            raise SdStudioError(
-                f"unknown masked content {inpaint.masked_content!r}; choose one of: {', '.join(MASKED_CONTENTS)}"
-            )
-    hires = request.hires
-    if hires is not None:
-        from sdstudio.pipelines.hires import UPSCALERS
-
-        if request.init is not None:
-            raise SdStudioError("the hires fix is for txt2img; leave out --hires-scale with --init-image")
-        if hires.scale <= 0:
-            raise SdStudioError(f"hires scale must be > 0 (got {hires.scale})")
-        if hires.steps < 0:
-            raise SdStudioError(f"hires steps must be >= 0 (0: as many as --steps; got {hires.steps})")
-        _check_unit("hires denoising strength (--hires-strength)", hires.strength)
-        if hires.upscaler not in UPSCALERS:
-            raise SdStudioError(
-                f"unknown hires upscaler {hires.upscaler!r}; choose one of: {', '.join(UPSCALERS)}"
-            )
-
-
-def plan(model: LoadedModel, request: GenerationRequest) -> Plan:
-    """Check a request against a model; raise ``SdStudioError`` naming the problem and the fix."""
+def plan(model: LoadedModel, request: GenerationRequest, limits: Limits = DEFAULT_LIMITS) -> Plan:
+    """Check a request against a model and ``limits``; raise ``SdStudioError`` naming the problem and the fix."""
     config = model.config
     warnings: list[str] = []
-    try:
-        sampler, legacy_scheduler = resolve_sampler(request.sampler)
-    except ValueError as e:
-        raise SdStudioError(str(e)) from None
-    scheduler = legacy_scheduler or request.scheduler
-    _check_edit(request)
+    sampler, scheduler = check_request(request, limits)
     canvas = canvas_size(request)
     default_w = default_h = config.default_size
     if canvas is not None:  # img2img: the image's own size, down to a multiple of 8
@@ -140,35 +82,13 @@ def plan(model: LoadedModel, request: GenerationRequest) -> Plan:
             )
     width = default_w if request.width is None else request.width
     height = default_h if request.height is None else request.height
-    _check_size("width", width)
-    _check_size("height", height)
-    if request.steps < 1:
-        raise SdStudioError(f"steps must be at least 1 (got {request.steps})")
-    if request.batch_size < 1:
-        raise SdStudioError(f"batch size must be at least 1 (got {request.batch_size})")
-    if request.cfg_scale < 0:
-        raise SdStudioError(f"CFG scale must be >= 0 (got {request.cfg_scale})")
+    check_size("width", width)
+    check_size("height", height)
+    check_pixels("size", width, height, limits)
     clip_skip = request.clip_skip if request.clip_skip is not None else config.text.default_clip_skip
     if not 1 <= clip_skip <= config.text.layers:
         raise SdStudioError(f"clip skip must be between 1 and {config.text.layers} (got {clip_skip})")
-    if request.eta is not None and not sampler.uses_eta:
-        raise SdStudioError(
-            f"sampler {sampler.name!r} does not use eta; leave --eta out or pick an ancestral/DDIM sampler"
-        )
-    _check_unit("variation seed strength (--subseed-strength)", request.subseed_strength)
-    if not 0 <= request.token_merging_ratio <= MAX_RATIO:
-        raise SdStudioError(
-            f"token merging ratio must be between 0 and {MAX_RATIO} (got {request.token_merging_ratio}); "
-            "0 turns it off, 0.5 is the usual setting"
-        )
-    try:
-        sampling = config.sampling.overridden(request.ngms, request.ngms_all_steps)
-    except ValueError:  # also NaN and inf
-        raise SdStudioError(
-            f"NGMS (negative guidance minimum sigma) must be a finite number >= 0, 0 turns it off (got {request.ngms})"
-        ) from None
-    except TypeError:
-        raise SdStudioError(f"NGMS all steps must be True or False (got {request.ngms_all_steps!r})") from None
+    sampling = config.sampling.overridden(request.ngms, request.ngms_all_steps)
     ensd = request.ensd
     if ensd and sampler.brownian_noise:
         warnings.append(
@@ -181,15 +101,11 @@ def plan(model: LoadedModel, request: GenerationRequest) -> Plan:
         )
         ensd = 0
     seed = request.seed if request.seed >= 0 else secrets.randbelow(MAX_SEED)
-    if seed > MAX_SEED:
-        raise SdStudioError(f"seed must be at most {MAX_SEED} (got {seed})")
     n = request.batch_size
     subseeds = None
     if request.subseed_strength > 0:
         # AUTOMATIC1111: with variations every image keeps the seed and the variation seed counts up.
         subseed = request.subseed if request.subseed >= 0 else secrets.randbelow(MAX_SEED)
-        if subseed > MAX_SEED:
-            raise SdStudioError(f"variation seed must be at most {MAX_SEED} (got {subseed})")
         seeds = (seed,) * n
         subseeds = tuple((subseed + i) % (MAX_SEED + 1) for i in range(n))
     else:
@@ -199,6 +115,7 @@ def plan(model: LoadedModel, request: GenerationRequest) -> Plan:
         from sdstudio.pipelines.hires import hires_size as target
 
         hires_size, warning = target(width, height, request.hires.scale)
+        check_pixels("hires size", *hires_size, limits)
         warnings += [warning] if warning else []
     return Plan(
         sampler=sampler,

@@ -1,0 +1,20 @@
+"""Keep every test's writes in temporary folders of this run: torch.compile's inductor (and Triton) cache
+goes to a fresh folder per session instead of the shared ``/tmp/torchinductor_<user>``, where a run killed
+mid-compile once left a 0-byte ``.so`` that failed the next run; hypothesis keeps no example database."""
+
+import os
+import shutil
+import tempfile
+
+from hypothesis import settings
+
+_SESSION_TMP = tempfile.mkdtemp(prefix="sdstudio-tests-")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_SESSION_TMP, "inductor")
+os.environ["TRITON_CACHE_DIR"] = os.path.join(_SESSION_TMP, "triton")
+
+settings.register_profile("sdstudio", database=None, deadline=None)
+settings.load_profile("sdstudio")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION_TMP, ignore_errors=True)
