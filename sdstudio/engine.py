@@ -16,6 +16,7 @@ from sdstudio.models.cuda_graphs import CudaGraphRunner
 from sdstudio.models.loading import DTYPES, LoadedModel, load_model
 from sdstudio.models.tokenizer import ClipTokenizer
 from sdstudio.pipelines.generate import generate
+from sdstudio.pipelines.validate import DEFAULT_LIMITS, Limits
 from sdstudio.prompt.embeddings import EmbeddingDatabase, load_embeddings
 from sdstudio.types import GenerationRequest, GenerationResult
 
@@ -149,6 +150,11 @@ class Pipeline:
         return cls(model, embeddings, tokenizer)
 
     def __call__(
-        self, request: GenerationRequest, callback: Callable[[SamplerStep], None] | None = None
+        self,
+        request: GenerationRequest,
+        callback: Callable[[SamplerStep], None] | None = None,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> GenerationResult:
-        return generate(self.model, self.tokenizer, request, callback, self.embeddings)
+        """Generate; ``limits``: the caps a request is checked against (``--max-pixels`` and friends)."""
+        return generate(self.model, self.tokenizer, request, callback, self.embeddings, limits=limits)

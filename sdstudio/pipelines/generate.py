@@ -2,7 +2,8 @@
 the first pass starts (noise or an encoded image), whether a mask is blended or fed to the model, and
 whether a second pass follows:
 
-plan -> conditioning -> [source image -> latents] -> sample -> [upscale -> sample] -> decode -> [paste back]
+plan -> memory check -> conditioning -> [source image -> latents] -> sample -> [upscale -> sample] -> decode
+-> [paste back]
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ from sdstudio.pipelines import vae_tiling
 from sdstudio.pipelines.hires import LATENT_UPSCALERS, upscale_images, upscale_latents
 from sdstudio.pipelines.img2img import SourceImage, prepare_source
 from sdstudio.pipelines.inpaint import conditioning_mask, inpaint_extra, latent_keep, paste_back
+from sdstudio.pipelines.memory import check_memory, guidance_rows
 from sdstudio.pipelines.sampling import LatentSource, Plan, pass_sigmas, plan, sample_latents
+from sdstudio.pipelines.validate import DEFAULT_LIMITS, Limits
 from sdstudio.prompt.conditioning import Conditioning, encode_conditioning, prompt_warnings
 from sdstudio.prompt.embeddings import EmbeddingDatabase
 from sdstudio.prompt.parser import ParsedPrompt, parse
+from sdstudio.prompt.vocabulary import trained_on_warnings
 from sdstudio.types import GeneratedImage, GenerationRequest, GenerationResult
 
 log = logging.getLogger(__name__)
@@ -192,16 +196,32 @@ def generate(
     request: GenerationRequest,
     callback: Callback | None = None,
     embeddings: EmbeddingDatabase | None = None,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    memory_budget: int | None = None,
 ) -> GenerationResult:
     """txt2img, img2img, inpainting, outpainting, hires fix: whichever ``request`` asks for.
 
     ``callback`` gets every sampler step, numbered over all passes (``total`` counts both passes).
+    The request is checked against ``limits`` (:func:`plan`), then its peak memory is estimated and
+    checked against ``memory_budget`` bytes (None: what the machine can give now;
+    :func:`sdstudio.pipelines.memory.check_memory`): a request that cannot fit raises ``SdStudioError``
+    before any work, and automatic VAE tiling is turned on where that makes it fit.
     """
-    p = plan(model, request)
+    p = plan(model, request, limits)
     sd = model.model
     positive, negative = parse_request(request)
-    warnings = [*p.warnings, *(embeddings.warnings if embeddings else ())]
+    rows = max(guidance_rows(request, part) for part in (positive, positive.hires) if part is not None)
+    memory = check_memory(model, p, request, rows=rows, available=memory_budget)
+    result_request = request
+    if memory.tiled != request.vae_tiling:  # every encode and decode below reads the request's tiling
+        request = dataclasses.replace(request, vae_tiling=memory.tiled)
+    warnings = [*p.warnings, *memory.warnings, *(embeddings.warnings if embeddings else ())]
     warnings += [*prompt_warnings(positive, embeddings), *prompt_warnings(negative, embeddings)]
+    warnings += trained_on_warnings(  # a model that states its vocabulary and sizes (the embedded one)
+        model.config, positive, negative, (p.width, p.height), p.hires_size,
+        embeddings.embeddings if embeddings else (),
+    )  # fmt: skip
     src = prepare_source(request, p.width, p.height) if request.init is not None else None
     warnings += src.warnings if src is not None else ()
     with torch.inference_mode():
@@ -248,12 +268,12 @@ def generate(
     if src is not None and src.overlay is not None:
         images = [paste_back(im, src.overlay, src.base, src.box) for im in images]
     return GenerationResult(
-        request=request,
+        request=result_request,
         images=tuple(
             GeneratedImage(
                 image=img,
                 seed=p.seeds[i],
-                infotext=infotext(model, request, p, i),
+                infotext=infotext(model, result_request, p, i),
                 subseed=p.subseeds[i] if p.subseeds else None,
             )
             for i, img in enumerate(images)
