@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 from importlib import resources
@@ -14,9 +15,12 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from sdstudio.errors import SdStudioError
+from sdstudio.io.files import check_writable
 
 if TYPE_CHECKING:
+    from sdstudio.pipelines.validate import Limits
     from sdstudio.prompt.parser import ParsedPrompt
+    from sdstudio.types import GenerationRequest
 
 log = logging.getLogger("sdstudio")
 
@@ -28,6 +32,22 @@ EMBEDDED_IMAGE_ENCODER = "toyworld_image_encoder.safetensors"
 def embedded_model_path(name: str = EMBEDDED_MODEL) -> Path | None:
     path = resources.files("sdstudio") / "assets" / name
     return Path(str(path)) if path.is_file() else None
+
+
+def embedded_model_help() -> str:
+    """What ``generate --help`` says of the embedded model: its size and every word it learned."""
+    import textwrap
+
+    from sdstudio.toyworld.language import EXAMPLE_PROMPTS, word_groups
+
+    lines = [
+        "The embedded model (used without --model) draws 64x64 scenes of the toy world and knows only these",
+        "words; other words and other sizes get a warning (other words are ignored or confuse it):",
+    ]
+    for group, words in word_groups().items():
+        lines += textwrap.wrap(", ".join(words), 100, initial_indent=f"  {group}: ", subsequent_indent="    ")
+    lines += ["Examples:", *(f'  sdstudio generate "{p}" -o out.png --upscale 8' for p in EXAMPLE_PROMPTS)]
+    return "\n".join(lines)
 
 
 def _output_paths(args: argparse.Namespace, seeds: int) -> list[Path]:
@@ -44,10 +64,10 @@ def _output_paths(args: argparse.Namespace, seeds: int) -> list[Path]:
         taken = [int(m.group(1)) for p in outdir.glob("*.png") if (m := re.match(r"(\d{5})-", p.name))]
         start = max(taken, default=-1) + 1
         paths = [outdir / f"{start + i:05d}-{SEED_FIELD}.png" for i in range(seeds)]
-    if not args.overwrite:
-        for p in paths:
-            if SEED_FIELD not in p.name and p.exists():
-                raise SdStudioError(f"{p}: already exists; pass --overwrite to replace it or choose another -o")
+    for p in paths:
+        check_writable(p, "output image")
+        if not args.overwrite and SEED_FIELD not in p.name and p.exists():
+            raise SdStudioError(f"{p}: already exists; pass --overwrite to replace it or choose another -o")
     return paths
 
 
@@ -122,10 +142,12 @@ def options_from_png(path: str) -> tuple[dict[str, object], str | None]:
         except ValueError:
             raise SdStudioError(f"{path}: bad 'Denoising strength' {params['Denoising strength']!r}") from None
         options["_img2img"] = "Hires upscale" not in params
+    # A1111 writes "Mask blur" for inpainting; an outpaint-only request (ours, with "Outpaint") has no mask
+    options["_inpaint"] = "Mask blur" in params and "Outpaint" not in params
     return options, params.get("Model hash")
 
 
-def build_request(args: argparse.Namespace) -> tuple[object, list[str]]:
+def build_request(args: argparse.Namespace) -> tuple[GenerationRequest, list[str]]:
     """The request from defaults, then --from-png's parameters, then the flags given; and warnings."""
     from sdstudio.io.images import load_image
     from sdstudio.io.infotext import parse_outpaint
@@ -133,16 +155,22 @@ def build_request(args: argparse.Namespace) -> tuple[object, list[str]]:
 
     values = dict(GENERATE_DEFAULTS)
     warnings: list[str] = []
-    img2img_png = False
+    img2img_png = inpaint_png = False
     if args.from_png:
         options, _ = options_from_png(args.from_png)
         img2img_png = bool(options.pop("_img2img", False))
+        inpaint_png = bool(options.pop("_inpaint", False))
         values.update(options)
     values.update({k: v for k, v in vars(args).items() if k in GENERATE_DEFAULTS and v is not None})
     if not values["prompt"] and not args.from_png:
         raise SdStudioError("no prompt given: pass a prompt or --from-png FILE")
     if img2img_png and not args.init_image:
-        raise SdStudioError(f"{args.from_png} was made by img2img (it has a denoising strength): pass --init-image")
+        needs = "--init-image and --mask" if inpaint_png else "--init-image"
+        raise SdStudioError(f"{args.from_png} was made by img2img (it has a denoising strength): pass {needs}")
+    if inpaint_png and not args.mask:
+        raise SdStudioError(
+            f"{args.from_png} was made by inpainting (it records a mask blur): pass its mask with --mask"
+        )
     init = inpaint = hires = None
     if args.init_image:
         init = InitImage(load_image(args.init_image, "init image"), values["strength"], values["resize_mode"])
@@ -194,6 +222,33 @@ def _preview_path(args: argparse.Namespace) -> Path:
     return Path(args.outdir) / "preview.png"
 
 
+MAX_UPSCALE = 8
+
+
+def limits_from_args(args: argparse.Namespace) -> Limits:
+    from sdstudio.pipelines.validate import Limits
+
+    given = {
+        k: getattr(args, k) for k in ("max_pixels", "max_steps", "max_batch") if getattr(args, k) is not None
+    }
+    return Limits(**given)
+
+
+def check_generate_args(args: argparse.Namespace) -> None:
+    """The command's own options (not part of a request), checked before anything loads."""
+    from sdstudio.pipelines.validate import check_int
+
+    check_int("--upscale", args.upscale, 1, MAX_UPSCALE)
+    if args.threads is not None:
+        check_int("--threads", args.threads, 1)
+    if args.preview_every is not None and args.preview_every < 1:
+        raise SdStudioError(f"--preview-every must be at least 1 (got {args.preview_every})")
+    if args.model is not None and not Path(args.model).exists():
+        raise SdStudioError(f"{args.model}: no such file or folder (--model)")
+    if args.embeddings is not None and not Path(args.embeddings).is_dir():
+        raise SdStudioError(f"{args.embeddings}: embeddings folder does not exist or is not a folder")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -201,8 +256,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from sdstudio.engine import Pipeline, choose_device, choose_dtype
     from sdstudio.io.images import save_png
     from sdstudio.pipelines.preview import previewer_for
-    from sdstudio.pipelines.sampling import plan
+    from sdstudio.pipelines.validate import check_request
 
+    # Everything that can be refused without the model is refused before it loads.
+    check_generate_args(args)
     model_path = args.model or embedded_model_path()
     if model_path is None:
         raise SdStudioError(
@@ -210,16 +267,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "(a .safetensors or .ckpt file, or a diffusers folder); "
             "`sdstudio checkpoint random --arch tiny -o tiny.safetensors` makes a random one for testing"
         )
-    if args.preview_every is not None and args.preview_every < 1:
-        raise SdStudioError(f"--preview-every must be at least 1 (got {args.preview_every})")
     device = choose_device(args.device)
+    dtype = choose_dtype(args.precision, device)
+    limits = limits_from_args(args)
     request, warnings = build_request(args)
+    check_request(request, limits)
     paths = _output_paths(args, request.batch_size)
-    if args.preview_every and _preview_path(args).exists() and not args.overwrite:
-        raise SdStudioError(f"{_preview_path(args)}: already exists; pass --overwrite to replace it")
+    preview_path = _preview_path(args)
+    if args.preview_every:
+        if preview_path.exists() and not args.overwrite:
+            raise SdStudioError(f"{preview_path}: already exists; pass --overwrite to replace it")
+        check_writable(preview_path, "preview image")
     pipeline = Pipeline.from_file(
         model_path,
-        dtype=choose_dtype(args.precision, device),
+        dtype=dtype,
         use_ema=args.ema,
         prediction=args.prediction,
         embeddings_dir=args.embeddings,
@@ -231,11 +292,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.from_png:
         _, png_hash = options_from_png(args.from_png)
         if png_hash and pipeline.model.short_hash and png_hash != pipeline.model.short_hash:
-            warnings.append(f"{args.from_png} was made with model hash {png_hash}; this model's is {pipeline.model.short_hash}")
-    plan(pipeline.model, request)  # fail on bad options before any work
+            warnings.append(
+                f"{args.from_png} was made with model hash {png_hash}; this model's is {pipeline.model.short_hash}"
+            )
     bar = tqdm(total=request.steps, disable=args.quiet, file=sys.stderr, desc="sampling", unit="step")
     previewer = previewer_for(pipeline.model) if args.preview_every else None
-    preview_path = _preview_path(args)
 
     def progress(step: SamplerStep) -> None:
         bar.total = step.total  # img2img, hires and DDIM/PLMS change the count
@@ -245,21 +306,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
             strip = Image.new("RGB", (sum(t.width for t in tiles), tiles[0].height))
             for k, tile in enumerate(tiles):
                 strip.paste(tile, (k * tile.width, 0))
-            preview_path.parent.mkdir(parents=True, exist_ok=True)
             save_png(strip, preview_path, None, overwrite=True)
 
     with bar:
-        result = pipeline(request, callback=progress)
+        result = pipeline(request, callback=progress, limits=limits)
+    written = []
     for path, generated in zip(paths, result.images):
         path = path.with_name(path.name.replace(SEED_FIELD, str(generated.seed)))
         image, infotext = generated.image, generated.infotext
         if args.upscale > 1:  # for viewing small images; says so in the metadata
             image = image.resize((image.width * args.upscale, image.height * args.upscale), Image.LANCZOS)
-            infotext += f", Postprocess upscale by: {args.upscale}, Postprocess upscaler: Lanczos (plain resampling)"
-        save_png(image, path, infotext, overwrite=args.overwrite)
-        print(path)
+            infotext += (
+                f", Postprocess upscale by: {args.upscale}, Postprocess upscaler: Lanczos (plain resampling)"
+            )
+        written.append(save_png(image, path, infotext, overwrite=args.overwrite))
     for warning in [*warnings, *result.warnings]:
         log.warning(warning)
+    for path in written:  # after every file is written: a closed stdout loses nothing
+        print(path)
     return 0
 
 
@@ -369,7 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate images: txt2img, img2img, inpainting, outpainting, hires fix")
+    gen = sub.add_parser(
+        "generate", help="generate images: txt2img, img2img, inpainting, outpainting, hires fix",
+        epilog=embedded_model_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     gen.add_argument("prompt", nargs="?", help="the prompt (optional with --from-png)")
     gen.add_argument("--from-png", metavar="FILE", help="replay the generation recorded in a PNG's parameters; flags given override them")
     gen.add_argument("--negative", help="negative prompt")
@@ -434,11 +501,20 @@ def build_parser() -> argparse.ArgumentParser:
         "slower than the default path (BENCHMARKS.md)",
     )
     gen.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA, launch the UNet's kernels one by one")
-    gen.add_argument("--upscale", type=int, default=1, help="enlarge the saved image N times (plain Lanczos resampling)")
+    gen.add_argument("--upscale", type=int, default=1, help="enlarge the saved image N times, 1-8 (plain Lanczos resampling)")
     gen.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     gen.add_argument("--prediction", choices=["epsilon", "v"], help="override the model's prediction type")
     gen.add_argument("--embeddings", metavar="DIR", help="folder of textual inversion embeddings (name = file stem)")
     gen.add_argument("--skip-bad-embeddings", action="store_true", help="warn about unusable embedding files, don't fail")
+    gen.add_argument(
+        "--threads", type=int, metavar="N",
+        help="CPU threads (default: the cores this process may use, fewer when other processes keep some busy)",
+    )  # fmt: skip
+    lim = gen.add_argument_group("limits", "caps that refuse a request before any work (raise them to go further)")
+    lim.add_argument("--max-pixels", type=int, metavar="N", help="most pixels of one image in any pass, hires included "
+                     "(default 4194304: 2048x2048)")
+    lim.add_argument("--max-steps", type=int, metavar="N", help="most sampling steps of a pass (default 1000)")
+    lim.add_argument("--max-batch", type=int, metavar="N", help="most images of one request (default 64)")
     out = gen.add_mutually_exclusive_group()
     out.add_argument("-o", "--output", help="output PNG file (a batch adds -0, -1, ...)")
     out.add_argument("--outdir", default="outputs", help="output folder (default: outputs)")
@@ -497,13 +573,24 @@ def main(argv: list[str] | None = None) -> int:
     return run(build_parser().parse_args(argv))
 
 
-def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="sdstudio: %(message)s")
+def run(args: argparse.Namespace, owns_process: bool = False) -> int:
+    """Run the parsed command; errors become one line on stderr and exit status 2. ``owns_process``: the
+    ``sdstudio`` command itself, free to set process-wide policies (threads, heap) for ``generate``."""
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="sdstudio: %(message)s"
+    )
     try:
+        if owns_process and args.command == "generate":
+            tune_process(args)
         return args.func(args)
     except SdStudioError as e:
         print(f"sdstudio: error: {e}", file=sys.stderr)
         return 2
+    except (
+        BrokenPipeError
+    ):  # stdout closed early (`sdstudio prompt ... | head`): end quietly, as Unix tools do
+        _silence_stdout()
+        return 0
     except OSError as e:  # permission denied, disk full, ...: the file and the reason, no traceback
         name = f"{e.filename}: " if e.filename else ""
         print(f"sdstudio: error: {name}{e.strerror or e}", file=sys.stderr)
@@ -511,6 +598,17 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("sdstudio: interrupted", file=sys.stderr)
         return 130
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's flush at exit meets no closed pipe either."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # a captured stdout (tests) has no descriptor
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def generates_on_cpu(args: argparse.Namespace) -> bool:
@@ -525,18 +623,26 @@ def generates_on_cpu(args: argparse.Namespace) -> bool:
     return args.device == "cpu"
 
 
-def entry() -> int:
-    """The ``sdstudio`` command: :func:`main` in a process it owns. When it generates on the CPU it also
-    keeps freed tensor memory in the process's heap (:mod:`sdstudio.host_memory`: no page faults per
-    activation, a sd15 512x512 request 1.09-1.11x faster). Not on a GPU, where it would only keep the freed CPU
-    copies of the load, and not for training, where a shortened toyworld recipe ran no faster with it and
-    peaked 0.3-0.6 GB higher."""
-    args = build_parser().parse_args()
+def tune_process(args: argparse.Namespace) -> None:
+    """Process-wide settings for ``generate`` in a process the command owns.
+
+    Threads: as many as the cores not kept busy by other processes, or ``--threads``
+    (:mod:`sdstudio.threads`). Heap: on the CPU, freed tensor memory stays in the process's heap
+    (:mod:`sdstudio.host_memory`: no page faults per activation, a sd15 512x512 request 1.09-1.11x
+    faster). Not on a GPU, where it would only keep the freed CPU copies of the load, and not for training,
+    where a shortened toyworld recipe ran no faster with it and peaked 0.3-0.6 GB higher."""
+    from sdstudio.threads import apply_thread_policy
+
+    log.info("threads: %s", apply_thread_policy(args.threads))
     if generates_on_cpu(args):
         from sdstudio.host_memory import keep_freed_memory
 
         keep_freed_memory()
-    return run(args)
+
+
+def entry() -> int:
+    """The ``sdstudio`` command: :func:`main` in a process it owns (see :func:`tune_process`)."""
+    return run(build_parser().parse_args(), owns_process=True)
 
 
 if __name__ == "__main__":

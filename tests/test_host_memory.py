@@ -113,8 +113,18 @@ def test_the_command_keeps_freed_memory_only_when_it_generates_on_the_cpu(
     monkeypatch: pytest.MonkeyPatch, argv: list[str], on_cpu: bool
 ) -> None:
     calls: list[str] = []
-    monkeypatch.setattr(sys, "argv", ["sdstudio", *argv])
     monkeypatch.setattr("sdstudio.host_memory.keep_freed_memory", lambda: calls.append("kept") or True)
-    monkeypatch.setattr(cli, "run", lambda args: calls.append(args.command) or 0)
+    monkeypatch.setattr("sdstudio.threads.apply_thread_policy", lambda n: calls.append("threads"))
+    args = cli.build_parser().parse_args(argv)
+    args.func = lambda a: calls.append(a.command) or 0
+    assert cli.run(args, owns_process=True) == 0
+    tuned = ["threads", *(["kept"] if on_cpu else [])] if argv[0] == "generate" else []
+    assert calls == [*tuned, argv[0]]
+    # only the command's own process is tuned, not a program calling main()
+    calls.clear()
+    assert cli.run(args) == 0
+    assert calls == [argv[0]]
+    monkeypatch.setattr(sys, "argv", ["sdstudio", *argv])
+    monkeypatch.setattr(cli, "run", lambda args, owns_process=False: calls.append(owns_process) or 0)
     assert cli.entry() == 0
-    assert calls == (["kept"] if on_cpu else []) + [argv[0]]
+    assert calls[-1] is True
