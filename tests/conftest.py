@@ -8,6 +8,11 @@ import tempfile
 
 from hypothesis import settings
 
+# libgomp (PyTorch's OpenMP) reads this once, when torch is first imported, which is after this file:
+# its threads spin a tenth of the default at barriers, as `sdstudio generate` has them (sdstudio.threads),
+# so the suite does not crawl when other processes keep the cores busy.
+os.environ.setdefault("GOMP_SPINCOUNT", "30000")
+
 _SESSION_TMP = tempfile.mkdtemp(prefix="sdstudio-tests-")
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_SESSION_TMP, "inductor")
 os.environ["TRITON_CACHE_DIR"] = os.path.join(_SESSION_TMP, "triton")
