@@ -63,6 +63,33 @@ while time.monotonic() < end and os.getppid() == parent:
 """
 
 
+# In a fresh process: the CPU time 2 threads spend per parallel region when the regions are 10 ms apart,
+# less that of one thread (the product itself), so what is left is the worker's spinning before it sleeps.
+SPIN_PROBE = """
+import os, sys, time
+import torch
+def cpu_per_region(threads):
+    torch.set_num_threads(threads)
+    x = torch.randn(256, 256)
+    x @ x
+    before = os.times()
+    for _ in range(100):
+        x @ x
+        time.sleep(0.01)
+    after = os.times()
+    return (after.user + after.system - before.user - before.system) / 100
+one = cpu_per_region(1)
+print(cpu_per_region(2) - one)
+"""
+
+
+def spin_cpu_per_region(spin_count: str) -> float:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "MKL_"))}
+    env["GOMP_SPINCOUNT"] = spin_count
+    done = subprocess.run([sys.executable, "-c", SPIN_PROBE], env=env, capture_output=True, text=True, check=True, timeout=300)
+    return float(done.stdout)
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
@@ -176,6 +203,12 @@ def main() -> None:
     parser.add_argument("--wait-quiet", type=float, default=120, help="wait up to this for other processes to stop before each run")
     parser.add_argument("--timeout", type=float, default=300, help="give up on one run after this many seconds")
     parser.add_argument("--skip-idle", action="store_true", help="only the loaded runs")
+    parser.add_argument("--skip-load", action="store_true", help="only the idle runs")
+    parser.add_argument(
+        "--wait-variants", action="store_true",
+        help="also all CPUs with other libgomp waits (OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT=1000), and the CPU "
+        "time libgomp's worker spends spinning per parallel region for each spin count",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so that `finally` stops the load
@@ -188,6 +221,11 @@ def main() -> None:
         Variant(f"all CPUs ({cpus})", args=("--threads", str(cpus))),
         Variant("OMP_NUM_THREADS=1", env={"OMP_NUM_THREADS": "1"}),
     ]
+    if args.wait_variants:
+        variants += [
+            Variant("PASSIVE", args=("--threads", str(cpus)), env={"OMP_WAIT_POLICY": "PASSIVE"}),
+            Variant("spin 1000", args=("--threads", str(cpus)), env={"GOMP_SPINCOUNT": "1000"}),
+        ]
     results: dict[str, dict[str, Timings]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.png"
@@ -195,15 +233,16 @@ def main() -> None:
         if not args.skip_idle:
             log.info("idle machine")
             results["idle"] = measure(variants, args.runs, 0, args, out)
-        log.info("next to a %d-thread PyTorch matmul loop", load_threads)
-        load = start_load(load_threads, args.load_seconds)
-        try:
-            time.sleep(2.0)  # the load imports torch and starts its threads
-            if load.poll() is not None:
-                raise RuntimeError(f"the load process ended early (status {load.returncode})")
-            results["loaded"] = measure(variants, args.runs, load_threads, args, out)
-        finally:
-            stop_load(load)
+        if not args.skip_load:
+            log.info("next to a %d-thread PyTorch matmul loop", load_threads)
+            load = start_load(load_threads, args.load_seconds)
+            try:
+                time.sleep(2.0)  # the load imports torch and starts its threads
+                if load.poll() is not None:
+                    raise RuntimeError(f"the load process ended early (status {load.returncode})")
+                results["loaded"] = measure(variants, args.runs, load_threads, args, out)
+            finally:
+                stop_load(load)
 
     print(f"\nsdstudio generate, embedded model, {args.runs} runs each: median (min-max) s, loaded / idle; {cpu_name()}")
     print(f"load: a {load_threads}-thread PyTorch process multiplying 512x512 matrices\n")
@@ -220,6 +259,11 @@ def main() -> None:
                 cell += f" [{t.foreign} with foreign load]"
             cells.append(cell)
         print(f"| {state} | {' | '.join(cells)} |")
+    if args.wait_variants:
+        print("\nCPU time of libgomp's spinning per parallel region (2 threads, a 256x256 product then a 10 ms pause):")
+        for spin in ("300000", "30000", "1000", "0"):
+            wait_quiet(0, args.wait_quiet)
+            print(f"  GOMP_SPINCOUNT={spin}: {spin_cpu_per_region(spin) * 1e3:.2f} ms")
     print("\nthreads chosen by the policy:")
     for state, timings in results.items():
         print(f"  {state}: {', '.join(sorted(set(timings[variants[0].name].threads)))}")

@@ -6,17 +6,18 @@ the CPUs the process may use. Each parallel region splits its work evenly over t
 barrier; libgomp's threads wait there, and for the next region, by spinning (300,000 times by default,
 ~6.4 ms of CPU on the 2-core Xeon) before they sleep. When other processes keep the cores busy, a
 thread of the team is often descheduled, every region waits for it, and its partners spin away the
-time slices it needs: the embedded model's ``generate`` took 20-54 s next to a 2-thread PyTorch
-process instead of 1.9 s idle, and 2.4-2.8 s with one thread (``python benchmarks/busy_machine.py``;
-BENCHMARKS.md, "Threads on a shared machine").
+time slices it needs. On the 2-core Xeon, next to a 2-thread PyTorch process, the embedded model's
+``generate`` took 5.3 s (median; 3.9-42 s) with 2 threads against 2.2 s idle, and 3.1 s with one
+(``python benchmarks/busy_machine.py``; BENCHMARKS.md, "Threads on a shared machine").
 
 So the team gets only the CPUs that are free when the command starts: the process's CPU affinity,
 capped by its cgroup's CPU quota, less the threads of other processes that the kernel counts as running
 (``/proc/loadavg``'s 4th field, read 5 times over ~4 ms: a free, instantaneous count). On an idle
 machine that is every CPU, PyTorch's own default. ``--threads N`` or ``OMP_NUM_THREADS`` decide
-instead. And when torch is not loaded yet, libgomp starts with ``GOMP_SPINCOUNT=30000``, which bounds
-the loss when the load comes after the start (2 threads next to the load: 12-19 s instead of 40-54 s)
-and costs nothing on an idle machine.
+instead. And when torch is not loaded yet, libgomp starts with ``GOMP_SPINCOUNT=30000``: no slower on
+an idle machine, and it bounds the loss when the load comes after the start, where the thread count
+cannot help (2 threads next to the load: 3.6-7.9 s in 5 runs, against 3.9-42 s with libgomp's default;
+with a third busy process, 19-21 s against 38-81 s).
 
 These are settings of the whole process, so the library never makes them on its own: the ``sdstudio``
 command calls :func:`apply_thread_policy` for the process it owns, before anything imports torch, and a
@@ -55,10 +56,10 @@ SAMPLES = 5
 SAMPLE_INTERVAL_S = 0.001
 
 # How long libgomp's threads spin, waiting at a barrier or for the next parallel region, before they
-# sleep. Its default, 300,000 spins, took ~6.4 ms of CPU per region on the 2-core Xeon: CPU that a busy
-# machine's other processes, and this one's other thread, wait for. A tenth of it still bridges the
-# Python between two operators (the embedded model ran as fast on an idle machine; 1,000 spins or
-# OMP_WAIT_POLICY=PASSIVE made it 1.25-1.35x slower there).
+# sleep. Its default, 300,000 spins, took ~6.4 ms of CPU per region on the 2-core Xeon (0.7 ms with
+# 30,000): CPU that a busy machine's other processes, and this one's other thread, wait for. A tenth of
+# it still bridges the Python between two operators: the embedded model ran as fast on an idle machine,
+# where 1,000 spins or OMP_WAIT_POLICY=PASSIVE made it 1.25-1.35x slower (wakeups by futex per region).
 SPIN_COUNT = 30_000
 
 
