@@ -102,8 +102,8 @@ _PNG_OPTIONS: dict[str, tuple[str, type]] = {
 }
 
 
-def options_from_png(path: str) -> tuple[dict[str, object], str | None]:
-    """The generate options recorded in a PNG's infotext, and its model hash."""
+def options_from_png(path: str) -> tuple[dict[str, object], dict[str, str]]:
+    """The generate options recorded in a PNG's infotext, and the infotext's parameters as written."""
     from sdstudio.io.images import load_image
     from sdstudio.io.infotext import parse_infotext
     from sdstudio.models.configs import SamplingDefaults
@@ -144,7 +144,7 @@ def options_from_png(path: str) -> tuple[dict[str, object], str | None]:
         options["_img2img"] = "Hires upscale" not in params
     # A1111 writes "Mask blur" for inpainting; an outpaint-only request (ours, with "Outpaint") has no mask
     options["_inpaint"] = "Mask blur" in params and "Outpaint" not in params
-    return options, params.get("Model hash")
+    return options, params
 
 
 def build_request(args: argparse.Namespace) -> tuple[GenerationRequest, list[str]]:
@@ -247,6 +247,43 @@ def check_generate_args(args: argparse.Namespace) -> None:
         raise SdStudioError(f"{args.model}: no such file or folder (--model)")
     if args.embeddings is not None and not Path(args.embeddings).is_dir():
         raise SdStudioError(f"{args.embeddings}: embeddings folder does not exist or is not a folder")
+    for flag, folders in (("--lora-dir", args.lora_dir), ("--hypernetwork-dir", args.hypernetwork_dir)):
+        for folder in folders or ():
+            if not Path(folder).is_dir():
+                raise SdStudioError(f"{folder}: folder does not exist or is not a folder ({flag})")
+    if args.vae is not None and not Path(args.vae).exists():
+        raise SdStudioError(f"{args.vae}: no such VAE file or folder (--vae)")
+
+
+def check_png_files(args: argparse.Namespace, params: dict[str, str]) -> list[str]:
+    """For ``--from-png``: the LoRAs, hypernetworks and VAE the PNG was made with must be at hand (one line
+    naming the first missing file and the flag that finds it); files whose hashes differ give warnings."""
+    from sdstudio.adapters.activate import check_replay, infotext_names
+    from sdstudio.adapters.library import NetworkLibrary
+    from sdstudio.engine import HYPERNETWORK_SUFFIXES
+
+    source = args.from_png
+    warnings: list[str] = []
+    if params.get("Lora hashes"):
+        loras = NetworkLibrary(args.lora_dir or (), kind="LoRA", flag="--lora-dir")
+        warnings += check_replay(infotext_names(params["Lora hashes"]), loras, "lora", source)
+    if params.get("Hypernet"):
+        hypernets = NetworkLibrary(
+            args.hypernetwork_dir or (), kind="hypernetwork", flag="--hypernetwork-dir", suffixes=HYPERNETWORK_SUFFIXES
+        )  # fmt: skip
+        names = [name for name, _ in infotext_names(params["Hypernet"])]
+        digests = [d.strip() for d in params.get("Hypernet hash", "").split(",")]
+        pairs = [(n, digests[i] if i < len(digests) else "") for i, n in enumerate(names)]
+        warnings += check_replay(pairs, hypernets, "hypernet", source)
+    if params.get("VAE") or params.get("VAE hash"):
+        recorded = f"VAE {params.get('VAE') or '?'} (hash {params.get('VAE hash') or '?'})"
+        if args.vae is None:
+            raise SdStudioError(f"{source} was made with {recorded}: pass that file with --vae FILE")
+        from sdstudio.models.vae_file import vae_short_hash
+
+        if params.get("VAE hash") and Path(args.vae).exists() and vae_short_hash(args.vae) != params["VAE hash"]:
+            warnings.append(f"{source} was made with {recorded}; {args.vae} differs")
+    return warnings
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -272,6 +309,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     limits = limits_from_args(args)
     request, warnings = build_request(args)
     check_request(request, limits)
+    png_params = options_from_png(args.from_png)[1] if args.from_png else {}
+    warnings += check_png_files(args, png_params)
     paths = _output_paths(args, request.batch_size)
     preview_path = _preview_path(args)
     if args.preview_every:
@@ -288,9 +327,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         device=device,
         compile=args.compile,
         cuda_graphs=False if args.no_cuda_graphs else None,
+        vae=args.vae,
+        lora_dirs=args.lora_dir or (),
+        hypernetwork_dirs=args.hypernetwork_dir or (),
+        strict_networks=args.strict_networks,
     )
     if args.from_png:
-        _, png_hash = options_from_png(args.from_png)
+        png_hash = png_params.get("Model hash")
         if png_hash and pipeline.model.short_hash and png_hash != pipeline.model.short_hash:
             warnings.append(
                 f"{args.from_png} was made with model hash {png_hash}; this model's is {pipeline.model.short_hash}"
@@ -368,7 +411,8 @@ def _add_token_counts(args: argparse.Namespace, parsed: ParsedPrompt, out: dict)
             for entry, entry_json in zip(sub.schedule, sub_json["schedule"]):
                 chunks = tokenize_attention(entry.attention, tokenizer, text, embeddings)
                 entry_json["chunk_token_counts"] = [chunk.length for chunk in chunks]
-    out["warnings"] = [*(embeddings.warnings if embeddings else ()), *prompt_warnings(parsed, embeddings)]
+    # LoRA and hypernetwork tags are listed in "extra_networks" and applied by generate
+    out["warnings"] = [*(embeddings.warnings if embeddings else ()), *prompt_warnings(parsed, embeddings, True)]
 
 
 def cmd_checkpoint_random(args: argparse.Namespace) -> int:
@@ -506,6 +550,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prediction", choices=["epsilon", "v"], help="override the model's prediction type")
     gen.add_argument("--embeddings", metavar="DIR", help="folder of textual inversion embeddings (name = file stem)")
     gen.add_argument("--skip-bad-embeddings", action="store_true", help="warn about unusable embedding files, don't fail")
+    net = gen.add_argument_group(
+        "networks", "LoRA / LyCORIS and hypernetwork files, used by name in the prompt: <lora:NAME:MULT>, "
+        "<lora:NAME:TE_MULT:UNET_MULT> (or te=, unet=), <hypernet:NAME:MULT>",
+    )  # fmt: skip
+    net.add_argument("--lora-dir", action="append", metavar="DIR",
+                     help="folder of LoRA / LyCORIS files, subfolders included (repeatable); NAME is a file stem "
+                     "or the name the file was trained under (ss_output_name)")
+    net.add_argument("--hypernetwork-dir", action="append", metavar="DIR",
+                     help="folder of AUTOMATIC1111 hypernetwork .pt files, subfolders included (repeatable)")
+    net.add_argument("--strict-networks", action="store_true",
+                     help="a network that is not found, cannot be read or does not fully fit the model is an "
+                     "error (default: a warning, and the image is made without it)")
+    gen.add_argument("--vae", metavar="FILE", help="VAE file (.safetensors, .ckpt, .pt, or a diffusers folder) to "
+                     "use instead of the checkpoint's, e.g. vae-ft-mse-840000-ema-pruned.safetensors")
     gen.add_argument(
         "--threads", type=int, metavar="N",
         help="CPU threads (default: the cores this process may use, fewer when other processes keep some busy)",

@@ -5,10 +5,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
+from sdstudio.adapters.activate import ModelNetworks
+from sdstudio.adapters.library import NetworkLibrary
 from sdstudio.cpu import cpu_flags
 from sdstudio.diffusion.samplers import SamplerStep
 from sdstudio.errors import SdStudioError
@@ -16,13 +19,14 @@ from sdstudio.models.cuda_graphs import CudaGraphRunner
 from sdstudio.models.loading import DTYPES, LoadedModel, load_model
 from sdstudio.models.tokenizer import ClipTokenizer
 from sdstudio.pipelines.generate import generate
-from sdstudio.pipelines.validate import DEFAULT_LIMITS, Limits
+from sdstudio.pipelines.validate import DEFAULT_LIMITS, Limits, check_request
 from sdstudio.prompt.embeddings import EmbeddingDatabase, load_embeddings
 from sdstudio.types import GenerationRequest, GenerationResult
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+HYPERNETWORK_SUFFIXES = (".pt",)  # AUTOMATIC1111 lists models/hypernetworks/**/*.pt
 
 
 def choose_dtype(precision: str, device: str = "cpu", flags: frozenset[str] | None = None) -> torch.dtype:
@@ -94,17 +98,30 @@ def unet_runner(unet: torch.nn.Module, *, compile: bool, cuda_graphs: bool) -> t
 
 class Pipeline:
     """``Pipeline.from_file(path)(GenerationRequest(prompt=...))`` -> ``GenerationResult``: txt2img, or
-    img2img / inpainting / hires fix as the request's ``init`` / ``inpaint`` / ``hires`` ask."""
+    img2img / inpainting / hires fix as the request's ``init`` / ``inpaint`` / ``hires`` ask, with the
+    LoRAs and hypernetworks its prompt's tags and ``networks`` ask for.
+
+    ``loras`` / ``hypernetworks``: the folders networks are found in by name (``--lora-dir``,
+    ``--hypernetwork-dir``); ``strict_networks``: a network that cannot be found, read or fully used fails
+    the request instead of giving a warning. LoRAs are merged into the weights for a request and replaced
+    by the next request's (:class:`sdstudio.adapters.activate.ModelNetworks`); a request without any leaves
+    the weights exactly as loaded.
+    """
 
     def __init__(
         self,
         model: LoadedModel,
         embeddings: EmbeddingDatabase | None = None,
         tokenizer: ClipTokenizer | None = None,
+        *,
+        loras: NetworkLibrary | None = None,
+        hypernetworks: NetworkLibrary | None = None,
+        strict_networks: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer or ClipTokenizer()
         self.embeddings = embeddings
+        self.networks = ModelNetworks(model, loras, hypernetworks, strict=strict_networks)
 
     @classmethod
     def from_file(
@@ -119,9 +136,14 @@ class Pipeline:
         device: str | torch.device = "cpu",
         compile: bool = False,
         cuda_graphs: bool | None = None,
+        vae: str | os.PathLike | None = None,
+        lora_dirs: Sequence[str | os.PathLike] = (),
+        hypernetwork_dirs: Sequence[str | os.PathLike] = (),
+        strict_networks: bool = False,
     ) -> Pipeline:
         """Load a checkpoint onto ``device`` and, from ``embeddings_dir``, the textual inversion embeddings
-        prompts may use.
+        prompts may use; ``vae``: a VAE file to use instead of the checkpoint's (``--vae``); the network
+        folders and ``strict_networks`` as in the class docstring (folders are checked before the load).
 
         ``compile``: run the UNet through ``torch.compile`` (inductor; the first image pays the compile).
         ``cuda_graphs`` (None: on for CUDA devices): replay the UNet from CUDA graphs, one capture per
@@ -131,7 +153,18 @@ class Pipeline:
         device = choose_device(str(device))
         if cuda_graphs and not device.startswith("cuda"):
             raise SdStudioError(f"CUDA graphs need a CUDA device (got {device!r}); leave them off")
+        loras = NetworkLibrary(lora_dirs, kind="LoRA", flag="--lora-dir")
+        hypernets = NetworkLibrary(
+            hypernetwork_dirs, kind="hypernetwork", flag="--hypernetwork-dir", suffixes=HYPERNETWORK_SUFFIXES
+        )
+        if vae is not None and not Path(vae).exists():
+            raise SdStudioError(f"{vae}: no such VAE file or folder (--vae)")
         model = load_model(path, dtype=dtype, use_ema=use_ema, prediction=prediction)
+        if vae is not None:
+            from sdstudio.models.vae_file import load_vae_into
+
+            file = load_vae_into(model, vae)
+            model = dataclasses.replace(model, vae_name=file.name, vae_hash=file.short_hash)
         if device != "cpu":
             model.model.to(device)
         if prefer_channels_last(dtype, device):
@@ -147,7 +180,14 @@ class Pipeline:
             embeddings = load_embeddings(
                 embeddings_dir, model.config.text.width, tokenizer, skip_bad=skip_bad_embeddings
             )
-        return cls(model, embeddings, tokenizer)
+        return cls(
+            model,
+            embeddings,
+            tokenizer,
+            loras=loras,
+            hypernetworks=hypernets,
+            strict_networks=strict_networks,
+        )
 
     def __call__(
         self,
@@ -156,5 +196,11 @@ class Pipeline:
         *,
         limits: Limits = DEFAULT_LIMITS,
     ) -> GenerationResult:
-        """Generate; ``limits``: the caps a request is checked against (``--max-pixels`` and friends)."""
-        return generate(self.model, self.tokenizer, request, callback, self.embeddings, limits=limits)
+        """Generate; ``limits``: the caps a request is checked against (``--max-pixels`` and friends).
+
+        The request is checked before its networks are merged, so that a refused request changes nothing."""
+        check_request(request, limits)
+        active = self.networks.activate(request)
+        return generate(
+            self.model, self.tokenizer, request, callback, self.embeddings, limits=limits, networks=active
+        )

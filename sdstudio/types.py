@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from PIL import Image
@@ -59,6 +60,40 @@ class Hires:
     upscaler: str = "Latent"
 
 
+NetworkKind = Literal["lora", "hypernet"]
+NETWORK_KINDS: tuple[NetworkKind, ...] = ("lora", "hypernet")
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """A LoRA / LyCORIS network or a hypernetwork to apply, as data: what a ``<lora:name:te:unet>`` or
+    ``<hypernet:name:multiplier>`` tag in the prompt says, for callers that would rather not write tags.
+
+    ``name``: as the tag writes it, looked up in the folders the pipeline was given (file stem or kohya's
+    ``ss_output_name``); ``path``: a file to use instead of a lookup (its stem names it in the infotext).
+    ``unet``: None for the same as ``te`` (A1111's rule); a hypernetwork has one multiplier, ``te``.
+    """
+
+    name: str
+    te: float = 1.0
+    unet: float | None = None
+    kind: NetworkKind = "lora"
+    path: str | None = None
+
+    @property
+    def unet_multiplier(self) -> float:
+        return self.te if self.unet is None else self.unet
+
+    def tag(self) -> str:
+        """The prompt tag that asks for the same thing (written into the infotext, so a PNG replays it)."""
+        name = Path(self.path).stem if self.path else self.name
+        if self.kind == "hypernet":
+            return f"<hypernet:{name}:{self.te:g}>"
+        if self.unet is None or self.unet == self.te:
+            return f"<lora:{name}:{self.te:g}>"
+        return f"<lora:{name}:{self.te:g}:{self.unet:g}>"
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One txt2img / img2img / inpaint request; every option has a name, a type and a default."""
@@ -90,6 +125,8 @@ class GenerationRequest:
     inpaint: Inpaint | None = None  # needs ``init``
     hires: Hires | None = None  # txt2img only
     vae_tiling: bool | None = None  # None: tile the VAE above a size (see pipelines.vae_tiling)
+    # Networks applied besides those the prompt's <lora:...> / <hypernet:...> tags ask for.
+    networks: tuple[NetworkSpec, ...] = ()
 
 
 @dataclass(frozen=True)

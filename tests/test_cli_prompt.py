@@ -68,7 +68,7 @@ def test_prompt_with_model_adds_chunk_token_counts_and_warnings(capsys, tiny_ckp
     out = run_json(capsys, ["prompt", prompt, "--steps", "10", "--model", str(tiny_ckpt), "--embeddings", str(embeddings_dir)])
     expected = to_json_dict(parse(prompt, 10))
     counts = [[entry.pop("chunk_token_counts") for entry in sub["schedule"]] for sub in out["subprompts"]]
-    assert out.pop("warnings") == ["LoRA not supported yet: <lora:detail:0.7> ignored ('detail' unknown)"]
+    assert out.pop("warnings") == []  # the LoRA tag is listed in extra_networks; generate applies it
     assert out == expected  # only keys added
     # "a red cat" | "a red dog" (3 tokens); " a hat :0.5 " (no longer a weight: text follows it, so
     # 6 tokens) BREAK, the 2-vector embedding and 80 x's: 6 | 75 | 7
@@ -87,7 +87,7 @@ def generate(tmp_path, ckpt, prompt, name, *extra):
     return main(argv), out
 
 
-def test_generate_uses_embeddings_and_warns_about_lora(tmp_path, sensitive_ckpt, embeddings_dir, caplog):
+def test_generate_uses_embeddings_and_warns_about_a_missing_lora(tmp_path, sensitive_ckpt, embeddings_dir, caplog):
     code, plain = generate(tmp_path, sensitive_ckpt, "a zqxstyle cat", "plain", "--negative", "[ugly:blurry:2]")
     assert code == 0
     with caplog.at_level(logging.WARNING, logger="sdstudio"):
@@ -95,7 +95,7 @@ def test_generate_uses_embeddings_and_warns_about_lora(tmp_path, sensitive_ckpt,
                                 "--embeddings", str(embeddings_dir), "--negative", "[ugly:blurry:2]")
     assert code == 0
     assert [r.getMessage() for r in caplog.records if r.name == "sdstudio"] == [
-        "LoRA not supported yet: <lora:detail:0.7> ignored ('detail' unknown)"
+        "LoRA 'detail' not found: no LoRA folder given (--lora-dir DIR)"
     ]
     a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (plain, styled))
     assert np.abs(a - b).max() > 2  # the embedding changed the picture

@@ -395,6 +395,9 @@ class LoadedModel:
     _hash: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     # what sampling calls in place of ``model.unet`` (a compiled or CUDA-graph wrapper); None: the UNet
     unet_runner: torch.nn.Module | None = field(default=None, repr=False, compare=False)
+    # a separate VAE file loaded over the checkpoint's (``--vae``): A1111's infotext "VAE" and "VAE hash"
+    vae_name: str | None = None
+    vae_hash: str | None = None
 
     @property
     def device(self) -> torch.device:

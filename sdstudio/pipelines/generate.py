@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -36,6 +37,9 @@ from sdstudio.prompt.parser import ParsedPrompt, parse
 from sdstudio.prompt.vocabulary import trained_on_warnings
 from sdstudio.types import GeneratedImage, GenerationRequest, GenerationResult
 
+if TYPE_CHECKING:
+    from sdstudio.adapters.activate import ActiveNetworks
+
 log = logging.getLogger(__name__)
 
 Callback = Callable[[SamplerStep], None]
@@ -51,8 +55,17 @@ def parse_request(request: GenerationRequest) -> tuple[ParsedPrompt, ParsedPromp
     )
 
 
-def infotext(model: LoadedModel, request: GenerationRequest, p: Plan, index: int) -> str:
-    """AUTOMATIC1111's parameter line for image ``index``, in its key order and spelling."""
+def infotext(
+    model: LoadedModel,
+    request: GenerationRequest,
+    p: Plan,
+    index: int,
+    extra: Sequence[tuple[str, str]] = (),
+    prompt_tags: str = "",
+) -> str:
+    """AUTOMATIC1111's parameter line for image ``index``, in its key order and spelling. ``extra``: entries
+    A1111 adds after its own (``Lora hashes``, ``TI hashes``, ...); ``prompt_tags``: network tags for the
+    request's ``networks``, appended to the prompt so that the line replays them."""
     seed = p.seeds[index]
     init, inpaint, hires = request.init, request.inpaint, request.hires
     strength = init.strength if init is not None else hires.strength if hires is not None else None
@@ -65,6 +78,8 @@ def infotext(model: LoadedModel, request: GenerationRequest, p: Plan, index: int
         "Size": f"{p.width}x{p.height}",
         "Model hash": model.short_hash or None,
         "Model": model.name,
+        "VAE hash": model.vae_hash,
+        "VAE": model.vae_name,
         "Variation seed": p.subseeds[index] if p.subseeds else None,
         "Variation seed strength": format_number(p.subseed_strength) if p.subseeds else None,
         "Denoising strength": format_number(strength) if strength is not None else None,
@@ -89,8 +104,26 @@ def infotext(model: LoadedModel, request: GenerationRequest, p: Plan, index: int
     params["NGMS"] = format_number(p.ngms) if p.ngms or model.config.sampling.ngms else None
     all_steps = p.ngms and (p.ngms_all_steps or model.config.sampling.ngms_all_steps)
     params["NGMS all steps"] = str(p.ngms_all_steps) if all_steps else None
+    params.update(extra)
     params["Version"] = f"sdstudio {__version__}"
-    return format_infotext(request.prompt, request.negative_prompt, params)
+    prompt = f"{request.prompt} {prompt_tags}" if prompt_tags else request.prompt
+    return format_infotext(prompt, request.negative_prompt, params)
+
+
+def ti_hashes(
+    embeddings: EmbeddingDatabase, tokenizer: ClipTokenizer, prompts: Sequence[ParsedPrompt]
+) -> list[tuple[str, str]]:
+    """AUTOMATIC1111's ``TI hashes: "name: 0123456789ab, ..."`` for the embeddings the prompts use (12
+    digits of the file's sha256; ``:`` and ``,`` removed from names), or nothing."""
+    texts: dict[str, None] = {}
+    for parsed in prompts:
+        for part in (parsed, parsed.hires):
+            for sub in part.subprompts if part is not None else ():
+                for entry in sub.schedule:
+                    texts.update(dict.fromkeys(fragment for fragment, _ in entry.attention))
+    used = embeddings.used_in(tokenizer, texts)
+    hashes = [f"{e.name.replace(':', '').replace(',', '')}: {e.short_hash}" for e in used if e.short_hash]
+    return [("TI hashes", ", ".join(hashes))] if hashes else []
 
 
 def encode_images(model: LoadedModel, images: list[Image.Image], tiled: bool | None) -> Tensor:
@@ -199,6 +232,7 @@ def generate(
     *,
     limits: Limits = DEFAULT_LIMITS,
     memory_budget: int | None = None,
+    networks: ActiveNetworks | None = None,
 ) -> GenerationResult:
     """txt2img, img2img, inpainting, outpainting, hires fix: whichever ``request`` asks for.
 
@@ -207,8 +241,19 @@ def generate(
     checked against ``memory_budget`` bytes (None: what the machine can give now;
     :func:`sdstudio.pipelines.memory.check_memory`): a request that cannot fit raises ``SdStudioError``
     before any work, and automatic VAE tiling is turned on where that makes it fit.
+
+    ``networks``: the request's LoRAs (already merged into the weights) and hypernetworks, as
+    :meth:`sdstudio.adapters.activate.ModelNetworks.activate` made them for this request; without them the
+    prompt's ``<lora:...>`` / ``<hypernet:...>`` tags are ignored with a warning.
     """
     p = plan(model, request, limits)
+    if networks is not None and networks.hypernetworks:
+        from sdstudio.adapters.hypernetwork import prepare_hypernetworks
+
+        p = dataclasses.replace(
+            p,
+            hypernetworks=prepare_hypernetworks(networks.hypernetworks, model.device, model.model.unet.dtype),
+        )
     sd = model.model
     positive, negative = parse_request(request)
     rows = max(guidance_rows(request, part) for part in (positive, positive.hires) if part is not None)
@@ -217,7 +262,12 @@ def generate(
     if memory.tiled != request.vae_tiling:  # every encode and decode below reads the request's tiling
         request = dataclasses.replace(request, vae_tiling=memory.tiled)
     warnings = [*p.warnings, *memory.warnings, *(embeddings.warnings if embeddings else ())]
-    warnings += [*prompt_warnings(positive, embeddings), *prompt_warnings(negative, embeddings)]
+    warnings += networks.warnings if networks is not None else ()
+    applied = networks is not None
+    warnings += [
+        *prompt_warnings(positive, embeddings, applied),
+        *prompt_warnings(negative, embeddings, applied),
+    ]
     warnings += trained_on_warnings(  # a model that states its vocabulary and sizes (the embedded one)
         model.config, positive, negative, (p.width, p.height), p.hires_size,
         embeddings.embeddings if embeddings else (),
@@ -267,13 +317,17 @@ def generate(
     warnings += decode_warnings
     if src is not None and src.overlay is not None:
         images = [paste_back(im, src.overlay, src.base, src.box) for im in images]
+    extra = list(networks.params if networks is not None else ())
+    if embeddings is not None:
+        extra += ti_hashes(embeddings, tokenizer, [positive, negative])
+    tags = networks.tags if networks is not None else ""
     return GenerationResult(
         request=result_request,
         images=tuple(
             GeneratedImage(
                 image=img,
                 seed=p.seeds[i],
-                infotext=infotext(model, result_request, p, i),
+                infotext=infotext(model, result_request, p, i, extra, tags),
                 subseed=p.subseeds[i] if p.subseeds else None,
             )
             for i, img in enumerate(images)

@@ -8,7 +8,7 @@ import secrets
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -32,6 +32,9 @@ from sdstudio.pipelines.validate import (
 from sdstudio.prompt.conditioning import Conditioning
 from sdstudio.types import GenerationRequest
 
+if TYPE_CHECKING:
+    from sdstudio.adapters.hypernetwork import HypernetworkStack
+
 log = logging.getLogger(__name__)
 
 
@@ -54,6 +57,8 @@ class Plan:
     token_merging: float = 0.0
     ngms: float = 0.0  # Negative Guidance minimum sigma (0: off)
     ngms_all_steps: bool = False
+    # the request's hypernetworks, prepared for the model's device and dtype (None: none)
+    hypernetworks: HypernetworkStack | None = None
 
 
 def canvas_size(request: GenerationRequest) -> tuple[int, int] | None:
@@ -236,8 +241,11 @@ def sample_latents(
     config = model.config
     device = model.device
     schedule = DiscreteSchedule.from_config(config.schedule).to(device)
-    unet = model.unet_runner if model.unet_runner is not None else model.model.unet
-    denoiser = Denoiser(unet, schedule, config.prediction, token_merging=p.token_merging)
+    # a compiled or CUDA-graph runner takes the UNet's plain arguments only: hypernetworks run it directly
+    runner = model.unet_runner if p.hypernetworks is None else None
+    unet = runner if runner is not None else model.model.unet
+    networks = {"hypernetworks": p.hypernetworks} if p.hypernetworks is not None else {}
+    denoiser = Denoiser(unet, schedule, config.prediction, token_merging=p.token_merging, **networks)
     sigmas = pass_sigmas(model, p, steps, source)
     if sigmas is None:
         assert source is not None

@@ -260,17 +260,24 @@ def encode_conditioning(
     )
 
 
-_NOT_YET = {"lora": "LoRA", "lyco": "LoRA", "hypernet": "hypernetworks"}
+_NETWORKS = {"lora": "LoRA", "lyco": "LoRA", "hypernet": "hypernetwork"}
 
 
-def prompt_warnings(parsed: ParsedPrompt, embeddings: EmbeddingDatabase | None = None) -> list[str]:
-    """What a prompt asks for that generation will not do: extra networks, skipped embeddings."""
+def prompt_warnings(
+    parsed: ParsedPrompt, embeddings: EmbeddingDatabase | None = None, networks_applied: bool = False
+) -> list[str]:
+    """What a prompt asks for that generation will not do: extra networks of unknown kinds (and, unless
+    ``networks_applied`` says the caller applies them, LoRA and hypernetwork tags), skipped embeddings."""
     warnings = []
     for tag in parsed.extra_networks:
         written = f"<{tag.kind}:{':'.join(tag.args)}>"
-        feature = _NOT_YET.get(tag.kind)
+        feature = _NETWORKS.get(tag.kind)
         if feature is not None:
-            warnings.append(f"{feature} not supported yet: {written} ignored ({tag.args[0]!r} unknown)")
+            if not networks_applied:
+                warnings.append(
+                    f"{written} ignored: {feature} tags are applied by sdstudio.engine.Pipeline "
+                    "(or pass the networks to generate())"
+                )
         else:
             warnings.append(f"unknown extra network kind {tag.kind!r}: {written} ignored")
     if embeddings is not None:

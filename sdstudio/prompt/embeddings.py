@@ -19,6 +19,7 @@ import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -43,6 +44,19 @@ class Embedding:
     @property
     def n_vectors(self) -> int:
         return int(self.vectors.shape[0])
+
+    @cached_property
+    def short_hash(self) -> str:
+        """AUTOMATIC1111's ``TI hashes`` entry: the first 12 hex digits of the file's sha256 ("" without a
+        file); read once."""
+        if self.path is None:
+            return ""
+        from sdstudio.models.loading import file_sha256
+
+        try:
+            return file_sha256(self.path)[:12]
+        except OSError:  # the file went away after loading: no hash rather than no image
+            return ""
 
 
 @dataclass(frozen=True)
@@ -93,6 +107,22 @@ class EmbeddingDatabase:
             if tuple(tokens[position : position + len(ids)]) == ids:
                 return embedding, len(ids)
         return None
+
+    def used_in(self, tokenizer: ClipTokenizer, texts: Iterable[str]) -> list[Embedding]:
+        """The embeddings that ``texts`` (prompt fragments) use, in order of first use, as the prompt's
+        tokens find them."""
+        used: dict[str, Embedding] = {}
+        for text in texts:
+            tokens = tokenizer.encode(text)
+            position = 0
+            while position < len(tokens):
+                found = self.match(tokens, position)
+                if found is None:
+                    position += 1
+                    continue
+                used.setdefault(found[0].name, found[0])
+                position += found[1]
+        return list(used.values())
 
     def skipped_names_in(self, text: str) -> list[str]:
         """Names of skipped (bad) embedding files that ``text`` uses as words; they stay plain text."""

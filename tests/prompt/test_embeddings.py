@@ -129,11 +129,14 @@ def test_a_bad_file_fails_the_folder_unless_skipped(tmp_path, tokenizer):
     db = load_embeddings(tmp_path, WIDTH, tokenizer, skip_bad=True)
     assert list(db.embeddings) == ["good"] and list(db.skipped) == ["wide"]
     assert len(db.warnings) == 1 and "wide.safetensors" in db.warnings[0]
-    warnings = prompt_warnings(parse("good, wide, <lora:detail:0.7>", 10), db)
+    warnings = prompt_warnings(parse("good, wide, <lora:detail:0.7> <foo:x>", 10), db)
     assert warnings == [
-        "LoRA not supported yet: <lora:detail:0.7> ignored ('detail' unknown)",
+        "<lora:detail:0.7> ignored: LoRA tags are applied by sdstudio.engine.Pipeline (or pass the networks to generate())",
+        "unknown extra network kind 'foo': <foo:x> ignored",
         "embedding 'wide' was skipped (bad file), so the prompt uses it as plain text",
     ]
+    applied = prompt_warnings(parse("good, wide, <lora:detail:0.7> <foo:x>", 10), db, networks_applied=True)
+    assert applied == warnings[1:]
     with pytest.raises(SdStudioError, match="does not exist"):
         load_embeddings(tmp_path / "nope", WIDTH, tokenizer)
 

@@ -1,0 +1,143 @@
+"""LoRAs through the engine and the command: tags in prompts, --lora-dir, the infotext's Lora hashes,
+--from-png replays, --strict-networks; a request without LoRAs after one with them gives the loaded
+model's image and weights, bit for bit."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from sdstudio.adapters import short_hash
+from sdstudio.cli import main
+from sdstudio.engine import Pipeline
+from sdstudio.io.infotext import parse_infotext
+from sdstudio.types import GenerationRequest, NetworkSpec
+
+pytest.importorskip("diffusers")  # lora_targets names the modules with diffusers' converters
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny checkpoint whose UNet depends on the text, and a folder with a LoRA for it."""
+    from sdstudio.models.configs import PRESETS
+    from sdstudio.models.loading import save_model
+    from sdstudio.models.stablediffusion import random_model
+    from tests.adapters.loras import lora_targets, random_kohya
+    from tests.reference import randomise_
+
+    model = random_model(PRESETS["tiny"])
+    randomise_(model, seed=5)
+    root = tmp_path_factory.mktemp("networks")
+    ckpt = save_model(model, root / "sensitive.safetensors", dtype=torch.float32)
+    loras = root / "loras" / "styles"
+    loras.mkdir(parents=True)
+    targets = lora_targets(model.config, {k: v.clone() for k, v in model.state_dict().items()})
+    save_file(random_kohya(targets, seed=1, alpha=8.0), str(loras / "style.safetensors"),
+              metadata={"ss_output_name": "my_style"})  # fmt: skip
+    return ckpt, root / "loras"
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path), dtype=np.int16)
+
+
+def run(tmp_path, ckpt, name, *argv):
+    out = tmp_path / f"{name}.png"
+    code = main(["generate", "--model", str(ckpt), "--steps", "3", "--seed", "5", "--sampler", "Euler",
+                 "-o", str(out), "-q", *argv])  # fmt: skip
+    return code, out
+
+
+def test_lora_tag_changes_the_image_and_replays_from_png(tmp_path, files, capsys):
+    ckpt, loras = files
+    assert run(tmp_path, ckpt, "plain", "a red cat")[0] == 0
+    code, styled = run(tmp_path, ckpt, "styled", "a red cat <lora:my_style:1:1.5>", "--lora-dir", str(loras))
+    assert code == 0
+    assert np.abs(pixels(tmp_path / "plain.png") - pixels(styled)).max() > 10
+    prompt, _, params = parse_infotext(Image.open(styled).info["parameters"])
+    assert prompt == "a red cat <lora:my_style:1:1.5>"
+    from tests.adapters.test_activate import load_metadata
+
+    digest = short_hash(
+        loras / "styles" / "style.safetensors", load_metadata(loras / "styles" / "style.safetensors")
+    )
+    assert params["Lora hashes"] == f"my_style: {digest}"
+    assert f'Lora hashes: "my_style: {digest}"' in Image.open(styled).info["parameters"]  # quoted as A1111
+
+    capsys.readouterr()
+    code, replay = run(tmp_path, ckpt, "replay", "--from-png", str(styled), "--lora-dir", str(loras))
+    assert code == 0 and np.array_equal(pixels(replay), pixels(styled))
+
+    capsys.readouterr()
+    code, missing = run(tmp_path, ckpt, "missing", "--from-png", str(styled))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and not missing.exists()
+    assert "was made with LoRA 'my_style'" in err[0] and "--lora-dir" in err[0]
+
+
+def test_strict_networks_and_bad_folders(tmp_path, files, capsys):
+    ckpt, loras = files
+    code, out = run(
+        tmp_path, ckpt, "strict", "a cat <lora:my_stile:1>", "--lora-dir", str(loras), "--strict-networks"
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists() and len(err) == 1
+    assert "LoRA 'my_stile' not found in" in err[0] and "closest names: my_style" in err[0]
+
+    code, out = run(tmp_path, ckpt, "lenient", "a cat <lora:my_stile:1>", "--lora-dir", str(loras))
+    assert code == 0 and out.exists()
+    assert "Lora hashes" not in Image.open(out).info["parameters"]
+
+    code, out = run(tmp_path, ckpt, "nofolder", "a cat", "--lora-dir", str(tmp_path / "nope"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists() and "nope: folder does not exist" in err[-1]
+    code, out = run(tmp_path, ckpt, "badtag", "a cat <lora:my_style:strong>", "--lora-dir", str(loras))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists() and "multiplier 'strong' is not a number" in err[-1]
+
+
+def test_pipeline_switches_loras_without_reloading_and_restores_exactly(tmp_path, files):
+    ckpt, loras = files
+    pipeline = Pipeline.from_file(ckpt, lora_dirs=[loras])
+    params = pipeline.model.model.state_dict()
+    before = {k: v.clone() for k, v in params.items()}
+    request = GenerationRequest("a red cat", sampler="Euler", steps=3, seed=5)
+    plain = pipeline(request).images[0]
+    lora = pipeline(GenerationRequest("a red cat <lora:style:0.8>", sampler="Euler", steps=3, seed=5)).images[
+        0
+    ]
+    as_data = pipeline(
+        GenerationRequest(
+            "a red cat", sampler="Euler", steps=3, seed=5, networks=(NetworkSpec("style", 0.8),)
+        )
+    ).images[0]
+    again = pipeline(request).images[0]
+    assert np.array_equal(np.asarray(plain.image), np.asarray(again.image))
+    assert all(torch.equal(v, before[k]) for k, v in pipeline.model.model.state_dict().items())
+    assert np.array_equal(np.asarray(lora.image), np.asarray(as_data.image))
+    assert not np.array_equal(np.asarray(lora.image), np.asarray(plain.image))
+    # the request's networks are written as tags into the infotext's prompt: the PNG replays them
+    assert parse_infotext(as_data.infotext)[0] == "a red cat <lora:style:0.8>"
+    assert "Lora hashes" not in plain.infotext and "Lora hashes: " in as_data.infotext
+
+
+def test_ti_hashes_in_the_infotext(tmp_path, files):
+    from sdstudio.models.loading import file_sha256
+    from tests.prompt.test_embeddings import save_a1111_pt
+
+    ckpt, _ = files
+    folder = tmp_path / "emb"
+    folder.mkdir()
+    save_a1111_pt(folder / "zqx.pt", torch.ones(2, 32))
+    shutil.copy(folder / "zqx.pt", folder / "other.pt")
+    pipeline = Pipeline.from_file(ckpt, embeddings_dir=folder)
+    result = pipeline(GenerationRequest("a zqx cat", "blurry", sampler="Euler", steps=2, seed=1))
+    params = parse_infotext(result.images[0].infotext)[2]
+    assert params["TI hashes"] == f"zqx: {file_sha256(folder / 'zqx.pt')[:12]}"
+    plain = pipeline(GenerationRequest("a cat", sampler="Euler", steps=2, seed=1))
+    assert "TI hashes" not in plain.images[0].infotext
