@@ -141,3 +141,67 @@ def test_ti_hashes_in_the_infotext(tmp_path, files):
     assert params["TI hashes"] == f"zqx: {file_sha256(folder / 'zqx.pt')[:12]}"
     plain = pipeline(GenerationRequest("a cat", sampler="Euler", steps=2, seed=1))
     assert "TI hashes" not in plain.images[0].infotext
+
+
+def test_hypernetwork_tag_changes_the_image_and_replays(tmp_path, files, capsys):
+    from tests.adapters.test_hypernetwork import a1111_file
+
+    ckpt, _ = files
+    folder = tmp_path / "hypernetworks" / "sub"
+    folder.mkdir(parents=True)
+    fields = {
+        "layer_structure": [1, 2, 1],
+        "activation_func": "relu",
+        "activate_output": False,
+        "name": "grain",
+    }
+    a1111_file(folder / "grain.pt", (32, 64), fields, dropout=[0, 0, 0], seed=3)
+    a1111_file(folder / "wide.pt", (768, 320), fields, dropout=[0, 0, 0], seed=3)  # an sd15 one
+    hyper = ["--hypernetwork-dir", str(tmp_path / "hypernetworks")]
+    assert run(tmp_path, ckpt, "plain", "a red cat")[0] == 0
+    code, out = run(tmp_path, ckpt, "hyper", "a red cat <hypernet:grain:0.7>", *hyper)
+    assert code == 0
+    assert np.abs(pixels(tmp_path / "plain.png") - pixels(out)).max() > 10
+    text = Image.open(out).info["parameters"]
+    params = parse_infotext(text)[2]
+    assert (
+        params["Hypernet"] == "grain"
+        and params["Hypernet strength"] == "0.7"
+        and len(params["Hypernet hash"]) == 10
+    )
+    code, zero = run(tmp_path, ckpt, "zero", "a red cat <hypernet:grain:0>", *hyper)
+    assert code == 0 and np.array_equal(pixels(zero), pixels(tmp_path / "plain.png"))  # costs nothing
+
+    capsys.readouterr()
+    code, replay = run(tmp_path, ckpt, "replay", "--from-png", str(out), *hyper)
+    assert code == 0 and np.array_equal(pixels(replay), pixels(out))
+    code, _ = run(tmp_path, ckpt, "noreplay", "--from-png", str(out))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "was made with hypernetwork 'grain'" in err[-1] and "--hypernetwork-dir" in err[-1]
+
+    code, out = run(tmp_path, ckpt, "wide", "a red cat <hypernet:wide:1>", *hyper, "--strict-networks")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "wide.pt: its widths [320, 768] meet no attention layer" in err[-1]
+
+
+def test_vae_file_is_used_recorded_and_needed_for_replay(tmp_path, files, capsys):
+    from sdstudio.models.loading import file_sha256, load_model
+
+    ckpt, _ = files
+    vae = load_model(ckpt).model.vae
+    with torch.no_grad():
+        for p in vae.decoder.conv_out.parameters():
+            p.mul_(-1)  # another VAE: the colours turn
+    vae_path = tmp_path / "negative.vae.safetensors"
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(vae_path))
+    assert run(tmp_path, ckpt, "plain", "a red cat")[0] == 0
+    code, out = run(tmp_path, ckpt, "vae", "a red cat", "--vae", str(vae_path))
+    assert code == 0 and np.abs(pixels(tmp_path / "plain.png") - pixels(out)).max() > 50
+    params = parse_infotext(Image.open(out).info["parameters"])[2]
+    assert params["VAE"] == "negative.vae.safetensors" and params["VAE hash"] == file_sha256(vae_path)[:10]
+    capsys.readouterr()
+    code, replay = run(tmp_path, ckpt, "replay", "--from-png", str(out), "--vae", str(vae_path))
+    assert code == 0 and np.array_equal(pixels(replay), pixels(out))
+    code, _ = run(tmp_path, ckpt, "noreplay", "--from-png", str(out))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "negative.vae.safetensors" in err[-1] and "--vae FILE" in err[-1]

@@ -217,6 +217,8 @@ class ModelNetworks:
                 warnings.append(str(e))
                 continue
             found = read.network.warnings
+            if spec.kind == "hypernet":
+                found = (*found, *self._width_warnings(read.network))
             if strict and found:
                 raise SdStudioError(f"{found[0]} (--strict-networks)")
             warnings += found
@@ -238,6 +240,24 @@ class ModelNetworks:
                 params.append(("Hypernet strength", ", ".join(f"{s.te:g}" for s, _, _ in hypernets)))
         tags = " ".join(spec.tag() for spec in request.networks)
         return ActiveNetworks(uses, hyper_uses, tuple(params), tags, tuple(dict.fromkeys(warnings)))
+
+    def _width_warnings(self, hypernetwork: Any) -> tuple[str, ...]:
+        """A hypernetwork whose widths meet no attention layer of this model changes nothing: say so."""
+        unet = self.loaded.config.unet
+        attention = {unet.model_channels * m for level, m in enumerate(unet.channel_mult)
+                     if 2**level in unet.attention_resolutions}  # fmt: skip
+        widths = attention | {unet.context_dim}
+        where = hypernetwork.path or hypernetwork.name
+        ours = sorted(hypernetwork.widths)
+        if not set(ours) & widths:
+            problem = f"meet no attention layer of this model ({sorted(widths)})"
+            effect = "It changes nothing"
+        elif unet.context_dim not in ours:
+            problem = f"have no pair for this model's text context width {unet.context_dim}"
+            effect = "Only self-attention changes"
+        else:
+            return ()
+        return (f"{where}: its widths {ours} {problem}: made for another architecture? {effect}",)
 
     def restore(self) -> None:
         """The loaded weights back, bit for bit."""

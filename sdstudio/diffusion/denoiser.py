@@ -8,6 +8,7 @@ One object serves both directions so the trainer cannot drift from the sampler.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +16,9 @@ from torch import Tensor, nn
 from sdstudio.diffusion.noise import to_device
 from sdstudio.diffusion.schedule import DiscreteSchedule
 from sdstudio.models.configs import Prediction
+
+if TYPE_CHECKING:  # the type only: diffusion does not import adapters at run time
+    from sdstudio.adapters.hypernetwork import HypernetworkStack
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,7 @@ class Denoiser:
     prediction: Prediction = "epsilon"
     quantize: bool = True  # feed the nearest training timestep (as AUTOMATIC1111 and diffusers do)
     token_merging: float = 0.0  # ToMe ratio passed to the UNet (0: exact)
+    hypernetworks: HypernetworkStack | None = None  # A1111 hypernetworks passed to the UNet (None: none)
 
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(c_skip, c_out, c_in), each [B, 1, 1, 1]; sigma_data = 1 as in SD."""
@@ -42,9 +47,13 @@ class Denoiser:
         if extra is not None:  # inpainting models: mask and masked-image latents as extra channels
             inp = torch.cat([inp, extra.float()], dim=1)
         dtype = next(self.unet.parameters()).dtype
-        if self.token_merging:  # only then: the UNet is any module taking (x, t, context), as in tests
-            return self.unet(inp.to(dtype), t, context.to(dtype), token_merging=self.token_merging).float()
-        return self.unet(inp.to(dtype), t, context.to(dtype)).float()
+        # options only when set: the UNet is any module taking (x, t, context), as in tests
+        options: dict[str, Any] = {}
+        if self.token_merging:
+            options["token_merging"] = self.token_merging
+        if self.hypernetworks is not None:
+            options["hypernetworks"] = self.hypernetworks
+        return self.unet(inp.to(dtype), t, context.to(dtype), **options).float()
 
     def __call__(self, x: Tensor, sigma: Tensor, context: Tensor, extra: Tensor | None = None) -> Tensor:
         """The x0 estimate, float32. x [B, C, h, w], sigma [B] (any device), context [B, tokens, width]."""

@@ -13,6 +13,7 @@ fine-tuning of SD use 0).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,9 @@ from sdstudio.models.attention import attention
 from sdstudio.models.configs import UNetConfig
 from sdstudio.models.prepacked import Conv2d, Linear
 from sdstudio.models.tome import TokenMerging, merge, plan_merge, unmerge
+
+if TYPE_CHECKING:  # adapters import models: the type only, no import at run time
+    from sdstudio.adapters.hypernetwork import HypernetworkStack
 
 __all__ = ["UNetModel", "timestep_embedding"]
 
@@ -85,7 +89,10 @@ class ResBlock(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention over ``context`` (or over ``x`` itself when no context is given)."""
+    """Multi-head attention over ``context`` (or over ``x`` itself when no context is given).
+
+    ``hypernetworks``: AUTOMATIC1111's, rewriting the keys' and the values' input (``context``, or ``x`` in
+    self-attention) before ``to_k`` / ``to_v`` (``sdstudio.adapters.hypernetwork``)."""
 
     def __init__(self, query_dim: int, context_dim: int, heads: int, head_dim: int) -> None:
         super().__init__()
@@ -97,14 +104,18 @@ class CrossAttention(nn.Module):
         # Index 1 is LDM's Dropout.
         self.to_out = nn.Sequential(Linear(inner, query_dim), nn.Identity())
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, hypernetworks: HypernetworkStack | None = None
+    ) -> Tensor:
         context = x if context is None else context
         batch, tokens, _ = x.shape
 
         def split(t: Tensor) -> Tensor:  # [batch, n, inner] -> [batch, heads, n, head_dim]
             return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
-        q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
+        # hypernetworks: the keys' and the values' inputs apart, each [batch, n, context width]
+        context_k, context_v = (context, context) if hypernetworks is None else hypernetworks.kv(context)
+        q, k, v = split(self.to_q(x)), split(self.to_k(context_k)), split(self.to_v(context_v))
         out = attention(q, k, v)  # [batch, heads, tokens, head_dim]
         out = out.transpose(1, 2).reshape(batch, tokens, -1)  # [batch, tokens, inner]
         return self.to_out(out)
@@ -144,14 +155,19 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(
-        self, x: Tensor, context: Tensor, merging: TokenMerging | None = None, hw: tuple[int, int] = (0, 0)
+        self,
+        x: Tensor,
+        context: Tensor,
+        merging: TokenMerging | None = None,
+        hw: tuple[int, int] = (0, 0),
+        hypernetworks: HypernetworkStack | None = None,
     ) -> Tensor:
         plan = plan_merge(x, *hw, merging) if merging is not None else None
         if plan is None:
-            x = x + self.attn1(self.norm1(x))  # [batch, tokens, dim]
+            x = x + self.attn1(self.norm1(x), None, hypernetworks)  # [batch, tokens, dim]
         else:  # token merging: self-attention over fewer tokens
-            x = x + unmerge(self.attn1(merge(self.norm1(x), plan)), plan)
-        x = x + self.attn2(self.norm2(x), context)
+            x = x + unmerge(self.attn1(merge(self.norm1(x), plan), None, hypernetworks), plan)
+        x = x + self.attn2(self.norm2(x), context, hypernetworks)
         return x + self.ff(self.norm3(x))
 
 
@@ -178,7 +194,13 @@ class SpatialTransformer(nn.Module):
         else:
             self.proj_out = Conv2d(inner, channels, 1)
 
-    def forward(self, x: Tensor, context: Tensor, merging: TokenMerging | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor,
+        merging: TokenMerging | None = None,
+        hypernetworks: HypernetworkStack | None = None,
+    ) -> Tensor:
         height, width = x.shape[-2:]
         if merging is not None and height * width != merging.tokens:
             merging = None  # only the full-resolution maps are merged
@@ -190,7 +212,7 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             x = self.proj_in(x)  # [batch, h * w, inner]
         for block in self.transformer_blocks:
-            x = block(x, context, merging, (height, width))
+            x = block(x, context, merging, (height, width), hypernetworks)
         if self.use_linear:
             x = self.proj_out(x)  # [batch, h * w, channels]
         # Back to the residual's memory format; on channels-last that is a view, no copy.
@@ -238,12 +260,13 @@ class TimestepEmbedSequential(nn.Sequential):
         context: Tensor,
         up_size: tuple[int, int] | None = None,
         merging: TokenMerging | None = None,
+        hypernetworks: HypernetworkStack | None = None,
     ) -> Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context, merging)
+                x = layer(x, context, merging, hypernetworks)
             elif isinstance(layer, Upsample):
                 x = layer(x, up_size)
             else:
@@ -330,11 +353,20 @@ class UNetModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.time_embed[0].weight.dtype
 
-    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, token_merging: float = 0.0) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        timesteps: Tensor,
+        context: Tensor,
+        token_merging: float = 0.0,
+        hypernetworks: HypernetworkStack | None = None,
+    ) -> Tensor:
         """x: [batch, in_channels, h, w] latents; timesteps: [batch] (fractional allowed);
         context: [batch, tokens, context_dim] text features. Returns [batch, out_channels, h, w].
 
-        ``token_merging``: ToMe ratio for the full-resolution self-attention (0: exact; see ``tome``)."""
+        ``token_merging``: ToMe ratio for the full-resolution self-attention (0: exact; see ``tome``).
+        ``hypernetworks``: AUTOMATIC1111 hypernetworks for every attention layer, prepared for the UNet's
+        device and dtype (``sdstudio.adapters.hypernetwork.prepare_hypernetworks``); None: none."""
         dtype = self.dtype
         merging = TokenMerging(token_merging, x.shape[-2] * x.shape[-1]) if token_merging > 0 else None
         t_emb = timestep_embedding(timesteps, self.config.model_channels).to(dtype)  # [batch, mc]
@@ -344,12 +376,12 @@ class UNetModel(nn.Module):
 
         skips: list[Tensor] = []
         for block in self.input_blocks:
-            h = block(h, emb, context, merging=merging)
+            h = block(h, emb, context, merging=merging, hypernetworks=hypernetworks)
             skips.append(h)
-        h = self.middle_block(h, emb, context, merging=merging)
+        h = self.middle_block(h, emb, context, merging=merging, hypernetworks=hypernetworks)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # [batch, ch + skip_ch, h, w]
             # An upsampling block resizes to the next skip connection's size.
             up_size = (skips[-1].shape[-2], skips[-1].shape[-1]) if skips else None
-            h = block(h, emb, context, up_size, merging)
+            h = block(h, emb, context, up_size, merging, hypernetworks)
         return self.out(h)

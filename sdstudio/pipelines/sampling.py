@@ -244,8 +244,9 @@ def sample_latents(
     # a compiled or CUDA-graph runner takes the UNet's plain arguments only: hypernetworks run it directly
     runner = model.unet_runner if p.hypernetworks is None else None
     unet = runner if runner is not None else model.model.unet
-    networks = {"hypernetworks": p.hypernetworks} if p.hypernetworks is not None else {}
-    denoiser = Denoiser(unet, schedule, config.prediction, token_merging=p.token_merging, **networks)
+    denoiser = Denoiser(
+        unet, schedule, config.prediction, token_merging=p.token_merging, hypernetworks=p.hypernetworks
+    )
     sigmas = pass_sigmas(model, p, steps, source)
     if sigmas is None:
         assert source is not None
