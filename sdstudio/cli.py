@@ -624,6 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = ckpt_sub.add_parser("info", help="print a checkpoint's architecture as JSON")
     info.add_argument("file")
     info.set_defaults(func=cmd_checkpoint_info)
+    from sdstudio.cli_lora import add_lora_commands
+
+    add_lora_commands(sub)
     return parser
 
 

@@ -205,3 +205,21 @@ def test_vae_file_is_used_recorded_and_needed_for_replay(tmp_path, files, capsys
     code, _ = run(tmp_path, ckpt, "noreplay", "--from-png", str(out))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "negative.vae.safetensors" in err[-1] and "--vae FILE" in err[-1]
+
+
+def test_lora_bake_command_generates_as_the_tag_does(tmp_path, files, capsys):
+    ckpt, loras = files
+    baked = tmp_path / "baked.safetensors"
+    lora = loras / "styles" / "style.safetensors"
+    assert main(["lora", "bake", str(ckpt), f"{lora}:0.8:1.2", "-o", str(baked)]) == 0
+    fp32 = ("--precision", "fp32")
+    assert (
+        run(tmp_path, ckpt, "tag", "a red cat <lora:style:0.8:1.2>", "--lora-dir", str(loras), *fp32)[0] == 0
+    )
+    assert run(tmp_path, baked, "baked", "a red cat", *fp32)[0] == 0
+    assert run(tmp_path, ckpt, "plain", "a red cat", *fp32)[0] == 0
+    tag, bake, plain = (pixels(tmp_path / f"{n}.png") for n in ("tag", "baked", "plain"))
+    assert np.abs(tag - bake).max() <= 1 and np.abs(tag - plain).max() > 10
+    capsys.readouterr()
+    assert main(["lora", "bake", str(ckpt), str(lora), "-o", str(baked)]) == 2  # exists: --overwrite
+    assert "already exists" in capsys.readouterr().err

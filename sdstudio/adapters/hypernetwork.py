@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sdstudio.errors import CheckpointError
-from sdstudio.models.loading import load_pickle
+from sdstudio.models.loading import file_head, load_pickle, looks_like_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -408,14 +408,7 @@ def _optional(value: object, kind: type) -> Any:
 
 
 def _read(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
-    if not head:
-        raise CheckpointError(f"{path}: the file is empty; download it again")
-    if path.suffix.lower() == ".safetensors" or head[8:9] == b"{":
+    if looks_like_safetensors(path, file_head(path)):
         raise CheckpointError(
             f"{path}: a .safetensors file is not an AUTOMATIC1111 hypernetwork (A1111 saves them as .pt pickles); "
             "if it is a LoRA, use it as <lora:...>"

@@ -372,15 +372,25 @@ def read_ckpt(path: Path) -> dict[str, torch.Tensor]:
     return _check_state(path, load_pickle(path))
 
 
-def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def file_head(path: Path, size: int = 16) -> bytes:
+    """The first ``size`` bytes of a file to be loaded; ``CheckpointError`` if it cannot be read or is empty."""
     try:
         with open(path, "rb") as f:
-            head = f.read(16)
+            head = f.read(size)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
     if not head:
         raise CheckpointError(f"{path}: the file is empty; download or convert it again")
-    if path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
+    return head
+
+
+def looks_like_safetensors(path: Path, head: bytes) -> bool:
+    """A ``.safetensors`` name, or the format's header start (8-byte length, then ``{``) under another name."""
+    return path.suffix.lower() == ".safetensors" or head[8:9] == b"{"
+
+
+def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if looks_like_safetensors(path, file_head(path)):
         return read_safetensors(path)
     return read_ckpt(path), {}
 
