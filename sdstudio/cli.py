@@ -624,7 +624,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = ckpt_sub.add_parser("info", help="print a checkpoint's architecture as JSON")
     info.add_argument("file")
     info.set_defaults(func=cmd_checkpoint_info)
+    from sdstudio.cli_checkpoint import add_checkpoint_commands
     from sdstudio.cli_lora import add_lora_commands
+
+    add_checkpoint_commands(ckpt_sub)
 
     add_lora_commands(sub)
     return parser

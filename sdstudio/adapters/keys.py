@@ -22,15 +22,14 @@ builds its key map the same way; A1111's ``networks.py`` rewrites names with reg
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
 
-import torch
 from torch import Tensor, nn
 
-from sdstudio.models.diffusers_convert import clip_to_ldm, open_clip_from_hf, unet_to_ldm
+from sdstudio.models.diffusers_convert import clip_to_ldm, open_clip_from_hf, trace_conversion, unet_to_ldm
 from sdstudio.models.stablediffusion import TEXT_PREFIX, UNET_PREFIX, StableDiffusion
 
 log = logging.getLogger(__name__)
@@ -82,31 +81,6 @@ class KeyTable:
 
     def __len__(self) -> int:
         return len(self.targets)
-
-
-def _trace(
-    convert: Callable[[dict[str, Tensor]], dict[str, Tensor]], rows: Mapping[str, int]
-) -> dict[str, tuple[str, tuple[int, int] | None]]:
-    """Where ``convert`` puts each source key: ``{source: (converted key, row block or None)}``.
-
-    Each source tensor [rows, 1] holds its own index, so whatever the converter renames or concatenates
-    (OpenCLIP's q, k, v into one in_proj_weight) can be read back from the values."""
-    names = list(rows)
-    state = {k: torch.full((rows[k], 1), i, dtype=torch.int64) for i, k in enumerate(names)}
-    placed: dict[str, tuple[str, tuple[int, int] | None]] = {}
-    for key, tensor in convert(state).items():
-        ids = tensor[:, 0].tolist()
-        start = 0
-        while start < len(ids):
-            stop = start
-            while stop < len(ids) and ids[stop] == ids[start]:
-                stop += 1
-            source = names[ids[start]]
-            assert source not in placed and stop - start == rows[source], f"{source}: split by the converter"
-            placed[source] = (key, None if (start, stop) == (0, len(ids)) else (start, stop))
-            start = stop
-    assert len(placed) == len(names), "the converter dropped keys"
-    return placed
 
 
 def _unet_diffusers_paths(model: StableDiffusion, transformer_parts: Iterable[str]) -> list[str]:
@@ -171,7 +145,7 @@ def _unet_entries(model: StableDiffusion, builder: _Builder) -> None:
     parts = list(_weights(transformer)) if transformer is not None else []
     candidates = _unet_diffusers_paths(model, parts)
     layers = {"layers_per_block": model.config.unet.num_res_blocks}
-    placed = _trace(lambda s: unet_to_ldm(s, layers), {f"{p}.weight": 1 for p in candidates})
+    placed = trace_conversion(lambda s: unet_to_ldm(s, layers), {f"{p}.weight": 1 for p in candidates})
     for path in candidates:
         ldm = placed[f"{path}.weight"][0].removesuffix(".weight")
         if ldm not in modules:
@@ -194,9 +168,9 @@ def _text_entries(model: StableDiffusion, builder: _Builder) -> None:
     text = model.config.text
     hf = [f"text_model.encoder.layers.{i}.{p}" for i in range(text.layers) for p in _TEXT_TARGETS]
     if text.kind == "clip":
-        placed = _trace(clip_to_ldm, {f"{p}.weight": 1 for p in hf})
+        placed = trace_conversion(clip_to_ldm, {f"{p}.weight": 1 for p in hf})
     else:  # OpenCLIP: q, k, v become row blocks of one in_proj_weight
-        placed = _trace(open_clip_from_hf, {f"{p}.weight": text.width for p in hf})
+        placed = trace_conversion(open_clip_from_hf, {f"{p}.weight": text.width for p in hf})
     for path in hf:
         ldm, rows = placed[f"{path}.weight"]
         key = TEXT_PREFIX + ldm

@@ -745,3 +745,28 @@ def load_diffusers_folder(
         state[TEXT_PREFIX + key] = tensor
     log.info("%s: diffusers folder, architecture %s, %d tensors", path, config.name, len(state))
     return config, state
+
+
+def trace_conversion(
+    convert: Callable[[dict[str, Tensor]], Mapping[str, Tensor]], rows: Mapping[str, int]
+) -> dict[str, tuple[str, tuple[int, int] | None]]:
+    """Where ``convert`` puts each source key: ``{source: (converted key, row block or None)}``.
+
+    Each source tensor ``[rows, 1]`` holds its own index, so renames, reshapes and row concatenations can be
+    read back from the converted values."""
+    names = list(rows)
+    state = {k: torch.full((rows[k], 1), i, dtype=torch.int64) for i, k in enumerate(names)}
+    placed: dict[str, tuple[str, tuple[int, int] | None]] = {}
+    for key, tensor in convert(state).items():
+        ids = tensor.reshape(tensor.shape[0], -1)[:, 0].tolist()
+        start = 0
+        while start < len(ids):
+            stop = start
+            while stop < len(ids) and ids[stop] == ids[start]:
+                stop += 1
+            source = names[ids[start]]
+            if source in placed or stop - start != rows[source]:
+                raise RuntimeError(f"{source}: split or duplicated by the converter")
+            placed[source] = (key, None if (start, stop) == (0, len(ids)) else (start, stop))
+            start = stop
+    return placed

@@ -18,6 +18,7 @@ import re
 import struct
 import warnings
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -465,15 +466,19 @@ def load_state(
         config, state = load_diffusers_folder(path, dtype)
         return config, state, {}
     state, metadata = read_state_dict(path)
-    config = None
-    if METADATA_KEY in metadata:
-        try:
-            config = ModelConfig.from_json(metadata[METADATA_KEY])
-        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
-            raise CheckpointError(
-                f"{path}: unreadable '{METADATA_KEY}' in its header ({_first_line(e)}); {_DAMAGED}"
-            ) from None
-    return config, state, metadata
+    return stored_config(path, metadata), state, metadata
+
+
+def stored_config(path: Path, metadata: Mapping[str, str]) -> ModelConfig | None:
+    """The architecture our own saves write into the header (``save_model``), if the file has it."""
+    if METADATA_KEY not in metadata:
+        return None
+    try:
+        return ModelConfig.from_json(metadata[METADATA_KEY])
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+        raise CheckpointError(
+            f"{path}: unreadable '{METADATA_KEY}' in its header ({_first_line(e)}); {_DAMAGED}"
+        ) from None
 
 
 @torch.no_grad()

@@ -42,9 +42,9 @@ import torch
 from torch import Tensor
 
 from sdstudio.errors import CheckpointError
-from sdstudio.models.configs import METADATA_KEY, ModelConfig, VAEConfig
+from sdstudio.models.configs import VAEConfig
 from sdstudio.models.diffusers_convert import vae_config_from_diffusers, vae_to_ldm
-from sdstudio.models.loading import LoadedModel, file_sha256, read_state_dict
+from sdstudio.models.loading import LoadedModel, file_sha256, read_state_dict, stored_config
 from sdstudio.models.stablediffusion import VAE_PREFIX
 from sdstudio.models.vae import AutoencoderKL
 
@@ -189,7 +189,7 @@ def _read_single_file(path: Path, state: Mapping[str, Tensor], metadata: Mapping
             )
     if any(_DIFFUSERS_KEY.match(k) for k in part):
         part, layout = _from_diffusers(path, part, _diffusers_levels(part)), "diffusers"
-    stored = _stored_config(path, metadata)
+    stored = stored_config(path, metadata)
     scale = stored.vae.scale_factor if stored is not None else _implied_scale(state, metadata)
     return _Source(path, part, layout, scale, stored.vae if stored is not None else None)
 
@@ -256,18 +256,6 @@ def _from_diffusers(path: Path, state: Mapping[str, Tensor], levels: int) -> dic
         return vae_to_ldm(state, {"block_out_channels": [0] * levels})
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-
-
-def _stored_config(path: Path, metadata: Mapping[str, str]) -> ModelConfig | None:
-    """The architecture our own saves write into the header (``save_model``), if the file has it."""
-    if METADATA_KEY not in metadata:
-        return None
-    try:
-        return ModelConfig.from_json(metadata[METADATA_KEY])
-    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
-        raise CheckpointError(
-            f"{path}: unreadable '{METADATA_KEY}' in its header ({e}); {_DAMAGED}"
-        ) from None
 
 
 def _implied_scale(state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> float | None:
