@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from sdstudio.models.configs import TextEncoderConfig
 from sdstudio.models.tokenizer import ClipTokenizer
 from sdstudio.prompt.embeddings import Embedding, EmbeddingDatabase
-from sdstudio.prompt.parser import ParsedPrompt, ScheduleEntry
+from sdstudio.prompt.parser import ParsedPrompt, ScheduleEntry, parse_prompt_attention
 from sdstudio.types import CondSchedule, WeightedCond
 
 BOS = ClipTokenizer.BOS
@@ -179,6 +179,49 @@ def encode_chunks(text_encoder: nn.Module, chunks: Sequence[PromptChunk], clip_s
     return torch.stack(rows)
 
 
+def encode_padded(
+    text_encoder: nn.Module,
+    tokenizer: ClipTokenizer,
+    config: TextEncoderConfig,
+    per_text: Sequence[Sequence[PromptChunk]],
+    clip_skip: int,
+) -> Tensor:
+    """Each text's chunks encoded in one text-encoder call, shorter texts padded with an encoded empty chunk
+    (A1111's ``pad_cond``), float32. [n_texts, 77 * most chunks, width]"""
+    n_chunks = max(len(chunks) for chunks in per_text)
+    flat = [chunk for chunks in per_text for chunk in chunks]
+    needs_padding = any(len(chunks) < n_chunks for chunks in per_text)
+    if needs_padding:
+        flat.append(tokenize_attention([("", 1.0)], tokenizer, config)[0])
+    hidden = encode_chunks(text_encoder, flat, clip_skip)  # [total_chunks (+1), 77, width]
+    empty = hidden[-1:] if needs_padding else None
+    stacked, start = [], 0
+    for chunks in per_text:
+        parts = [hidden[start : start + len(chunks)]]
+        if len(chunks) < n_chunks:
+            parts.append(empty.expand(n_chunks - len(chunks), -1, -1))  # type: ignore[union-attr]
+        start += len(chunks)
+        stacked.append(torch.cat(parts).reshape(-1, hidden.shape[-1]))  # [77 * n_chunks, width]
+    return torch.stack(stacked)
+
+
+def encode_captions(
+    text_encoder: nn.Module,
+    tokenizer: ClipTokenizer,
+    config: TextEncoderConfig,
+    captions: Sequence[str],
+    clip_skip: int,
+    embeddings: EmbeddingDatabase | None = None,
+) -> Tensor:
+    """Training captions as the text encoder sees prompts (attention syntax, chunks, embeddings by name),
+    with gradients flowing to trainable embedding vectors and text-encoder weights when enabled.
+    [batch, 77 * chunks, width]"""
+    per_text = [
+        tokenize_attention(parse_prompt_attention(c), tokenizer, config, embeddings) for c in captions
+    ]
+    return encode_padded(text_encoder, tokenizer, config, per_text, clip_skip)
+
+
 @dataclass(frozen=True)
 class Conditioning:
     """Every distinct text of a prompt and its negative, encoded once, with the schedules over them.
@@ -237,22 +280,8 @@ def encode_conditioning(
     weighted = tuple(WeightedCond(sub.weight, schedule_of(sub.schedule)) for sub in positive.subprompts)
     uncond = schedule_of(negative.subprompts[0].schedule)
     per_text = list(rows)
-    n_chunks = max(len(chunks) for chunks in per_text)
-    flat = [chunk for chunks in per_text for chunk in chunks]
-    needs_padding = any(len(chunks) < n_chunks for chunks in per_text)
-    if needs_padding:
-        flat.append(tokenize_attention([("", 1.0)], tokenizer, config)[0])
-    hidden = encode_chunks(text_encoder, flat, clip_skip)  # [total_chunks (+1), 77, width]
-    empty = hidden[-1:] if needs_padding else None
-    stacked, start = [], 0
-    for chunks in per_text:
-        parts = [hidden[start : start + len(chunks)]]
-        if len(chunks) < n_chunks:
-            parts.append(empty.expand(n_chunks - len(chunks), -1, -1))  # type: ignore[union-attr]
-        start += len(chunks)
-        stacked.append(torch.cat(parts).reshape(-1, hidden.shape[-1]))  # [77 * n_chunks, width]
     return Conditioning(
-        tensors=torch.stack(stacked),
+        tensors=encode_padded(text_encoder, tokenizer, config, per_text, clip_skip),
         texts=tuple(texts),
         chunk_lengths=tuple(tuple(c.length for c in chunks) for chunks in per_text),
         positive=weighted,
