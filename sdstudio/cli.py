@@ -451,6 +451,90 @@ def cmd_train_toyworld(args: argparse.Namespace) -> int:
     return 0
 
 
+def _training_arguments(parser: argparse.ArgumentParser, *, lr: float, steps: int) -> None:
+    """The options every fine-tuning method shares."""
+    parser.add_argument("--model", help="base checkpoint (default: the embedded model)")
+    parser.add_argument("--data", required=True, metavar="DIR", help="images with same-stem .txt / .caption "
+                        "captions, kohya N_name repeat folders, or a metadata.jsonl folder")  # fmt: skip
+    parser.add_argument("--out", required=True, metavar="DIR", help="run folder: results, state, log; "
+                        "a run of the same settings resumes there")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
+    parser.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr:g})")
+    parser.add_argument("--batch", type=int, default=1, help="images per step (default 1)")
+    parser.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
+    parser.add_argument("--cosine", action="store_true", help="cosine learning-rate decay (default constant)")
+    parser.add_argument("--resolution", type=int, help="training size (default: the model's)")
+    parser.add_argument("--template", metavar="NAME|FILE", help="prompt template: filewords, subject, "
+                        "subject_filewords, style, style_filewords, or a file with one line per prompt")  # fmt: skip
+    parser.add_argument("--flip", action="store_true", help="mirror images at random")
+    parser.add_argument("--shuffle-tags", action="store_true", help="shuffle comma-separated caption tags")
+    parser.add_argument("--keep-tokens", type=int, default=0, help="with --shuffle-tags: the first N tags stay")
+    parser.add_argument("--caption-dropout", type=float, default=0.0, help="share of steps with an empty caption")
+    parser.add_argument("--snr-gamma", type=float, default=0.0, help="Min-SNR-gamma loss weighting (0: off; 5 usual)")
+    parser.add_argument("--save-every", type=int, default=500, help="steps between saves of the state (default 500)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default="auto", help="auto (bf16 where fast), fp32 or bf16")
+    parser.add_argument("--overwrite", action="store_true", help="start again in an --out folder that holds a run")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _training_setup(args: argparse.Namespace) -> tuple[object, object, dict]:
+    """The base model (fp32 weights), the run options and the dataset options of a training command."""
+    import torch
+
+    from sdstudio.engine import choose_dtype
+    from sdstudio.models.loading import load_model
+    from sdstudio.training.datasets import load_template
+    from sdstudio.training.finetune import RunConfig
+
+    if not Path(args.data).is_dir():
+        raise SdStudioError(f"{args.data}: no such folder (--data)")
+    run = RunConfig(
+        steps=args.steps, batch_size=args.batch, lr=args.lr, warmup=args.warmup, cosine=args.cosine, seed=args.seed,
+        bf16=choose_dtype(args.precision) == torch.bfloat16, snr_gamma=args.snr_gamma, save_every=args.save_every,
+    )  # fmt: skip
+    options: dict = {"flip": args.flip, "shuffle_tags": args.shuffle_tags, "keep_tokens": args.keep_tokens,
+                     "caption_dropout_rate": args.caption_dropout}  # fmt: skip
+    if args.resolution:
+        options["resolution"] = args.resolution
+    if args.template:
+        options["template"] = load_template(args.template)
+    model_path = args.model or embedded_model_path()
+    if model_path is None:
+        raise SdStudioError("no --model given and the embedded model is not shipped")
+    if not Path(model_path).exists():
+        raise SdStudioError(f"{model_path}: no such file or folder (--model)")
+    return load_model(model_path), run, options
+
+
+def _progress_bar(args: argparse.Namespace, steps: int):  # type: ignore[no-untyped-def]
+    from tqdm import tqdm
+
+    bar = tqdm(total=steps, disable=args.quiet, file=sys.stderr, desc="training", unit="step")
+
+    def update(step: int, loss: float) -> None:
+        bar.n = step
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        bar.refresh()
+
+    return bar, update
+
+
+def cmd_train_embedding(args: argparse.Namespace) -> int:
+    from sdstudio.training.embedding import EmbeddingTrainConfig
+    from sdstudio.training.finetune import train_embedding
+
+    config = EmbeddingTrainConfig(args.name, args.vectors, args.init_text)
+    model, run, options = _training_setup(args)
+    bar, update = _progress_bar(args, args.steps)
+    with bar:
+        paths = train_embedding(model, args.data, args.out, config, run, options, overwrite=args.overwrite,
+                                progress=update)  # type: ignore[arg-type]  # fmt: skip
+    for path in paths:
+        print(path)
+    return 0
+
+
 def cmd_eval_toyworld(args: argparse.Namespace) -> int:
     from sdstudio.toyworld.evaluate import evaluate, format_table
 
@@ -598,6 +682,17 @@ def build_parser() -> argparse.ArgumentParser:
     tw.add_argument("--seed", type=int, default=0)
     tw.add_argument("--smoke", action="store_true", help="a few steps per stage, to check the set-up")
     tw.set_defaults(func=cmd_train_toyworld)
+    emb = trn_sub.add_parser(
+        "embedding", help="textual inversion: learn a new word from a folder of captioned images",
+        description="Learn the vectors of a new word (AUTOMATIC1111's Train > Embedding). Captions name it, or a "
+        "--template line such as 'a photo of [name], [filewords]' does. Writes NAME.pt (AUTOMATIC1111) and "
+        "NAME.safetensors into --out; use them with --embeddings DIR.",
+    )  # fmt: skip
+    _training_arguments(emb, lr=5e-3, steps=1000)
+    emb.add_argument("--name", required=True, help="the word prompts use for it")
+    emb.add_argument("--vectors", type=int, default=1, help="vectors per token (default 1)")
+    emb.add_argument("--init-text", default="*", help="the text the vectors start from (default '*')")
+    emb.set_defaults(func=cmd_train_embedding)
 
     ev = sub.add_parser("eval", help="measure models")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
