@@ -50,7 +50,9 @@ from sdstudio.training.trainer import STATE_FILE, TrainConfig, train
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunConfig", "TrainingData", "dataset_config_for", "prepare_run_folder", "train_embedding"]
+__all__ = [
+    "RunConfig", "TrainingData", "dataset_config_for", "prepare_run_folder", "train_embedding", "training_denoiser",
+]  # fmt: skip
 
 RUN_FILE = "run.json"  # the settings of the run, to tell a resume from a clash
 Progress = Callable[[int, float], None]
@@ -172,7 +174,8 @@ def prepare_run_folder(out: Path, settings: object, overwrite: bool) -> bool:
     return False
 
 
-def _denoiser(model: LoadedModel) -> Denoiser:
+def training_denoiser(model: LoadedModel) -> Denoiser:
+    """The model's UNet as a denoiser in sigma space, on the model's device: what every method's loss calls."""
     return Denoiser(model.model.unet, DiscreteSchedule.from_config(model.config.schedule).to(model.device),
                     model.config.prediction)  # fmt: skip
 
@@ -201,7 +204,7 @@ def train_embedding(
     sd = model.model
     sd.requires_grad_(False)
     embedding = TrainableEmbedding.create(embedding_config, sd.text_encoder.token_embedding, tokenizer)
-    denoiser = _denoiser(model)
+    denoiser = training_denoiser(model)
     clip_skip = model.config.text.default_clip_skip
 
     def loss_fn(step: int, generator: torch.Generator) -> Tensor:
