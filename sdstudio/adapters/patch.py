@@ -68,6 +68,26 @@ def _writing(param: Tensor) -> contextlib.AbstractContextManager[None]:
     return torch.inference_mode() if param.is_inference() else torch.no_grad()
 
 
+@contextlib.contextmanager
+def one_cpu_thread() -> Iterator[None]:
+    """PyTorch's CPU ops on one thread for the body, the thread count restored after.
+
+    Merging is a pass over memory, as fast on one core as on two; but with two threads, while another
+    process kept one core busy, OpenMP's threads waited on each other at every one of the ~500 small ops a
+    merge runs: an sd15 bf16 switch took 5-9 s instead of 0.46 s (``benchmarks/lora_speed.py`` on the
+    2-core Xeon, load ~2). The count is the process's, so other threads' CPU ops run on one thread too
+    while a merge runs."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class WeightPatcher:
     """The networks merged into one model's weights, and the originals of the weights they changed.
 
@@ -127,11 +147,13 @@ class WeightPatcher:
         started = time.perf_counter()
         plan = self._plan(uses)
         try:
-            for key in [k for k in self._merged if k not in plan]:
-                self._put_back(key)
-            buffers: dict[torch.device, Tensor] = {}  # one float32 block buffer per device, for every weight
-            for key, deltas in plan.items():
-                self._merge(key, deltas, buffers)
+            with one_cpu_thread():
+                for key in [k for k in self._merged if k not in plan]:
+                    self._put_back(key)
+                # one float32 block buffer per device, for every weight
+                buffers: dict[torch.device, Tensor] = {}
+                for key, deltas in plan.items():
+                    self._merge(key, deltas, buffers)
         except BaseException:
             self.restore()  # never leave a half-merged model behind
             raise
@@ -146,8 +168,9 @@ class WeightPatcher:
 
     def restore(self) -> None:
         """Every patched weight back to its original bits (the copies are freed unless ``keep_originals``)."""
-        for key in list(self._merged):
-            self._put_back(key)
+        with one_cpu_thread():
+            for key in list(self._merged):
+                self._put_back(key)
         self._applied, self._signature = (), ()
 
     def _put_back(self, key: str) -> None:
