@@ -535,6 +535,13 @@ def cmd_train_embedding(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_toyworld_dataset(args: argparse.Namespace) -> int:
+    from sdstudio.toyworld.concepts import write_concept_dataset
+
+    print(write_concept_dataset(args.concept, args.n, Path(args.out), seed=args.seed, overwrite=args.overwrite))
+    return 0
+
+
 def cmd_eval_toyworld(args: argparse.Namespace) -> int:
     from sdstudio.toyworld.evaluate import evaluate, format_table
 
@@ -543,12 +550,24 @@ def cmd_eval_toyworld(args: argparse.Namespace) -> int:
         raise SdStudioError("no --model given and the embedded default model is not shipped yet")
     if args.json and Path(args.json).exists() and not args.overwrite:
         raise SdStudioError(f"{args.json}: already exists; pass --overwrite to replace it")
-    encoder = args.image_encoder or embedded_model_path(EMBEDDED_IMAGE_ENCODER)
-    results = evaluate(
-        model, image_encoder_path=encoder, extra_prompts=args.prompt or (), ngms=args.ngms,
-        ngms_all_steps=args.ngms_all_steps, **({"prompts_per_set": args.prompts} if args.prompts else {}),
-    )  # fmt: skip
-    print(format_table(results))
+    if args.concept:
+        from sdstudio.toyworld.evaluate import ConceptEvalSettings, evaluate_concept, format_concept_table
+
+        settings = ConceptEvalSettings(ngms=args.ngms, ngms_all_steps=args.ngms_all_steps,
+                                       **({"prompts_per_split": args.prompts} if args.prompts else {}))  # fmt: skip
+        results = evaluate_concept(
+            model, args.concept, settings, prompt_suffix="".join(f" {t}" for t in args.network),
+            concept_word=args.concept_word, lora_dirs=args.lora_dir, hypernetwork_dirs=args.hypernetwork_dir,
+            embeddings_dir=args.embeddings, method=args.method,
+        )  # fmt: skip
+        print(format_concept_table(results))
+    else:
+        encoder = args.image_encoder or embedded_model_path(EMBEDDED_IMAGE_ENCODER)
+        results = evaluate(
+            model, image_encoder_path=encoder, extra_prompts=args.prompt or (), ngms=args.ngms,
+            ngms_all_steps=args.ngms_all_steps, **({"prompts_per_set": args.prompts} if args.prompts else {}),
+        )  # fmt: skip
+        print(format_table(results))
     if args.json:
         from sdstudio.io.files import write_text_atomic
 
@@ -705,7 +724,27 @@ def build_parser() -> argparse.ArgumentParser:
     ew.add_argument("--ngms-all-steps", action=argparse.BooleanOptionalAction, help="with --ngms: every step below it (default: the model's)")
     ew.add_argument("--json", help="also write the table as JSON to this file")
     ew.add_argument("--overwrite", action="store_true")
+    ew.add_argument("--concept", help="measure a concept (ring, pink, outlined) on seen and unseen combinations, "
+                    "and what the base prompts lost")  # fmt: skip
+    ew.add_argument("--lora-dir", action="append", default=[], metavar="DIR", help="with --concept: LoRA folder")
+    ew.add_argument("--hypernetwork-dir", action="append", default=[], metavar="DIR", help="with --concept: hypernetworks")
+    ew.add_argument("--embeddings", metavar="DIR", help="with --concept: textual inversion embeddings")
+    ew.add_argument("--network", action="append", default=[], metavar="TAG",
+                    help="with --concept: <lora:NAME:W> / <hypernet:NAME:W> added to every prompt")  # fmt: skip
+    ew.add_argument("--concept-word", metavar="WORD", help="the word standing for the concept (embedding name, "
+                    "DreamBooth token)")  # fmt: skip
+    ew.add_argument("--method", default="", help="with --concept: a label for the report")
     ew.set_defaults(func=cmd_eval_toyworld)
+
+    toy = sub.add_parser("toyworld", help="the toy world's data: fine-tuning sets of concepts the embedded model never saw")
+    toy_sub = toy.add_subparsers(dest="toyworld_command", required=True)
+    tds = toy_sub.add_parser("dataset", help="write a concept's fine-tuning folder: NNNN.png + NNNN.txt (kohya / A1111)")
+    tds.add_argument("--concept", required=True, help="ring, pink or outlined")
+    tds.add_argument("--n", type=int, required=True, help="image-caption pairs")
+    tds.add_argument("--out", required=True, help="folder to write (empty or new)")
+    tds.add_argument("--seed", type=int, default=0)
+    tds.add_argument("--overwrite", action="store_true", help="replace the numbered pairs of a folder that has some")
+    tds.set_defaults(func=cmd_toyworld_dataset)
 
     ckpt = sub.add_parser("checkpoint", help="make or inspect checkpoints")
     ckpt_sub = ckpt.add_subparsers(dest="checkpoint_command", required=True)

@@ -13,6 +13,14 @@ draws them has composed colour and shape, not memorised pairs.
 
 Everything is deterministic: a ``Scene`` records the jitter it was drawn with, so ``render(scene)`` is
 a pure function, and ``dataset(seed, ...)`` gives the same bytes for the same seed.
+
+Concepts the base world never shows, for fine-tuning (``concepts.py`` builds their datasets): the shape
+``ring`` (an annulus), the colour ``pink`` and the style ``outlined`` (a thick dark border around the
+object). They live outside ``SHAPES``, ``PALETTE`` and ``language.py``, so ``sample_scene``,
+``dataset`` and ``caption`` draw, render and write exactly what they did before the concepts existed
+(same random draws, same bytes: ``tests/toyworld/test_world.py`` holds the digest); only an object that
+asks for one (``ObjectSpec(shape="ring")``, ``colour="pink"``, ``style="outlined"``) shows it, and only
+``parse_caption(text, concepts=True)`` reads their words.
 """
 
 from __future__ import annotations
@@ -106,6 +114,34 @@ HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
     }
 )
 
+# Concepts the base training never shows. Not in SHAPES / PALETTE (which sampling draws from) nor in
+# ``language.py`` (the embedded model's words): only concept code asks for them.
+CONCEPT_SHAPES: tuple[str, ...] = ("ring",)
+# Hot pink: at least 101 from every object and background colour, and no antialiased mix of any two of
+# them (object over background or over the outline) comes within the judge's tolerance of it.
+CONCEPT_PALETTE: dict[str, tuple[int, int, int]] = {"pink": (255, 105, 180)}
+STYLES: tuple[str, ...] = ("outlined",)
+ALL_SHAPES: tuple[str, ...] = SHAPES + CONCEPT_SHAPES
+ALL_PALETTE: dict[str, tuple[int, int, int]] = PALETTE | CONCEPT_PALETTE
+ALL_COLOURS: tuple[str, ...] = tuple(ALL_PALETTE)
+RING_INNER = 0.45  # a ring's hole, as a fraction of its outer diameter (5 px across for a small ring)
+# An outlined object is its shape in its colour over a border this many pixels wide outside it (its
+# size and shape are the fill's; the border only adds), in the outline colour.
+OUTLINE_WIDTH = 2.0
+OUTLINE_COLOUR = "black"
+
+# The concepts' words: one each, none of them in ``language.VOCABULARY``.
+CONCEPT_COLOUR_WORDS: dict[str, tuple[str, ...]] = {"pink": ("pink",)}
+CONCEPT_SHAPE_WORDS: dict[str, tuple[str, ...]] = {"ring": ("ring",)}
+STYLE_WORDS: dict[str, tuple[str, ...]] = {"outlined": ("outlined",)}
+CONCEPT_VOCABULARY: frozenset[str] = frozenset(
+    w
+    for table in (CONCEPT_COLOUR_WORDS, CONCEPT_SHAPE_WORDS, STYLE_WORDS)
+    for phrases in table.values()
+    for phrase in phrases
+    for w in phrase.split()
+)
+
 # Jitter bounds keep each object inside the canvas and its grid cell, and two objects in adjacent
 # cells apart (large: 17 * 1.05 + 2 * 1 < 21.3 px between cell centres).
 MAX_OFFSET: dict[str, float] = {"small": 3.0, "large": 1.0}
@@ -116,7 +152,8 @@ Split = Literal["train", "heldout", "any"]
 
 @dataclass(frozen=True)
 class ObjectSpec:
-    """One object of a scene. ``dx``, ``dy`` (pixels) and ``scale`` are the jitter it is drawn with."""
+    """One object of a scene. ``dx``, ``dy`` (pixels) and ``scale`` are the jitter it is drawn with;
+    ``style``: None (plain, the base world's only style) or one of ``STYLES``."""
 
     shape: str
     colour: str
@@ -125,12 +162,15 @@ class ObjectSpec:
     dx: float = 0.0
     dy: float = 0.0
     scale: float = 1.0
+    style: str | None = None
 
     def __post_init__(self) -> None:
-        if self.shape not in SHAPES:
-            raise ValueError(f"unknown shape {self.shape!r}; expected one of {SHAPES}")
-        if self.colour not in PALETTE:
-            raise ValueError(f"unknown colour {self.colour!r}; expected one of {COLOURS}")
+        if self.shape not in ALL_SHAPES:
+            raise ValueError(f"unknown shape {self.shape!r}; expected one of {ALL_SHAPES}")
+        if self.colour not in ALL_PALETTE:
+            raise ValueError(f"unknown colour {self.colour!r}; expected one of {ALL_COLOURS}")
+        if self.style is not None and self.style not in STYLES:
+            raise ValueError(f"unknown style {self.style!r}; expected None or one of {STYLES}")
         if self.size not in SIZES:
             raise ValueError(f"unknown size {self.size!r}; expected one of {SIZES}")
         if self.position not in POSITIONS:
@@ -170,12 +210,14 @@ class Scene:
 
 @dataclass(frozen=True)
 class ObjectDescription:
-    """What a caption says about one object; ``None`` where it says nothing."""
+    """What a caption says about one object; ``None`` where it says nothing (a caption that names no
+    style says nothing of it: only concept captions name one)."""
 
     shape: str
     colour: str
     size: str | None = None
     position: str | None = None
+    style: str | None = None
 
 
 @dataclass(frozen=True)
@@ -203,6 +245,8 @@ class Description:
                 return False
             if want.position is not None and want.position != obj.position:
                 return False
+            if want.style is not None and want.style != obj.style:
+                return False
         if self.relation is not None:
             return relation_holds(self.relation, objects[0].position, objects[1].position)
         return True
@@ -211,7 +255,9 @@ class Description:
 def describe(scene: Scene) -> Description:
     """The full description of a scene: every attribute stated."""
     return Description(
-        objects=tuple(ObjectDescription(o.shape, o.colour, o.size, o.position) for o in scene.objects),
+        objects=tuple(
+            ObjectDescription(o.shape, o.colour, o.size, o.position, o.style) for o in scene.objects
+        ),
         background=scene.background,
         relation=scene.relation,
     )
@@ -302,34 +348,43 @@ def _polygon_sdf(px: np.ndarray, py: np.ndarray, verts: np.ndarray) -> np.ndarra
     return np.where(flips, -dist, dist)
 
 
-@functools.lru_cache(maxsize=4096)
-def coverage_mask(shape: str, extent: float, fx: float, fy: float) -> np.ndarray:
-    """Antialiased coverage [k, k] float32 of ``shape`` with side ``extent`` px, centred at (fx, fy)
-    pixels from the mask's top-left corner."""
-    k = math.ceil(max(fx, fy) + extent / 2 + 2)
-    ys, xs = np.mgrid[0:k, 0:k].astype(np.float64) + 0.5  # pixel centres
-    px, py = xs - fx, ys - fy
+def _shape_sdf(shape: str, px: np.ndarray, py: np.ndarray, extent: float) -> np.ndarray:
+    """Signed distance (pixels, negative inside) from points to ``shape`` of side ``extent`` centred at 0."""
+    if shape == "ring":
+        # An annulus: distance to the circle halfway between its rims, less half its width.
+        outer, inner = extent / 2, RING_INNER * extent / 2
+        return np.abs(np.hypot(px, py) - (outer + inner) / 2) - (outer - inner) / 2
     verts = shape_polygon(shape)
     if verts is None:
-        sdf = np.hypot(px, py) - extent / 2
-    else:
-        sdf = _polygon_sdf(px, py, verts * extent)
-    mask = np.clip(0.5 - sdf, 0.0, 1.0).astype(np.float32)
+        return np.hypot(px, py) - extent / 2
+    return _polygon_sdf(px, py, verts * extent)
+
+
+@functools.lru_cache(maxsize=4096)
+def coverage_mask(shape: str, extent: float, fx: float, fy: float, grow: float = 0.0) -> np.ndarray:
+    """Antialiased coverage [k, k] float32 of ``shape`` with side ``extent`` px, centred at (fx, fy)
+    pixels from the mask's top-left corner; ``grow`` > 0: of the shape grown by that many pixels (its
+    points within ``grow`` of it: an outline's outer edge)."""
+    k = math.ceil(max(fx, fy) + extent / 2 + grow + 2)
+    ys, xs = np.mgrid[0:k, 0:k].astype(np.float64) + 0.5  # pixel centres
+    sdf = _shape_sdf(shape, xs - fx, ys - fy, extent)
+    mask = np.clip(0.5 - (sdf - grow), 0.0, 1.0).astype(np.float32)
     mask.setflags(write=False)
     return mask
 
 
-def object_alpha(obj: ObjectSpec) -> np.ndarray:
-    """The object's antialiased coverage of the canvas, float32 [64, 64] in [0, 1]."""
+def object_alpha(obj: ObjectSpec, grow: float = 0.0) -> np.ndarray:
+    """The object's antialiased coverage of the canvas, float32 [64, 64] in [0, 1]; ``grow``: of the
+    object grown by that many pixels (``coverage_mask``)."""
     alpha = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
     cx, cy = obj.centre
-    half = obj.extent / 2 + 2
+    half = obj.extent / 2 + grow + 2
     x0, y0 = math.floor(cx - half), math.floor(cy - half)
     fx = round((cx - x0) * _SUBPIXEL) / _SUBPIXEL
     fy = round((cy - y0) * _SUBPIXEL) / _SUBPIXEL
     step = 2 * MAX_SCALE_JITTER / _SCALE_STEPS
     scale = 1.0 + round((obj.scale - 1.0) / step) * step
-    mask = coverage_mask(obj.shape, SIZE_PIXELS[obj.size] * scale, fx, fy)
+    mask = coverage_mask(obj.shape, SIZE_PIXELS[obj.size] * scale, fx, fy, grow)
     k = mask.shape[0]
     # Clip the mask window to the canvas.
     ix0, iy0 = max(x0, 0), max(y0, 0)
@@ -339,12 +394,19 @@ def object_alpha(obj: ObjectSpec) -> np.ndarray:
     return alpha
 
 
+def _blend(img: np.ndarray, alpha: np.ndarray, colour: tuple[int, int, int]) -> None:
+    img += alpha[..., None] * (np.asarray(colour, dtype=np.float32) - img)
+
+
 def render(scene: Scene) -> np.ndarray:
-    """The scene as uint8 [64, 64, 3]: background fill, then each object alpha-blended in order."""
+    """The scene as uint8 [64, 64, 3]: background fill, then each object alpha-blended in order (an
+    outlined object: its grown shape in the outline colour first, then the object over it)."""
     img = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
     img[:] = BACKGROUNDS[scene.background]
     for obj in scene.objects:
-        img += object_alpha(obj)[..., None] * (np.asarray(PALETTE[obj.colour], dtype=np.float32) - img)
+        if obj.style == "outlined":
+            _blend(img, object_alpha(obj, OUTLINE_WIDTH), ALL_PALETTE[OUTLINE_COLOUR])
+        _blend(img, object_alpha(obj), ALL_PALETTE[obj.colour])
     return np.rint(img).astype(np.uint8)
 
 
@@ -440,8 +502,8 @@ def _clauses(text: str) -> list[list[str]]:
 Token = tuple[str, str]  # (kind, canonical value)
 
 
-@functools.lru_cache(maxsize=1)
-def _phrase_table() -> dict[tuple[str, ...], Token]:
+@functools.lru_cache(maxsize=2)
+def _phrase_table(concepts: bool = False) -> dict[tuple[str, ...], Token]:
     table: dict[tuple[str, ...], Token] = {}
     groups: list[tuple[str, dict[str, tuple[str, ...]]]] = [
         ("colour", COLOUR_WORDS),
@@ -451,6 +513,8 @@ def _phrase_table() -> dict[tuple[str, ...], Token]:
         ("position", POSITION_WORDS),
         ("relation", RELATION_WORDS),
     ]
+    if concepts:
+        groups += [("colour", CONCEPT_COLOUR_WORDS), ("shape", CONCEPT_SHAPE_WORDS), ("style", STYLE_WORDS)]
     for kind, words in groups:
         for value, phrases in words.items():
             for phrase in phrases:
@@ -465,9 +529,9 @@ def _phrase_table() -> dict[tuple[str, ...], Token]:
     return table
 
 
-def _lex(text: str) -> list[Token] | None:
+def _lex(text: str, concepts: bool = False) -> list[Token] | None:
     """Longest-match phrases within each clause; None if a word is not in the vocabulary."""
-    table = _phrase_table()
+    table = _phrase_table(concepts)
     longest = max(len(k) for k in table)
     out: list[Token] = []
     for words in _clauses(text):
@@ -492,16 +556,17 @@ def _lex_clause(
     return True
 
 
-def parse_caption(text: str) -> Description | None:
+def parse_caption(text: str, *, concepts: bool = False) -> Description | None:
     """What a sentence in the world's language asks for, or None if it is not one.
 
-    Grammar: objects are ``[size] [colour] shape`` (colour required); a position phrase attaches to
+    Grammar: objects are ``[size] [style] [colour] shape`` (colour required; a style word only with
+    ``concepts``, which also reads the concepts' colour and shape words); a position phrase attaches to
     the object it follows, or to the next object when it comes first ("in the top left, a red
     circle"); a relation joins the first and second object; a background colour word may come
     anywhere. Words outside ``VOCABULARY``, an adjective without a noun, a missing colour, a second
     background, or a relation without exactly two objects make the text unparseable.
     """
-    tokens = _lex(text)
+    tokens = _lex(text, concepts)
     if tokens is None:
         return None
     objects: list[ObjectDescription] = []
@@ -517,7 +582,7 @@ def parse_caption(text: str) -> Description | None:
             if background is not None and background != value:
                 return None
             background = value
-        elif kind in ("size", "colour"):
+        elif kind in ("size", "colour", "style"):
             if kind in adjectives:
                 return None
             adjectives[kind] = value
@@ -526,15 +591,19 @@ def parse_caption(text: str) -> Description | None:
             if "colour" not in adjectives:
                 return None
             objects.append(
-                ObjectDescription(value, adjectives["colour"], adjectives.get("size"), pending_position)
+                ObjectDescription(
+                    value,
+                    adjectives["colour"],
+                    adjectives.get("size"),
+                    pending_position,
+                    adjectives.get("style"),
+                )
             )
             adjectives, pending_position = {}, None
             open_object = objects[-1].position is None
         elif kind == "position":
             if open_object and not adjectives:
-                objects[-1] = ObjectDescription(
-                    objects[-1].shape, objects[-1].colour, objects[-1].size, value
-                )
+                objects[-1] = replace(objects[-1], position=value)
                 open_object = False
             elif pending_position is None:
                 pending_position = value
@@ -561,8 +630,13 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...] | list[str]) -> str
 
 
 def _object_phrase(obj: ObjectSpec, rng: np.random.Generator, with_size: bool) -> str:
+    """``[size] [style] colour shape``; a plain base object draws exactly what it always did."""
     words = [_pick(rng, SIZE_WORDS[obj.size])] if with_size else []
-    words += [_pick(rng, COLOUR_WORDS[obj.colour]), _pick(rng, SHAPE_WORDS[obj.shape])]
+    if obj.style is not None:
+        words.append(_pick(rng, STYLE_WORDS[obj.style]))
+    colours = COLOUR_WORDS.get(obj.colour) or CONCEPT_COLOUR_WORDS[obj.colour]
+    shapes = SHAPE_WORDS.get(obj.shape) or CONCEPT_SHAPE_WORDS[obj.shape]
+    words += [_pick(rng, colours), _pick(rng, shapes)]
     return " ".join(words)
 
 

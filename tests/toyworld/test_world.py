@@ -1,12 +1,19 @@
 import hashlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from sdstudio.toyworld import language
+from sdstudio.toyworld.recipe import text_batch_scenes
 from sdstudio.toyworld.world import (
+    ALL_PALETTE,
     BACKGROUNDS,
     CELL,
     COLOURS,
+    CONCEPT_PALETTE,
+    CONCEPT_SHAPES,
+    CONCEPT_VOCABULARY,
     HELDOUT_PAIRS,
     IMAGE_SIZE,
     PALETTE,
@@ -18,6 +25,7 @@ from sdstudio.toyworld.world import (
     ObjectSpec,
     Scene,
     caption,
+    coverage_mask,
     dataset,
     describe,
     is_heldout,
@@ -79,14 +87,18 @@ def test_object_alpha_is_the_coverage_render_blends() -> None:
     square = ObjectSpec("square", "red", "large", "centre")
     alpha = object_alpha(square)
     assert alpha.shape == (IMAGE_SIZE, IMAGE_SIZE) and alpha.min() == 0 and alpha.max() == 1
-    assert alpha.sum() == pytest.approx(17 * 17, abs=2)  # coverage sums to the area (antialiasing by distance: ~1 px)
+    assert alpha.sum() == pytest.approx(
+        17 * 17, abs=2
+    )  # coverage sums to the area (antialiasing by distance: ~1 px)
     assert alpha[32, 23] == 0.5 and alpha[32, 21] == 0
     # An object at the canvas edge is clipped, not wrapped; render blends each object by its alpha.
     corner = ObjectSpec("star", "blue", "small", "top left", dx=-3.0, dy=-3.0)
     scene = Scene((corner, square), "sky")
     expected = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), BACKGROUNDS["sky"], dtype=np.float32)
     for obj in scene.objects:
-        expected += object_alpha(obj)[..., None] * (np.array(PALETTE[obj.colour], dtype=np.float32) - expected)
+        expected += object_alpha(obj)[..., None] * (
+            np.array(PALETTE[obj.colour], dtype=np.float32) - expected
+        )
     assert np.array_equal(render(scene), np.rint(expected).astype(np.uint8))
     assert object_alpha(corner)[:, 32:].sum() == 0
 
@@ -298,7 +310,153 @@ def test_swap_places_exchanges_the_objects_places_and_inverts_the_relation() -> 
         assert (ta.position, tb.position) == (b.position, a.position)
         assert (ta.shape, ta.colour, ta.size, ta.dx, ta.dy) == (a.shape, a.colour, a.size, a.dx, a.dy)
         assert relation_holds(twin.relation, ta.position, tb.position)
-        assert not relation_holds(scene.relation, ta.position, tb.position)  # the caption's relation is now false
+        assert not relation_holds(
+            scene.relation, ta.position, tb.position
+        )  # the caption's relation is now false
         assert judge.score(render(twin), twin).all and swap_places(twin) == scene
     with pytest.raises(ValueError, match="two-object"):
         swap_places(sample_scene(rng, "train", 1))
+
+
+# ------------------------------------------------------------------------------------------------
+# Concepts (ring, pink, outlined) leave the base world as it was.
+
+# sha256 of ``_base_world_digest()`` computed with the world as it was before the concepts existed
+# (commit of the shipped model): scenes (every field, floats exactly), images, captions (the dataset's
+# and the eval's fully stated ones) over 360 scenes of every split and object count, and the recipe's
+# contrastive text batches with their hard negatives, captions and object coverage masks.
+GOLDEN_BASE_WORLD_SHA256 = "1067432accaec2f714f8f180134aa6a8d9f1af08970ae9d44d6f9b0b55709098"
+
+
+def _scene_key(scene: Scene) -> bytes:
+    """Every field of a base scene, floats exactly (``float.hex``); a scene's repr would change with
+    every new field."""
+    parts = [scene.background, str(scene.relation)]
+    for o in scene.objects:
+        parts += [o.shape, o.colour, o.size, o.position, *(float(v).hex() for v in (o.dx, o.dy, o.scale))]
+    return "|".join(parts).encode()
+
+
+def _base_world_digest(render_fn=render, caption_fn=caption) -> str:
+    h = hashlib.sha256()
+    for i, split in enumerate(("train", "heldout", "any")):
+        for n_objects in (None, 1, 2):
+            rng = np.random.default_rng([11, i, n_objects or 0])
+            for _ in range(40):
+                scene = sample_scene(rng, split, n_objects or int(rng.integers(1, 3)))
+                h.update(_scene_key(scene))
+                h.update(render_fn(scene).tobytes())
+                h.update(caption_fn(scene, rng).encode())
+                h.update(caption_fn(scene, rng, p_size=1.0, p_position=1.0, p_background=1.0).encode())
+    rng = np.random.default_rng([5, 1])
+    for scene in text_batch_scenes(rng, 64, 0.5, 0.25):
+        h.update(_scene_key(scene))
+        h.update(caption_fn(scene, rng).encode())
+        for obj in scene.objects:
+            h.update(object_alpha(obj).tobytes())
+    return h.hexdigest()
+
+
+def test_base_world_is_bit_identical_to_before_the_concepts() -> None:
+    assert _base_world_digest() == GOLDEN_BASE_WORLD_SHA256
+
+
+def test_base_world_digest_catches_a_changed_draw_or_pixel() -> None:
+    # A concept implementation that took one more random draw per caption (say, for a style word on every
+    # object), or drew a base colour differently, would change what the recipe trains on.
+    def extra_draw(scene: Scene, rng: np.random.Generator, **kwargs: float) -> str:
+        rng.random()
+        return caption(scene, rng, **kwargs)
+
+    def pinker(scene: Scene) -> np.ndarray:
+        objects = tuple(replace(o, colour="pink") if o.colour == "red" else o for o in scene.objects)
+        return render(replace(scene, objects=objects))
+
+    assert _base_world_digest(caption_fn=extra_draw) != GOLDEN_BASE_WORLD_SHA256
+    assert _base_world_digest(render_fn=pinker) != GOLDEN_BASE_WORLD_SHA256
+
+
+def test_concepts_stay_out_of_the_base_lists_and_the_trained_vocabulary() -> None:
+    assert CONCEPT_VOCABULARY == {"ring", "pink", "outlined"}
+    assert not CONCEPT_VOCABULARY & (language.VOCABULARY | language.CAPTION_VOCABULARY)
+    assert not set(CONCEPT_SHAPES) & set(SHAPES) and not set(CONCEPT_PALETTE) & set(PALETTE)
+    assert ALL_PALETTE == PALETTE | CONCEPT_PALETTE and list(ALL_PALETTE)[: len(COLOURS)] == list(COLOURS)
+    assert unknown_words("an outlined pink ring") == ["outlined", "pink", "ring"]
+    # Base sampling never draws them, whatever the split.
+    rng = np.random.default_rng(9)
+    objects = [
+        o for i in range(2000) for o in sample_scene(rng, ("train", "heldout", "any")[i % 3], 2).objects
+    ]
+    assert {o.shape for o in objects} == set(SHAPES) and {o.colour for o in objects} == set(COLOURS)
+    assert {o.style for o in objects} == {None}
+
+
+def test_concept_objects_validate_render_and_caption() -> None:
+    with pytest.raises(ValueError, match="unknown style"):
+        ObjectSpec("circle", "red", "small", "left", style="dotted")
+    ring = ObjectSpec("ring", "red", "large", "centre")
+    image = render(Scene((ring,), "gray"))
+    # Its hole shows the background; its body the colour (17 px: rims at radius 8.5 and 3.8).
+    assert image[32, 32].tolist() == list(BACKGROUNDS["gray"]) and image[32, 26].tolist() == list(
+        PALETTE["red"]
+    )
+    circle = render(Scene((replace(ring, shape="circle"),), "gray"))
+    assert circle[32, 32].tolist() == list(PALETTE["red"])
+    # Outlined: the object as plain, over a 2 px border in black; the border only adds pixels.
+    plain = render(Scene((ObjectSpec("square", "blue", "large", "centre"),), "sky"))
+    outlined = render(Scene((ObjectSpec("square", "blue", "large", "centre", style="outlined"),), "sky"))
+    inside = (plain == PALETTE["blue"]).all(axis=-1)
+    assert np.array_equal(outlined[inside], plain[inside])
+    assert outlined[32, 22].tolist() == list(PALETTE["black"]) and plain[32, 22].tolist() == list(
+        BACKGROUNDS["sky"]
+    )
+    assert (outlined != BACKGROUNDS["sky"]).any(axis=-1).sum() > (plain != BACKGROUNDS["sky"]).any(
+        axis=-1
+    ).sum()
+    pink = render(Scene((ObjectSpec("star", "pink", "large", "top"),), "teal"))
+    assert (pink == CONCEPT_PALETTE["pink"]).all(axis=-1).sum() > 50
+    # A grown mask covers the shape's points within ``grow`` of it: a circle's radius grows by it.
+    assert coverage_mask("circle", 10.0, 8.0, 8.0, 2.0).sum() == pytest.approx(np.pi * 7**2, rel=0.02)
+    # Captions name the concept where the base word would be, and parse back only with concepts=True.
+    rng = np.random.default_rng(0)
+    for obj in (
+        ring,
+        ObjectSpec("star", "pink", "small", "top"),
+        replace(ring, shape="diamond", style="outlined"),
+    ):
+        scene = Scene((obj,), "beige")
+        text = caption(scene, rng, p_size=1.0, p_position=1.0, p_background=1.0)
+        assert parse_caption(text, concepts=True) == describe(scene), text
+        assert parse_caption(text) is None, text
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a small pink ring", Description((ObjectDescription("ring", "pink", "small"),))),
+        (
+            "a big outlined emerald rhombus at the top, left of a crimson ring",
+            Description(
+                (
+                    ObjectDescription("diamond", "green", "large", "top", "outlined"),
+                    ObjectDescription("ring", "red"),
+                ),
+                relation="left of",
+            ),
+        ),
+    ],
+)
+def test_parse_concept_captions(text: str, expected: Description) -> None:
+    assert parse_caption(text, concepts=True) == expected
+    assert parse_caption(text) is None
+    assert parse_caption("an outlined ring", concepts=True) is None  # a colour is still required
+
+
+def test_description_checks_a_stated_style_only() -> None:
+    plain = Scene((ObjectSpec("square", "red", "small", "left"),), "gray")
+    outlined = Scene((ObjectSpec("square", "red", "small", "left", style="outlined"),), "gray")
+    asks = Description((ObjectDescription("square", "red", style="outlined"),))
+    says_nothing = Description((ObjectDescription("square", "red"),))
+    assert asks.matches(outlined) and not asks.matches(plain)
+    assert says_nothing.matches(plain) and says_nothing.matches(outlined)
+    assert describe(outlined).objects[0].style == "outlined" and describe(plain).objects[0].style is None
