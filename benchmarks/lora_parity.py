@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.adapters.test_diffusers_parity import build, ddim_psnr, variant  # noqa: E402
+from tests.adapters.test_diffusers_parity import build, ddim_psnr, variant
 
 
 def main() -> None:

@@ -27,15 +27,15 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from lora_switch import kohya_default_lora  # noqa: E402
+from lora_switch import kohya_default_lora
 
-from sdstudio.adapters import key_table, network_from_state_dict  # noqa: E402
-from sdstudio.cpu import cpu_flags  # noqa: E402
-from sdstudio.engine import Pipeline, choose_dtype, prefer_channels_last  # noqa: E402
-from sdstudio.models.configs import preset  # noqa: E402
-from sdstudio.models.loading import LoadedModel  # noqa: E402
-from sdstudio.models.stablediffusion import random_model  # noqa: E402
-from sdstudio.types import GenerationRequest, NetworkSpec  # noqa: E402
+from sdstudio.adapters import key_table, network_from_state_dict
+from sdstudio.cpu import cpu_flags
+from sdstudio.engine import Pipeline, choose_dtype, prefer_channels_last
+from sdstudio.models.configs import preset
+from sdstudio.models.loading import LoadedModel
+from sdstudio.models.stablediffusion import random_model
+from sdstudio.types import GenerationRequest, NetworkSpec
 
 
 def side_branch_hooks(model, network) -> list:

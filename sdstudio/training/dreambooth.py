@@ -1,0 +1,505 @@
+"""DreamBooth and full fine-tuning: the UNet (and optionally the text encoder) trained on a folder of
+captioned images, written as one single-file checkpoint.
+
+DreamBooth (Ruiz et al. 2023, "DreamBooth: Fine Tuning Text-to-Image Diffusion Models for Subject-Driven
+Generation") with prior preservation as diffusers' ``train_dreambooth.py`` does it: class images are
+generated once by this model from a class prompt into a folder (``--num_class_images``; images already
+there are counted and reused, so a second run generates none), every step trains on an instance batch and
+an equally large class batch, and the loss is ``mean(instance MSE) + prior_loss_weight * mean(class MSE)``.
+
+Full fine-tuning (kohya ``fine_tune.py``): the same loop without class images, usually with an EMA of the
+UNet's weights, written as LDM's ``model_ema.*`` keys (``LitEma``: ``model.a.b`` -> ``model_ema.ab``, plus
+``model_ema.decay`` and ``model_ema.num_updates``) so that ``load_model(..., use_ema=True)`` and
+AUTOMATIC1111 read them.
+
+Both share: the denoiser's own loss (``Denoiser.loss``: eps or v target, Min-SNR-gamma), noise offset
+(Guttenberg 2023, "Diffusion with Offset Noise": ``noise + offset * N(0, 1)`` per sample and channel, as
+diffusers' ``--noise_offset``), gradient accumulation, the learning-rate schedules and the optimizers of
+``trainer.train`` (AdamW, or bitsandbytes' 8-bit AdamW), a text encoder learning rate of its own, and
+gradient checkpointing (:class:`CheckpointedUNet`: each UNet block's activations are recomputed in the
+backward pass instead of kept; Chen et al. 2016).
+
+The model is trained in place: after ``train_dreambooth`` / ``train_finetune`` the ``LoadedModel`` holds the
+trained (not the EMA) weights, frozen again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from sdstudio.diffusion.denoiser import Denoiser
+from sdstudio.diffusion.schedule import DiscreteSchedule
+from sdstudio.errors import SdStudioError
+from sdstudio.io.files import atomic_write, write_text_atomic
+from sdstudio.models.configs import ModelConfig, Prediction
+from sdstudio.models.loading import DTYPES, LoadedModel, save_model
+from sdstudio.models.stablediffusion import EMA_PREFIX, UNET_PREFIX, ema_key
+from sdstudio.models.tokenizer import ClipTokenizer
+from sdstudio.models.unet import UNetModel, timestep_embedding
+from sdstudio.prompt.conditioning import encode_captions
+from sdstudio.training.finetune import RunConfig, TrainingData, dataset_config_for, prepare_run_folder
+from sdstudio.training.trainer import EMA, EmaWarmup, OptimizerName, Schedule, TrainConfig, train
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CLASS_MANIFEST", "CheckpointedUNet", "ClassImages", "DreamBoothConfig", "FinetuneConfig",
+    "PriorPreservation", "bf16_native", "checkpoint_tensors", "diffusion_loss", "prepare_class_images",
+    "prior_preservation_loss", "train_dreambooth", "train_finetune",
+]  # fmt: skip
+
+CLASS_MANIFEST = "class_images.jsonl"  # one line per generated class image: file, prompt, seed, settings
+CLASS_FOLDER = "class_images"  # the default class data folder inside the run folder
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+Progress = Callable[[int, float], None]
+# (model, prior, first seed, count) -> [(image, seed)]: how class images are made
+ClassImageMaker = Callable[[LoadedModel, "PriorPreservation", int, int], list[tuple[Image.Image, int]]]
+
+
+@dataclass(frozen=True)
+class PriorPreservation:
+    """diffusers' ``--with_prior_preservation``: class images of ``class_prompt`` (made by the model being
+    trained, ``num_class_images`` of them, in ``class_data`` or the run folder's ``class_images/``) trained
+    beside the instance images with ``prior_loss_weight``. A class image's caption is its same-stem ``.txt``
+    if it has one (kohya's captioned regularisation images; generated ones get the class prompt), else the
+    class prompt. Generation: ``sampler``, ``steps``, ``cfg_scale`` and seeds ``seed``, ``seed + 1``, ... at
+    the model's size, ``batch`` images per call."""
+
+    class_prompt: str
+    class_data: str | None = None
+    num_class_images: int = 100  # diffusers' default
+    prior_loss_weight: float = 1.0
+    negative_prompt: str = ""
+    sampler: str = "Euler a"
+    steps: int = 20
+    cfg_scale: float = 7.0
+    seed: int = 0
+    batch: int = 4
+
+    def __post_init__(self) -> None:
+        if not self.class_prompt.strip():
+            raise SdStudioError(
+                "prior preservation needs a class prompt (--class-prompt, 'a photo of a dog')"
+            )
+        if self.num_class_images < 1 or self.steps < 1 or self.batch < 1:
+            raise SdStudioError(
+                f"class images {self.num_class_images}, steps {self.steps}, batch {self.batch}: each must be >= 1"
+            )
+        if self.prior_loss_weight < 0:
+            raise SdStudioError(
+                f"prior loss weight {self.prior_loss_weight}: must not be negative (1.0 is usual)"
+            )
+
+
+@dataclass(frozen=True)
+class _ModelTraining:
+    """What DreamBooth and full fine-tuning share. ``text_lr`` None: the run's learning rate;
+    ``lr_schedule`` None: the run's (``--cosine`` or constant); ``prediction`` None: the model's own
+    (``"v"`` on an eps model teaches it v-prediction, and the checkpoint says so)."""
+
+    name: str
+    train_text_encoder: bool = False
+    text_lr: float | None = None
+    noise_offset: float = 0.0  # 0.05-0.1 usual
+    gradient_accumulation: int = 1
+    gradient_checkpointing: bool = False
+    optimizer: OptimizerName = "adamw"
+    lr_schedule: Schedule | None = None
+    weight_decay: float = 1e-2  # diffusers' --adam_weight_decay
+    prediction: Prediction | None = None
+    ema_decay: float = 0.0  # 0: no EMA
+    ema_warmup: EmaWarmup = "ldm"
+    save_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+
+    def __post_init__(self) -> None:
+        if not self.name.strip() or any(c in self.name for c in '/\\:<>"|?*'):
+            raise SdStudioError(f'output name {self.name!r}: use a file name without a folder or /\\:<>"|?*')
+        if self.text_lr is not None and not 0 < self.text_lr < 10:
+            raise SdStudioError(
+                f"text encoder learning rate {self.text_lr}: must be a positive number below 10"
+            )
+        if self.noise_offset < 0:
+            raise SdStudioError(f"noise offset {self.noise_offset}: must not be negative (0.05 is usual)")
+        if self.prediction not in (None, "epsilon", "v"):
+            raise SdStudioError(f"prediction {self.prediction!r}: choose epsilon or v")
+        if self.save_dtype not in DTYPES:
+            raise SdStudioError(f"save dtype {self.save_dtype!r}: choose {', '.join(DTYPES)}")
+        self.train_config(RunConfig(steps=1))  # the loop's own checks, now rather than after the class images
+
+    def train_config(self, run: RunConfig, bf16: bool | None = None) -> TrainConfig:
+        return dataclasses.replace(
+            run.train_config(self.weight_decay),
+            bf16=run.bf16 if bf16 is None else bf16,
+            schedule=self.lr_schedule,
+            grad_accumulation=self.gradient_accumulation,
+            optimizer=self.optimizer,
+            ema_decay=self.ema_decay,
+            ema_warmup=self.ema_warmup,
+            betas=(0.9, 0.999),  # diffusers' and kohya's AdamW betas
+        )
+
+
+@dataclass(frozen=True)
+class DreamBoothConfig(_ModelTraining):
+    """``instance_prompt`` (non-empty): the caption of every instance image ("a photo of sks dog"), as
+    diffusers' ``--instance_prompt``; empty: the dataset's captions (kohya ``N_name`` folders, .txt files).
+    ``prior``: prior preservation, or None (plain fine-tuning on the instance images)."""
+
+    name: str = "dreambooth"
+    instance_prompt: str = ""
+    prior: PriorPreservation | None = None
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(_ModelTraining):
+    """Full fine-tuning on captioned images, with an EMA of the UNet (0.9999 with LitEma's warm-up
+    ``min(decay, (1 + n) / (10 + n))`` by default, so short runs still average only their last steps)."""
+
+    name: str = "finetune"
+    ema_decay: float = 0.9999
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 matmuls natively (a CUDA GPU that supports bf16; a CPU with oneDNN's bf16
+    kernels: AVX-512 BF16 or AMX). Elsewhere bf16 autocast is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+class CheckpointedUNet(nn.Module):
+    """``UNetModel.forward`` with every input, middle and output block (and the final norm-conv) under
+    ``torch.utils.checkpoint``: only block inputs are kept for the backward pass, each block's inner
+    activations are recomputed there (about one more forward pass of compute). Same outputs and gradients
+    as the UNet itself; it wraps the UNet without changing it, so checkpoint keys and the UNet used for
+    sampling are untouched."""
+
+    def __init__(self, unet: UNetModel) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, **options: object) -> Tensor:
+        if options:  # token merging and hypernetworks are inference features
+            raise SdStudioError(f"gradient checkpointing does not take {', '.join(options)}")
+        unet = self.unet
+        dtype = unet.dtype
+        emb = unet.time_embed(timestep_embedding(timesteps, unet.config.model_channels).to(dtype))
+        context = context.to(dtype)
+        h = x.to(dtype)
+        skips: list[Tensor] = []
+        for block in unet.input_blocks:
+            h = checkpoint(block, h, emb, context, use_reentrant=False)
+            skips.append(h)
+        h = checkpoint(unet.middle_block, h, emb, context, use_reentrant=False)
+        for block in unet.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)  # [batch, ch + skip_ch, h, w]
+            up_size = (skips[-1].shape[-2], skips[-1].shape[-1]) if skips else None
+            h = checkpoint(block, h, emb, context, up_size, use_reentrant=False)
+        return checkpoint(unet.out, h, use_reentrant=False)
+
+
+def diffusion_loss(
+    denoiser: Denoiser,
+    latents: Tensor,
+    context: Tensor,
+    generator: torch.Generator,
+    *,
+    snr_gamma: float = 0.0,
+    noise_offset: float = 0.0,
+) -> Tensor:
+    """Per-sample denoising loss of ``latents`` (scaled, [B, 4, h, w]) at random training timesteps. Draws
+    from ``generator``, in this order: timesteps [B], noise like ``latents``, and with ``noise_offset`` an
+    offset [B, C, 1, 1] added to the noise times ``noise_offset``. [B]"""
+    sigmas = denoiser.schedule.sigmas
+    t = torch.randint(0, len(sigmas), (latents.shape[0],), generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    if noise_offset > 0:
+        noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
+    sigma = sigmas.cpu()[t].to(latents.device)
+    return denoiser.loss(latents, noise.to(latents), sigma, context, snr_gamma=snr_gamma)
+
+
+def prior_preservation_loss(instance: Tensor, prior: Tensor, weight: float) -> Tensor:
+    """diffusers' DreamBooth loss: ``instance.mean() + weight * prior.mean()`` of per-sample losses."""
+    return instance.mean() + weight * prior.mean()
+
+
+# ------------------------------------------------------------------------------------------ class images
+
+
+@dataclass(frozen=True)
+class ClassImages:
+    folder: Path
+    found: int  # images already in the folder when the run began
+    generated: int  # images this call made
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _manifest(folder: Path) -> list[dict]:
+    path = folder / CLASS_MANIFEST
+    if not path.is_file():
+        return []
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut short by a kill; its image is counted (or not) by the folder itself
+    return lines
+
+
+def pipeline_class_images(
+    model: LoadedModel, prior: PriorPreservation, first_seed: int, count: int
+) -> list[tuple[Image.Image, int]]:
+    """``count`` images of the class prompt from seeds ``first_seed, first_seed + 1, ...`` by sdstudio's own
+    generation pipeline (txt2img at the model's size), with their seeds."""
+    # the one place training uses the pipeline: class images must be what inference makes of the prompt
+    from sdstudio.pipelines.generate import generate
+    from sdstudio.types import GenerationRequest
+
+    request = GenerationRequest(
+        prompt=prior.class_prompt, negative_prompt=prior.negative_prompt, sampler=prior.sampler,
+        steps=prior.steps, cfg_scale=prior.cfg_scale, seed=first_seed, batch_size=count,
+    )  # fmt: skip
+    result = generate(model, ClipTokenizer(), request)
+    return [(g.image, g.seed) for g in result.images]
+
+
+def prepare_class_images(
+    model: LoadedModel,
+    prior: PriorPreservation,
+    folder: str | os.PathLike,
+    *,
+    make_images: ClassImageMaker = pipeline_class_images,
+) -> ClassImages:
+    """Make ``folder`` hold at least ``prior.num_class_images`` images (diffusers: "class images are
+    generated once"): the images already there, of any origin, are counted and reused; the missing ones are
+    generated (``make_images``), each written with a same-stem ``.txt`` caption (the class prompt) and a
+    line in ``class_images.jsonl`` (file, prompt, negative prompt, seed, sampler, steps, CFG, model). A
+    folder whose manifest names another class prompt is refused: its images would teach another class."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise SdStudioError(f"{folder}: is a file; give a folder for the class images (--class-data)")
+    folder.mkdir(parents=True, exist_ok=True)
+    other = {m.get("prompt") for m in _manifest(folder)} - {prior.class_prompt}
+    if other:
+        raise SdStudioError(
+            f"{folder}: holds class images of {min(map(str, other))!r} ({CLASS_MANIFEST}), not of "
+            f"{prior.class_prompt!r}; give another --class-data folder or empty it"
+        )
+    found = len(_images_in(folder))
+    missing = prior.num_class_images - found
+    if missing <= 0:
+        log.info("%s: %d class images found, none generated", folder, found)
+        return ClassImages(folder, found, 0)
+    log.info("%s: %d class images found, generating %d of %r", folder, found, missing, prior.class_prompt)
+    made = 0
+    index = found
+    while made < missing:
+        count = min(prior.batch, missing - made)
+        with torch.no_grad():
+            images = make_images(model, prior, prior.seed + index, count)
+        for image, seed in images:
+            name = f"{index:05d}-{seed}"
+            _save_png(image, folder / f"{name}.png")
+            write_text_atomic(folder / f"{name}.txt", prior.class_prompt)
+            record = {"file": f"{name}.png", "prompt": prior.class_prompt, "negative_prompt": prior.negative_prompt,
+                      "seed": seed, "sampler": prior.sampler, "steps": prior.steps, "cfg_scale": prior.cfg_scale,
+                      "model": model.name, "model_hash": model.short_hash}  # fmt: skip
+            with open(folder / CLASS_MANIFEST, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            index += 1
+        made += len(images)
+    return ClassImages(folder, found, made)
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+
+def checkpoint_tensors(
+    model: LoadedModel, ema: EMA | None, ema_updates: int, decay: float
+) -> dict[str, Tensor]:
+    """The model's single-file state dict, plus, with an EMA of the UNet, LDM's ``LitEma`` keys:
+    ``model_ema.<UNet key without "model." and dots>`` for each UNet weight, ``model_ema.decay`` and
+    ``model_ema.num_updates``. Tensors are the model's own (no copies)."""
+    state = dict(model.model.state_dict())
+    if ema is None:
+        return state
+    for key in [k for k in state if k.startswith(UNET_PREFIX)]:
+        state[ema_key(key)] = ema.shadow[key[len(UNET_PREFIX) :]]
+    state[EMA_PREFIX + "decay"] = torch.tensor(decay, dtype=torch.float32)
+    state[EMA_PREFIX + "num_updates"] = torch.tensor(ema_updates, dtype=torch.int32)
+    return state
+
+
+@dataclass(frozen=True)
+class _Checkpoint:
+    """What ``save_model`` reads of a model (its config and state dict): the trained model's, with EMA keys
+    and the prediction it was trained for."""
+
+    config: ModelConfig
+    tensors: dict[str, Tensor]
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.tensors
+
+
+# ------------------------------------------------------------------------------------------------- runs
+
+
+def train_dreambooth(
+    model: LoadedModel,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    config: DreamBoothConfig,
+    run: RunConfig,
+    dataset_options: dict | None = None,
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    make_class_images: ClassImageMaker = pipeline_class_images,
+) -> list[Path]:
+    """DreamBooth on the instance images in ``data``, with prior preservation if ``config.prior``; writes
+    ``NAME.safetensors`` (the whole model, single file) into ``out`` and returns its path."""
+    return _train_model("dreambooth", model, data, out, config, run, dataset_options, overwrite, progress,
+                        make_class_images)  # fmt: skip
+
+
+def train_finetune(
+    model: LoadedModel,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    config: FinetuneConfig,
+    run: RunConfig,
+    dataset_options: dict | None = None,
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> list[Path]:
+    """Full fine-tuning on the captioned images in ``data``; writes ``NAME.safetensors`` (the whole model,
+    single file, with ``model_ema.*`` keys when ``config.ema_decay > 0``) into ``out``."""
+    return _train_model("finetune", model, data, out, config, run, dataset_options, overwrite, progress,
+                        pipeline_class_images)  # fmt: skip
+
+
+def _encode(model: LoadedModel, tokenizer: ClipTokenizer, captions: Sequence[str], trained: bool) -> Tensor:
+    clip_skip = model.config.text.default_clip_skip
+    text_config = model.config.text
+    if trained:
+        return encode_captions(model.model.text_encoder, tokenizer, text_config, captions, clip_skip)
+    with torch.no_grad():  # a frozen text encoder keeps no graph
+        return encode_captions(model.model.text_encoder, tokenizer, text_config, captions, clip_skip)
+
+
+def _train_model(
+    method: str,
+    model: LoadedModel,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    config: DreamBoothConfig | FinetuneConfig,
+    run: RunConfig,
+    dataset_options: dict | None,
+    overwrite: bool,
+    progress: Progress | None,
+    make_class_images: ClassImageMaker,
+) -> list[Path]:
+    out = Path(out)
+    if model.model.unet.dtype != torch.float32:
+        raise SdStudioError(
+            f"{model.path}: training needs fp32 weights; load the model in fp32 (--precision fp32)"
+        )
+    options = dict(dataset_options or {})
+    instance_prompt = config.instance_prompt if isinstance(config, DreamBoothConfig) else ""
+    if instance_prompt:  # every image's caption is the instance prompt (diffusers --instance_prompt)
+        options |= {"template": (instance_prompt,), "missing_caption": "empty"}
+    data_config = dataset_config_for(model, **options)
+    prior = config.prior if isinstance(config, DreamBoothConfig) else None
+    class_folder = Path(prior.class_data) if prior and prior.class_data else out / CLASS_FOLDER
+    class_config = dataset_config_for(model, missing_caption="empty", resolution=data_config.resolution)
+    settings = _jsonable({"method": method, "model": str(model.path), "data": str(data), "run": asdict(run),
+                          method: asdict(config), "dataset": asdict(data_config),
+                          "class_data": str(class_folder) if prior else None})  # fmt: skip
+    resume = prepare_run_folder(out, settings, overwrite)
+    log.info("%s %s", "resuming" if resume else "starting", out)
+    sd = model.model
+    sd.requires_grad_(False)
+    source = TrainingData.open(data, data_config, model, out / "latents", run.batch_size, run.seed)
+    classes = None
+    if prior is not None:
+        prepare_class_images(model, prior, class_folder, make_images=make_class_images)
+        classes = TrainingData.open(
+            class_folder, class_config, model, out / "latents", run.batch_size, run.seed + 1
+        )
+
+    bf16 = run.bf16 and bf16_native(model.device)
+    if run.bf16 and not bf16:
+        log.info("%s has no native bf16: training in fp32", model.device)
+    train_config = config.train_config(run, bf16)
+    trained = nn.ModuleDict({"unet": sd.unet})
+    groups: list[dict] = [{"params": list(sd.unet.parameters()), "lr": run.lr}]
+    if config.train_text_encoder:
+        trained["text_encoder"] = sd.text_encoder
+        groups.append({"params": list(sd.text_encoder.parameters()), "lr": config.text_lr or run.lr})
+    trained.requires_grad_(True)
+    prediction = config.prediction or model.config.prediction
+    unet: nn.Module = CheckpointedUNet(sd.unet) if config.gradient_checkpointing else sd.unet
+    schedule = DiscreteSchedule.from_config(model.config.schedule).to(model.device)
+    denoiser = Denoiser(unet, schedule, prediction)
+    tokenizer = ClipTokenizer()
+    text_trained = config.train_text_encoder
+
+    def loss_fn(index: int, generator: torch.Generator) -> Tensor:
+        latents, captions = source.batch(index, generator)
+        context = _encode(model, tokenizer, captions, text_trained)
+        instance = diffusion_loss(denoiser, latents, context, generator, snr_gamma=run.snr_gamma,
+                                  noise_offset=config.noise_offset)  # fmt: skip
+        if classes is None or prior is None:
+            return instance.mean()
+        class_latents, class_captions = classes.batch(index, generator)
+        class_captions = [c or prior.class_prompt for c in class_captions]  # captioned regularisation images
+        class_context = _encode(model, tokenizer, class_captions, text_trained)
+        kept = diffusion_loss(denoiser, class_latents, class_context, generator, snr_gamma=run.snr_gamma,
+                              noise_offset=config.noise_offset)  # fmt: skip
+        return prior_preservation_loss(instance, kept, prior.prior_loss_weight)
+
+    try:
+        _, ema = train(trained, loss_fn, train_config, out / "state", parameters=groups, progress=progress,
+                       ema_module=sd.unet)  # fmt: skip
+    finally:
+        sd.requires_grad_(False).eval()
+    saved_config = dataclasses.replace(model.config, prediction=prediction)
+    updates = max(0, train_config.steps - train_config.ema_start)
+    tensors = checkpoint_tensors(model, ema, updates, config.ema_decay)
+    metadata = {"sdstudio.training": json.dumps({"method": method, "steps": run.steps, "base_model": model.name,
+                                                 "base_hash": model.short_hash})}  # fmt: skip
+    path = save_model(_Checkpoint(saved_config, tensors), out / f"{config.name}.safetensors",  # type: ignore[arg-type]
+                      dtype=DTYPES[config.save_dtype], metadata=metadata, overwrite=True)  # fmt: skip
+    return [path]
+
+
+def _jsonable(value: object) -> object:
+    return json.loads(json.dumps(value, default=str))
