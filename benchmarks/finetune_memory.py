@@ -3,7 +3,7 @@ batch 1, bf16 autocast: does a full fine-tune of sd15 fit in 24 GiB, and with wh
 
 Each case runs in a fresh process (``--case``), which builds the whole model (UNet, text encoder, VAE: what
 a run holds, fp32 master weights), then makes one step exactly as ``train_finetune`` does (the method's
-``CheckpointedUNet``, ``diffusion_loss`` and the loop's ``build_optimizer`` / ``EMA``): conditioning from
+``CheckpointedUNet``, ``Denoiser.training_loss`` and the loop's ``build_optimizer`` / ``EMA``): conditioning from
 the text encoder, the UNet's forward and backward under bf16 autocast, gradient clipping, the optimizer
 step (which allocates its state), the EMA update. The latents are random (a run reads them from the
 latent cache, so the VAE only sits in memory). Two steps are made: the first allocates the optimizer
@@ -86,7 +86,7 @@ def run_case(arch: str, size: int, case: set[str], steps: int) -> dict:
     from sdstudio.models.stablediffusion import random_model
     from sdstudio.models.tokenizer import ClipTokenizer
     from sdstudio.prompt.conditioning import encode_captions
-    from sdstudio.training.dreambooth import CheckpointedUNet, diffusion_loss
+    from sdstudio.training.dreambooth import CheckpointedUNet
     from sdstudio.training.trainer import EMA, TrainConfig, _param_groups, build_optimizer, ema_decay
 
     t0 = time.perf_counter()
@@ -117,7 +117,7 @@ def run_case(arch: str, size: int, case: set[str], steps: int) -> dict:
             with torch.set_grad_enabled(train_text):
                 context = encode_captions(sd.text_encoder, tokenizer, config.text, ["a photo of sks dog"],
                                           config.text.default_clip_skip)  # fmt: skip
-            loss = diffusion_loss(denoiser, latents, context, generator).mean()
+            loss = denoiser.training_loss(latents, context, generator).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

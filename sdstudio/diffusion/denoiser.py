@@ -85,3 +85,28 @@ class Denoiser:
             return mse
         snr = sigma.float().pow(-2)
         return mse * snr.clamp(max=snr_gamma) / (snr + 1 if self.prediction == "v" else snr)
+
+    def training_loss(
+        self,
+        x0: Tensor,
+        context: Tensor,
+        generator: torch.Generator,
+        *,
+        extra: Tensor | None = None,
+        snr_gamma: float = 0.0,
+        noise_offset: float = 0.0,
+    ) -> Tensor:
+        """:meth:`loss` at random training timesteps, what every fine-tuning method minimises. [B]
+
+        Draws from ``generator`` (on the CPU, so a seed gives the same run on any device), in this order:
+        timesteps uniform over the schedule's training steps (as kohya and diffusers draw them, here as their
+        sigmas) [B], noise like ``x0``, and with ``noise_offset`` (kohya / diffusers ``--noise_offset``, after
+        Guttenberg's "Diffusion with Offset Noise") ``noise_offset * N(0, 1)`` per sample and channel added
+        to the noise, so that the model learns to change an image's mean brightness."""
+        sigmas = self.schedule.sigmas
+        t = torch.randint(0, len(sigmas), (x0.shape[0],), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        if noise_offset:
+            noise = noise + noise_offset * torch.randn((*x0.shape[:2], 1, 1), generator=generator)
+        sigma = sigmas.cpu()[t].to(x0.device)
+        return self.loss(x0, noise.to(x0), sigma, context, extra, snr_gamma=snr_gamma)

@@ -577,18 +577,23 @@ def save_model(
     dtype: torch.dtype | None = torch.float16,
     metadata: dict[str, str] | None = None,
     overwrite: bool = False,
+    extra: Mapping[str, torch.Tensor] | None = None,
+    config: ModelConfig | None = None,
 ) -> Path:
-    """Write a single-file ``.safetensors`` in the original SD layout with our config in its header."""
+    """Write a single-file ``.safetensors`` in the original SD layout with our config in its header.
+
+    ``extra``: tensors written besides the model's (EMA weights as ``model_ema.*``); ``config``: the header's
+    config instead of ``model.config`` (a fine-tune trained for another prediction type)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path}: already exists; pass --overwrite to replace it")
     tensors = {}
-    for k, v in model.state_dict().items():
+    for k, v in {**model.state_dict(), **(extra or {})}.items():
         v = v.detach()
         if dtype is not None and v.is_floating_point():
             v = v.to(dtype)
         tensors[k] = v.contiguous()
-    header = {METADATA_KEY: model.config.to_json(), **(metadata or {})}
+    header = {METADATA_KEY: (config or model.config).to_json(), **(metadata or {})}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 

@@ -43,7 +43,7 @@ from sdstudio.diffusion.denoiser import Denoiser
 from sdstudio.diffusion.schedule import DiscreteSchedule
 from sdstudio.errors import SdStudioError
 from sdstudio.io.files import atomic_write, write_text_atomic
-from sdstudio.models.configs import ModelConfig, Prediction
+from sdstudio.models.configs import Prediction
 from sdstudio.models.loading import DTYPES, LoadedModel, save_model
 from sdstudio.models.stablediffusion import EMA_PREFIX, UNET_PREFIX, ema_key
 from sdstudio.models.tokenizer import ClipTokenizer
@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CLASS_MANIFEST", "CheckpointedUNet", "ClassImages", "DreamBoothConfig", "FinetuneConfig",
-    "PriorPreservation", "bf16_native", "checkpoint_tensors", "diffusion_loss", "prepare_class_images",
+    "PriorPreservation", "bf16_native", "ema_tensors", "prepare_class_images",
     "prior_preservation_loss", "train_dreambooth", "train_finetune",
 ]  # fmt: skip
 
@@ -215,27 +215,6 @@ class CheckpointedUNet(nn.Module):
         return checkpoint(unet.out, h, use_reentrant=False)
 
 
-def diffusion_loss(
-    denoiser: Denoiser,
-    latents: Tensor,
-    context: Tensor,
-    generator: torch.Generator,
-    *,
-    snr_gamma: float = 0.0,
-    noise_offset: float = 0.0,
-) -> Tensor:
-    """Per-sample denoising loss of ``latents`` (scaled, [B, 4, h, w]) at random training timesteps. Draws
-    from ``generator``, in this order: timesteps [B], noise like ``latents``, and with ``noise_offset`` an
-    offset [B, C, 1, 1] added to the noise times ``noise_offset``. [B]"""
-    sigmas = denoiser.schedule.sigmas
-    t = torch.randint(0, len(sigmas), (latents.shape[0],), generator=generator)
-    noise = torch.randn(latents.shape, generator=generator)
-    if noise_offset > 0:
-        noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
-    sigma = sigmas.cpu()[t].to(latents.device)
-    return denoiser.loss(latents, noise.to(latents), sigma, context, snr_gamma=snr_gamma)
-
-
 def prior_preservation_loss(instance: Tensor, prior: Tensor, weight: float) -> Tensor:
     """diffusers' DreamBooth loss: ``instance.mean() + weight * prior.mean()`` of per-sample losses."""
     return instance.mean() + weight * prior.mean()
@@ -340,32 +319,16 @@ def _save_png(image: Image.Image, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- saving
 
 
-def checkpoint_tensors(
-    model: LoadedModel, ema: EMA | None, ema_updates: int, decay: float
-) -> dict[str, Tensor]:
-    """The model's single-file state dict, plus, with an EMA of the UNet, LDM's ``LitEma`` keys:
-    ``model_ema.<UNet key without "model." and dots>`` for each UNet weight, ``model_ema.decay`` and
-    ``model_ema.num_updates``. Tensors are the model's own (no copies)."""
-    state = dict(model.model.state_dict())
+def ema_tensors(ema: EMA | None, ema_updates: int, decay: float) -> dict[str, Tensor]:
+    """LDM's ``LitEma`` keys for an EMA of the UNet (none without one): ``model_ema.<UNet key without
+    "model." and dots>`` for each UNet weight, ``model_ema.decay`` and ``model_ema.num_updates``. The
+    tensors are the EMA's own (no copies)."""
     if ema is None:
-        return state
-    for key in [k for k in state if k.startswith(UNET_PREFIX)]:
-        state[ema_key(key)] = ema.shadow[key[len(UNET_PREFIX) :]]
+        return {}
+    state = {ema_key(UNET_PREFIX + key): value for key, value in ema.shadow.items()}
     state[EMA_PREFIX + "decay"] = torch.tensor(decay, dtype=torch.float32)
     state[EMA_PREFIX + "num_updates"] = torch.tensor(ema_updates, dtype=torch.int32)
     return state
-
-
-@dataclass(frozen=True)
-class _Checkpoint:
-    """What ``save_model`` reads of a model (its config and state dict): the trained model's, with EMA keys
-    and the prediction it was trained for."""
-
-    config: ModelConfig
-    tensors: dict[str, Tensor]
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return self.tensors
 
 
 # ------------------------------------------------------------------------------------------------- runs
@@ -475,15 +438,15 @@ def _train_model(
     def loss_fn(index: int, generator: torch.Generator) -> Tensor:
         latents, captions = source.batch(index, generator)
         context = _encode(model, tokenizer, captions, text_trained)
-        instance = diffusion_loss(denoiser, latents, context, generator, snr_gamma=run.snr_gamma,
-                                  noise_offset=config.noise_offset)  # fmt: skip
+        instance = denoiser.training_loss(latents, context, generator, snr_gamma=run.snr_gamma,
+                                          noise_offset=config.noise_offset)  # fmt: skip
         if classes is None or prior is None:
             return instance.mean()
         class_latents, class_captions = classes.batch(index, generator)
         class_captions = [c or prior.class_prompt for c in class_captions]  # captioned regularisation images
         class_context = _encode(model, tokenizer, class_captions, text_trained)
-        kept = diffusion_loss(denoiser, class_latents, class_context, generator, snr_gamma=run.snr_gamma,
-                              noise_offset=config.noise_offset)  # fmt: skip
+        kept = denoiser.training_loss(class_latents, class_context, generator, snr_gamma=run.snr_gamma,
+                                      noise_offset=config.noise_offset)  # fmt: skip
         return prior_preservation_loss(instance, kept, prior.prior_loss_weight)
 
     try:
@@ -493,11 +456,11 @@ def _train_model(
         sd.requires_grad_(False).eval()
     saved_config = dataclasses.replace(model.config, prediction=prediction)
     updates = max(0, train_config.steps - train_config.ema_start)
-    tensors = checkpoint_tensors(model, ema, updates, config.ema_decay)
+    extra = ema_tensors(ema, updates, config.ema_decay)
     metadata = {"sdstudio.training": json.dumps({"method": method, "steps": run.steps, "base_model": model.name,
                                                  "base_hash": model.short_hash})}  # fmt: skip
-    path = save_model(_Checkpoint(saved_config, tensors), out / f"{config.name}.safetensors",  # type: ignore[arg-type]
-                      dtype=DTYPES[config.save_dtype], metadata=metadata, overwrite=True)  # fmt: skip
+    path = save_model(sd, out / f"{config.name}.safetensors", dtype=DTYPES[config.save_dtype], metadata=metadata,
+                      overwrite=True, extra=extra, config=saved_config)  # fmt: skip
     return [path]
 
 

@@ -115,12 +115,7 @@ def embedding_loss(
     if len(captions) != latents.shape[0]:
         raise ValueError(f"{len(captions)} captions for {latents.shape[0]} latents")
     context = encode_captions(text_encoder, tokenizer, text_config, captions, clip_skip, embedding.database)
-    sigmas = denoiser.schedule.sigmas
-    t = torch.randint(0, len(sigmas), (latents.shape[0],), generator=generator)
-    noise = torch.randn(latents.shape, generator=generator).to(latents)
-    return denoiser.loss(
-        latents, noise, sigmas.cpu()[t].to(latents.device), context, snr_gamma=snr_gamma
-    ).mean()
+    return denoiser.training_loss(latents, context, generator, snr_gamma=snr_gamma).mean()
 
 
 def save_embedding(

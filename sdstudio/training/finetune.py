@@ -19,6 +19,7 @@ import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -127,15 +128,20 @@ class TrainingData:
         return cls(dataset, config, cache, model, batch_size, seed)
 
     def _epoch(self, epoch: int) -> list:
-        if epoch not in self._epochs:
+        if epoch not in self._epochs:  # the current epoch only: batches() shuffles the whole dataset
             self._epochs = {epoch: batches(self.dataset, self.batch_size, self.seed, epoch)}
         return self._epochs[epoch]
+
+    @cached_property
+    def batches_per_epoch(self) -> int:
+        """The same every epoch (each bucket cut into batches; only the order changes), without shuffling."""
+        counts = self.dataset.bucket_counts()  # samples per bucket, repeats counted
+        return sum(-(-n // self.batch_size) for n in counts.values())
 
     def batch(self, step: int, generator: torch.Generator) -> tuple[Tensor, list[str]]:
         """Step ``step``'s latents ([B, 4, h, w], scaled, float32, drawn from the posterior with
         ``generator``) and captions."""
-        per_epoch = len(self._epoch(0))
-        epoch, index = divmod(step, per_epoch)
+        epoch, index = divmod(step, self.batches_per_epoch)
         batch = self._epoch(epoch)[index]
         items = [self.dataset.items[i] for i in batch.items]
         views, captions = [], []

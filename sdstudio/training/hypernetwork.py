@@ -387,16 +387,12 @@ def hypernetwork_loss(
         raise ValueError(f"{len(captions)} captions for {latents.shape[0]} latents")
     with torch.no_grad():
         context = encode_captions(text_encoder, tokenizer, text_config, captions, clip_skip)
-    sigmas = denoiser.schedule.sigmas
-    t = torch.randint(0, len(sigmas), (latents.shape[0],), generator=generator)
-    noise = torch.randn(latents.shape, generator=generator).to(latents)
-    sigma = sigmas.cpu()[t].to(latents.device)
     with_network = dataclasses.replace(denoiser, hypernetworks=network.stack())  # type: ignore[arg-type]
     if not (network.training and network.random):
-        return with_network.loss(latents, noise, sigma, context, snr_gamma=snr_gamma).mean()
-    seed = int(torch.randint(0, 2**62, (), generator=generator))
+        return with_network.training_loss(latents, context, generator, snr_gamma=snr_gamma).mean()
+    seed = int(torch.randint(0, 2**62, (), generator=generator))  # dropout's masks, drawn before the noise
     with _seeded_randomness(seed, latents.device):
-        return with_network.loss(latents, noise, sigma, context, snr_gamma=snr_gamma).mean()
+        return with_network.training_loss(latents, context, generator, snr_gamma=snr_gamma).mean()
 
 
 def train_hypernetwork(

@@ -455,15 +455,9 @@ def lora_loss(
     gives the same run on any device)."""
     if context.shape[0] != latents.shape[0]:
         raise ValueError(f"{context.shape[0]} contexts for {latents.shape[0]} latents")
-    batch, channels = latents.shape[:2]
-    sigmas = run.denoiser.schedule.sigmas
-    t = torch.randint(0, len(sigmas), (batch,), generator=generator)
-    noise = torch.randn(latents.shape, generator=generator)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn(batch, channels, 1, 1, generator=generator)
-    sigma = sigmas.cpu()[t].to(latents.device)
-    loss = run.denoiser.loss(latents, noise.to(latents), sigma, context, snr_gamma=snr_gamma)
-    return loss.mean()
+    return run.denoiser.training_loss(
+        latents, context, generator, snr_gamma=snr_gamma, noise_offset=noise_offset
+    ).mean()
 
 
 def kohya_metadata(lora: TrainableLoRA, output_name: str) -> dict[str, str]:

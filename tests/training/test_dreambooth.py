@@ -26,7 +26,6 @@ from sdstudio.training.dreambooth import (
     DreamBoothConfig,
     FinetuneConfig,
     PriorPreservation,
-    diffusion_loss,
     pipeline_class_images,
     prepare_class_images,
     train_dreambooth,
@@ -62,7 +61,7 @@ def fixed_loss(model: LoadedModel, latents: torch.Tensor, captions: list[str]) -
     with torch.no_grad():
         context = encode_captions(model.model.text_encoder, ClipTokenizer(), model.config.text, captions, 1)
         generator = torch.Generator().manual_seed(11)
-        return float(diffusion_loss(training_denoiser(model), latents, context, generator).mean())
+        return float(training_denoiser(model).training_loss(latents, context, generator).mean())
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 from sdstudio.errors import SdStudioError
 from sdstudio.models.loading import LoadedModel, save_model
 from sdstudio.prompt.embeddings import load_embedding
+from sdstudio.training.datasets import batches
 from sdstudio.training.embedding import EmbeddingTrainConfig
 from sdstudio.training.finetune import RunConfig, TrainingData, dataset_config_for, train_embedding
 from tests.adapters.loras import loaded, tiny_model
@@ -47,6 +48,7 @@ def test_training_data_is_seeded_and_cached(data, model, tmp_path, caplog):
     assert (config.resolution, config.bucket_min, config.bucket_max, config.bucket_step) == (64, 64, 128, 64)
     source = TrainingData.open(data, config, model, tmp_path / "latents", batch_size=2, seed=3)
     assert "broken.png" in " ".join(source.dataset.warnings)
+    assert source.batches_per_epoch == len(batches(source.dataset, 2, 3, 0)) == 2
     first = [source.batch(step, torch.Generator().manual_seed(step)) for step in range(4)]
     assert source.cache.misses == 4 and source.cache.hits == 4  # epoch 2 reads what epoch 1 encoded
     latents, captions = first[0]
