@@ -451,15 +451,28 @@ def cmd_train_toyworld(args: argparse.Namespace) -> int:
     return 0
 
 
-def _training_arguments(parser: argparse.ArgumentParser, *, lr: float, steps: int) -> None:
+# each method's default (learning rate, steps): for a checkpoint of the user's, and for the embedded toy model,
+# which is small and learns a concept in a few hundred steps at a higher rate (benchmarks/toy_concepts.py)
+TRAINING_DEFAULTS: dict[str, dict[str, tuple[float, int]]] = {
+    "embedding": {"model": (5e-3, 1000), "embedded": (5e-3, 1000)},
+    "lora": {"model": (1e-4, 1000), "embedded": (1e-3, 400)},
+    "hypernetwork": {"model": (1e-5, 2000), "embedded": (1e-3, 400)},
+    "dreambooth": {"model": (5e-6, 800), "embedded": (1e-4, 300)},
+    "finetune": {"model": (1e-5, 1000), "embedded": (1e-4, 300)},
+}
+
+
+def _training_arguments(parser: argparse.ArgumentParser, method: str) -> None:
     """The options every fine-tuning method shares."""
+    (lr, steps), (toy_lr, toy_steps) = TRAINING_DEFAULTS[method]["model"], TRAINING_DEFAULTS[method]["embedded"]
+    parser.set_defaults(method=method)
     parser.add_argument("--model", help="base checkpoint (default: the embedded model)")
     parser.add_argument("--data", required=True, metavar="DIR", help="images with same-stem .txt / .caption "
                         "captions, kohya N_name repeat folders, or a metadata.jsonl folder")  # fmt: skip
     parser.add_argument("--out", required=True, metavar="DIR", help="run folder: results, state, log; "
                         "a run of the same settings resumes there")  # fmt: skip
-    parser.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
-    parser.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr:g})")
+    parser.add_argument("--steps", type=int, help=f"optimizer steps (default {steps}; {toy_steps} on the embedded model)")
+    parser.add_argument("--lr", type=float, help=f"learning rate (default {lr:g}; {toy_lr:g} on the embedded model)")
     parser.add_argument("--batch", type=int, default=1, help="images per step (default 1)")
     parser.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
     parser.add_argument("--cosine", action="store_true", help="cosine learning-rate decay (default constant)")
@@ -471,7 +484,15 @@ def _training_arguments(parser: argparse.ArgumentParser, *, lr: float, steps: in
     parser.add_argument("--keep-tokens", type=int, default=0, help="with --shuffle-tags: the first N tags stay")
     parser.add_argument("--caption-dropout", type=float, default=0.0, help="share of steps with an empty caption")
     parser.add_argument("--snr-gamma", type=float, default=0.0, help="Min-SNR-gamma loss weighting (0: off; 5 usual)")
-    parser.add_argument("--save-every", type=int, default=500, help="steps between saves of the state (default 500)")
+    parser.add_argument("--save-every", type=int, default=500, help="steps between saves of the state, the "
+                        "result so far (saves/NAME-STEP.*) and the preview (default 500)")  # fmt: skip
+    parser.add_argument("--preview-prompt", help="at each save, generate previews/NAME-STEP.png from this prompt "
+                        "with what was learnt so far")  # fmt: skip
+    parser.add_argument("--preview-negative", default="", help="negative prompt of the previews")
+    parser.add_argument("--preview-sampler", default="Euler a", help="sampler of the previews (default Euler a)")
+    parser.add_argument("--preview-steps", type=int, default=20, help="sampler steps of the previews (default 20)")
+    parser.add_argument("--preview-cfg", type=float, default=7.0, help="CFG scale of the previews (default 7)")
+    parser.add_argument("--preview-seed", type=int, default=0, help="seed of the previews (default 0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", default="auto", help="auto (bf16 where fast), fp32 or bf16")
     parser.add_argument("--overwrite", action="store_true", help="start again in an --out folder that holds a run")
@@ -489,6 +510,9 @@ def _training_setup(args: argparse.Namespace) -> tuple[object, object, dict]:
 
     if not Path(args.data).is_dir():
         raise SdStudioError(f"{args.data}: no such folder (--data)")
+    lr, steps = TRAINING_DEFAULTS[args.method]["model" if args.model else "embedded"]
+    args.lr = lr if args.lr is None else args.lr
+    args.steps = steps if args.steps is None else args.steps
     run = RunConfig(
         steps=args.steps, batch_size=args.batch, lr=args.lr, warmup=args.warmup, cosine=args.cosine, seed=args.seed,
         bf16=choose_dtype(args.precision) == torch.bfloat16, snr_gamma=args.snr_gamma, save_every=args.save_every,
@@ -507,10 +531,23 @@ def _training_setup(args: argparse.Namespace) -> tuple[object, object, dict]:
     return load_model(model_path), run, options
 
 
+def _preview(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The preview request of a training command, or None without --preview-prompt."""
+    from sdstudio.training.preview import PreviewSettings
+
+    if args.preview_prompt is None:
+        return None
+    return PreviewSettings(args.preview_prompt, args.preview_negative, args.preview_sampler, args.preview_steps,
+                           args.preview_cfg, args.preview_seed)  # fmt: skip
+
+
 def _progress_bar(args: argparse.Namespace, steps: int):  # type: ignore[no-untyped-def]
+    """A tqdm bar with the smoothed loss and the speed; under torchrun on rank 0 only."""
     from tqdm import tqdm
 
-    bar = tqdm(total=steps, disable=args.quiet, file=sys.stderr, desc="training", unit="step")
+    from sdstudio.training.distributed import is_main
+
+    bar = tqdm(total=steps, disable=args.quiet or not is_main(), file=sys.stderr, desc="training", unit="step")
 
     def update(step: int, loss: float) -> None:
         bar.n = step
@@ -529,10 +566,121 @@ def cmd_train_embedding(args: argparse.Namespace) -> int:
     bar, update = _progress_bar(args, args.steps)
     with bar:
         paths = train_embedding(model, args.data, args.out, config, run, options, overwrite=args.overwrite,
-                                progress=update)  # type: ignore[arg-type]  # fmt: skip
-    for path in paths:
-        print(path)
+                                progress=update, preview=_preview(args))  # type: ignore[arg-type]  # fmt: skip
+    return _print_paths(paths)
+
+
+def _loop_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """The loop options of the methods that train the model's own weights or LoRA factors (kohya's names)."""
+    from sdstudio.training.trainer import OPTIMIZERS, SCHEDULES
+
+    parser.add_argument("--name", default=name, help=f"output file name without suffix (default {name})")
+    parser.add_argument("--train-text-encoder", action="store_true", help="train the text encoder too")
+    parser.add_argument("--text-lr", type=float, help="text encoder learning rate (default: a LoRA's half the "
+                        "UNet's; a model's the same as the UNet's)")  # fmt: skip
+    parser.add_argument("--lr-schedule", choices=SCHEDULES, help="learning-rate schedule after the warm-up "
+                        "(default constant; --cosine is cosine)")  # fmt: skip
+    parser.add_argument("--noise-offset", type=float, default=0.0, help="offset noise (0.05-0.1 usual; 0: off)")
+    parser.add_argument("--grad-accumulation", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                        help="adamw, or adamw8bit (bitsandbytes' 8-bit moments, where it runs)")  # fmt: skip
+    parser.add_argument("--save-dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="dtype of the "
+                        "written weights (default fp16)")  # fmt: skip
+
+
+def _print_paths(paths: list) -> int:
+    """The written files, one per line (under torchrun by rank 0 only); the process group ends here."""
+    from sdstudio.training.distributed import is_main, shutdown
+
+    if is_main():
+        for path in paths:
+            print(path)
+    shutdown()
     return 0
+
+
+def cmd_train_lora(args: argparse.Namespace) -> int:
+    from sdstudio.training.lora import LoraRunOptions, LoraTrainConfig, train_lora
+
+    model, run, options = _training_setup(args)
+    config = LoraTrainConfig(
+        rank=args.rank, alpha=args.alpha, conv_rank=args.conv_rank, conv_alpha=args.conv_alpha,
+        train_text_encoder=args.train_text_encoder, unet_lr=args.lr,
+        text_lr=args.lr / 2 if args.text_lr is None else args.text_lr,
+    )  # fmt: skip
+    run_options = LoraRunOptions(
+        name=args.name, noise_offset=args.noise_offset, lr_schedule=args.lr_schedule,
+        gradient_accumulation=args.grad_accumulation, optimizer=args.optimizer, save_dtype=args.save_dtype,
+    )  # fmt: skip
+    bar, update = _progress_bar(args, args.steps)
+    with bar:
+        paths = train_lora(model, args.data, args.out, config, run, run_options, options,  # type: ignore[arg-type]
+                           overwrite=args.overwrite, progress=update, preview=_preview(args))  # fmt: skip
+    return _print_paths(paths)
+
+
+def _float_list(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise SdStudioError(f"{flag} {text!r}: comma-separated numbers, such as 1,2,1") from None
+
+
+def cmd_train_hypernetwork(args: argparse.Namespace) -> int:
+    from sdstudio.training.hypernetwork import HypernetworkTrainConfig, train_hypernetwork
+
+    dropout = _float_list(args.dropout_structure, "--dropout-structure") if args.dropout_structure else None
+    config = HypernetworkTrainConfig(
+        args.name, layer_structure=_float_list(args.layer_structure, "--layer-structure"),
+        activation_func=args.activation, weight_initialization=args.weight_init, is_layer_norm=args.layer_norm,
+        use_dropout=args.dropout or dropout is not None, dropout_structure=dropout,
+        activate_output=args.activate_output,
+        widths=tuple(int(w) for w in _float_list(args.widths, "--widths")) if args.widths else None,
+    )  # fmt: skip
+    model, run, options = _training_setup(args)
+    bar, update = _progress_bar(args, args.steps)
+    with bar:
+        paths = train_hypernetwork(model, args.data, args.out, config, run, options,  # type: ignore[arg-type]
+                                   overwrite=args.overwrite, progress=update, preview=_preview(args))  # fmt: skip
+    return _print_paths(paths)
+
+
+def cmd_train_model(args: argparse.Namespace) -> int:
+    """DreamBooth and full fine-tuning: the model's own weights."""
+    from sdstudio.training.dreambooth import (
+        DreamBoothConfig,
+        FinetuneConfig,
+        PriorPreservation,
+        train_dreambooth,
+        train_finetune,
+    )  # fmt: skip
+
+    common = {
+        "name": args.name, "train_text_encoder": args.train_text_encoder, "text_lr": args.text_lr,
+        "noise_offset": args.noise_offset, "gradient_accumulation": args.grad_accumulation,
+        "gradient_checkpointing": args.gradient_checkpointing, "optimizer": args.optimizer,
+        "lr_schedule": args.lr_schedule, "prediction": args.prediction_target, "save_dtype": args.save_dtype,
+        "ema_warmup": args.ema_warmup,
+    }  # fmt: skip
+    if args.ema_decay is not None:
+        common["ema_decay"] = args.ema_decay
+    if args.method == "dreambooth":
+        prior = None
+        if args.class_prompt or args.class_data:
+            prior = PriorPreservation(
+                args.class_prompt or "", class_data=args.class_data, num_class_images=args.num_class_images,
+                prior_loss_weight=args.prior_loss_weight, steps=args.class_steps, seed=args.seed,
+            )  # fmt: skip
+        config: object = DreamBoothConfig(**common, instance_prompt=args.instance_prompt or "", prior=prior)
+        method = train_dreambooth
+    else:
+        config, method = FinetuneConfig(**common), train_finetune
+    model, run, options = _training_setup(args)
+    bar, update = _progress_bar(args, args.steps)
+    with bar:
+        paths = method(model, args.data, args.out, config, run, options,  # type: ignore[arg-type,operator]
+                       overwrite=args.overwrite, progress=update, preview=_preview(args))  # fmt: skip
+    return _print_paths(paths)
 
 
 def cmd_toyworld_dataset(args: argparse.Namespace) -> int:
@@ -707,11 +855,68 @@ def build_parser() -> argparse.ArgumentParser:
         "--template line such as 'a photo of [name], [filewords]' does. Writes NAME.pt (AUTOMATIC1111) and "
         "NAME.safetensors into --out; use them with --embeddings DIR.",
     )  # fmt: skip
-    _training_arguments(emb, lr=5e-3, steps=1000)
+    _training_arguments(emb, "embedding")
     emb.add_argument("--name", required=True, help="the word prompts use for it")
     emb.add_argument("--vectors", type=int, default=1, help="vectors per token (default 1)")
     emb.add_argument("--init-text", default="*", help="the text the vectors start from (default '*')")
     emb.set_defaults(func=cmd_train_embedding)
+    lo = trn_sub.add_parser(
+        "lora", help="LoRA / LoCon: low-rank weights beside the model's, from captioned images",
+        description="Train a LoRA as kohya's sd-scripts do (train_network.py) and write NAME.safetensors in "
+        "kohya's format with its ss_* metadata: use it with <lora:NAME:1> and --lora-dir, or diffusers' "
+        "load_lora_weights. Captions name the concept (a trigger word), or kohya's N_trigger folders do.",
+    )  # fmt: skip
+    _training_arguments(lo, "lora")
+    _loop_arguments(lo, "lora")
+    lo.add_argument("--rank", type=int, default=16, help="network dim (default 16)")
+    lo.add_argument("--alpha", type=float, help="network alpha (default: the rank, scale 1)")
+    lo.add_argument("--conv-rank", type=int, help="LoCon: also the ResNet 3x3 convolutions at this rank")
+    lo.add_argument("--conv-alpha", type=float, help="LoCon alpha (default: the conv rank)")
+    lo.set_defaults(func=cmd_train_lora)
+    hn = trn_sub.add_parser(
+        "hypernetwork", help="hypernetwork (AUTOMATIC1111): a style learnt in the attention's keys and values",
+        description="Train a new hypernetwork as AUTOMATIC1111's Train tab does and write NAME.pt in its format; "
+        "use it with <hypernet:NAME:1> and --hypernetwork-dir.",
+    )  # fmt: skip
+    _training_arguments(hn, "hypernetwork")
+    hn.add_argument("--name", required=True, help="the hypernetwork's name (and file name)")
+    hn.add_argument("--layer-structure", default="1,2,1", help="relative layer widths (default 1,2,1)")
+    hn.add_argument("--activation", default="linear", help="linear (default), relu, leakyrelu, elu, swish, tanh, "
+                    "sigmoid, celu, gelu, glu, hardswish, ...")  # fmt: skip
+    hn.add_argument("--weight-init", default="Normal", help="Normal (default), KaimingUniform, KaimingNormal, "
+                    "XavierUniform, XavierNormal")  # fmt: skip
+    hn.add_argument("--layer-norm", action="store_true", help="layer normalisation after each layer")
+    hn.add_argument("--dropout", action="store_true", help="dropout (AUTOMATIC1111's 0.3 where it puts it)")
+    hn.add_argument("--dropout-structure", help="dropout per layer, such as 0,0.3,0 (implies --dropout)")
+    hn.add_argument("--activate-output", action="store_true", help="the activation after the last layer too")
+    hn.add_argument("--widths", help="context widths to learn modules for (default: the model's)")
+    hn.set_defaults(func=cmd_train_hypernetwork)
+    for method, text in (
+        ("dreambooth", "DreamBooth: the whole UNet on a subject, with prior preservation; a new checkpoint"),
+        ("finetune", "full fine-tune of the UNet (and text encoder) with EMA weights; a new checkpoint"),
+    ):
+        mp = trn_sub.add_parser(method, help=text, description=text + ": NAME.safetensors in --out, a single "
+                                "file every Stable Diffusion tool loads.")  # fmt: skip
+        _training_arguments(mp, method)
+        _loop_arguments(mp, method)
+        mp.add_argument("--gradient-checkpointing", action="store_true", help="less memory, about a third slower")
+        mp.add_argument("--prediction-target", choices=("epsilon", "v"), help="what the UNet learns to predict "
+                        "(default: the model's own)")  # fmt: skip
+        mp.add_argument("--ema-decay", type=float, help="EMA of the UNet, written as model_ema.* (default "
+                        + ("0: none" if method == "dreambooth" else "0.9999") + ")")  # fmt: skip
+        mp.add_argument("--ema-warmup", choices=("none", "ldm", "power"), default="ldm",
+                        help="EMA warm-up: ldm min(decay, (1+n)/(10+n)) (default), power, none")  # fmt: skip
+        if method == "dreambooth":
+            mp.add_argument("--instance-prompt", help="the caption of every instance image ('a photo of sks "
+                            "dog'); default: the images' own captions")  # fmt: skip
+            mp.add_argument("--class-prompt", help="prior preservation: class images of this prompt ('a photo "
+                            "of a dog'), made by the model itself and cached in --class-data")  # fmt: skip
+            mp.add_argument("--class-data", metavar="DIR", help="class images folder (default OUT/class_images); "
+                            "images already there are used first")  # fmt: skip
+            mp.add_argument("--num-class-images", type=int, default=100, help="class images (default 100)")
+            mp.add_argument("--prior-loss-weight", type=float, default=1.0, help="weight of the class loss")
+            mp.add_argument("--class-steps", type=int, default=20, help="sampler steps per class image")
+        mp.set_defaults(func=cmd_train_model)
 
     ev = sub.add_parser("eval", help="measure models")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)

@@ -17,8 +17,9 @@ from sdstudio.diffusion.noise import to_device
 from sdstudio.diffusion.schedule import DiscreteSchedule
 from sdstudio.models.configs import Prediction
 
-if TYPE_CHECKING:  # the type only: diffusion does not import adapters at run time
+if TYPE_CHECKING:  # the types only: diffusion imports neither adapters nor training at run time
     from sdstudio.adapters.hypernetwork import HypernetworkStack
+    from sdstudio.training.distributed import Rows
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class Denoiser:
         extra: Tensor | None = None,
         snr_gamma: float = 0.0,
         noise_offset: float = 0.0,
+        rows: Rows | None = None,
     ) -> Tensor:
         """:meth:`loss` at random training timesteps, what every fine-tuning method minimises. [B]
 
@@ -102,11 +104,23 @@ class Denoiser:
         timesteps uniform over the schedule's training steps (as kohya and diffusers draw them, here as their
         sigmas) [B], noise like ``x0``, and with ``noise_offset`` (kohya / diffusers ``--noise_offset``, after
         Guttenberg's "Diffusion with Offset Noise") ``noise_offset * N(0, 1)`` per sample and channel added
-        to the noise, so that the model learns to change an image's mean brightness."""
+        to the noise, so that the model learns to change an image's mean brightness.
+
+        ``rows`` (data-parallel training, ``sdstudio.training.distributed``): ``x0`` and ``context`` are this
+        rank's rows of a global batch of ``rows.total``; everything is drawn for the global batch, as one
+        process would draw it, and this rank's rows kept, so the ranks together compute what one process does.
+        The losses come back times the rows' weights (1 unless the batch does not split evenly)."""
         sigmas = self.schedule.sigmas
-        t = torch.randint(0, len(sigmas), (x0.shape[0],), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
+        total = x0.shape[0] if rows is None else rows.total
+        if rows is not None and len(rows.index) != x0.shape[0]:
+            raise ValueError(f"{x0.shape[0]} rows given for a shard of {len(rows.index)}")
+        shape = (total, *x0.shape[1:])
+        t = torch.randint(0, len(sigmas), (total,), generator=generator)
+        noise = torch.randn(shape, generator=generator)
         if noise_offset:
-            noise = noise + noise_offset * torch.randn((*x0.shape[:2], 1, 1), generator=generator)
+            noise = noise + noise_offset * torch.randn((*shape[:2], 1, 1), generator=generator)
+        if rows is not None:
+            t, noise = rows.take(t), rows.take(noise)
         sigma = sigmas.cpu()[t].to(x0.device)
-        return self.loss(x0, noise.to(x0), sigma, context, extra, snr_gamma=snr_gamma)
+        losses = self.loss(x0, noise.to(x0), sigma, context, extra, snr_gamma=snr_gamma)
+        return losses if rows is None else rows.weigh(losses)

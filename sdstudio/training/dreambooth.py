@@ -21,6 +21,10 @@ backward pass instead of kept; Chen et al. 2016).
 
 The model is trained in place: after ``train_dreambooth`` / ``train_finetune`` the ``LoadedModel`` holds the
 trained (not the EMA) weights, frozen again.
+
+Under torchrun both train data-parallel (``sdstudio.training.distributed``): ``run.batch_size`` instance
+(and as many class) images per process; rank 0 makes the class images (the others wait, then read them: the
+class folder must be one every rank sees) and writes the checkpoint; every rank returns its path.
 """
 
 from __future__ import annotations
@@ -49,7 +53,15 @@ from sdstudio.models.stablediffusion import EMA_PREFIX, UNET_PREFIX, ema_key
 from sdstudio.models.tokenizer import ClipTokenizer
 from sdstudio.models.unet import UNetModel, timestep_embedding
 from sdstudio.prompt.conditioning import encode_captions
-from sdstudio.training.finetune import RunConfig, TrainingData, dataset_config_for, prepare_run_folder
+from sdstudio.training.distributed import shard_from_env
+from sdstudio.training.finetune import (
+    RunConfig,
+    TrainingData,
+    dataset_config_for,
+    prepare_run_folder,
+    run_settings,
+)
+from sdstudio.training.preview import PreviewSettings, render_preview
 from sdstudio.training.trainer import EMA, EmaWarmup, OptimizerName, Schedule, TrainConfig, train
 
 log = logging.getLogger(__name__)
@@ -345,11 +357,12 @@ def train_dreambooth(
     overwrite: bool = False,
     progress: Progress | None = None,
     make_class_images: ClassImageMaker = pipeline_class_images,
+    preview: PreviewSettings | None = None,
 ) -> list[Path]:
     """DreamBooth on the instance images in ``data``, with prior preservation if ``config.prior``; writes
     ``NAME.safetensors`` (the whole model, single file) into ``out`` and returns its path."""
     return _train_model("dreambooth", model, data, out, config, run, dataset_options, overwrite, progress,
-                        make_class_images)  # fmt: skip
+                        make_class_images, preview)  # fmt: skip
 
 
 def train_finetune(
@@ -362,11 +375,12 @@ def train_finetune(
     *,
     overwrite: bool = False,
     progress: Progress | None = None,
+    preview: PreviewSettings | None = None,
 ) -> list[Path]:
     """Full fine-tuning on the captioned images in ``data``; writes ``NAME.safetensors`` (the whole model,
     single file, with ``model_ema.*`` keys when ``config.ema_decay > 0``) into ``out``."""
     return _train_model("finetune", model, data, out, config, run, dataset_options, overwrite, progress,
-                        pipeline_class_images)  # fmt: skip
+                        pipeline_class_images, preview)  # fmt: skip
 
 
 def _encode(model: LoadedModel, tokenizer: ClipTokenizer, captions: Sequence[str], trained: bool) -> Tensor:
@@ -389,8 +403,10 @@ def _train_model(
     overwrite: bool,
     progress: Progress | None,
     make_class_images: ClassImageMaker,
+    preview: PreviewSettings | None = None,
 ) -> list[Path]:
     out = Path(out)
+    shard = shard_from_env(model.device)
     if model.model.unet.dtype != torch.float32:
         raise SdStudioError(
             f"{model.path}: training needs fp32 weights; load the model in fp32 (--precision fp32)"
@@ -403,19 +419,21 @@ def _train_model(
     prior = config.prior if isinstance(config, DreamBoothConfig) else None
     class_folder = Path(prior.class_data) if prior and prior.class_data else out / CLASS_FOLDER
     class_config = dataset_config_for(model, missing_caption="empty", resolution=data_config.resolution)
-    settings = _jsonable({"method": method, "model": str(model.path), "data": str(data), "run": asdict(run),
-                          method: asdict(config), "dataset": asdict(data_config),
+    settings = _jsonable({"method": method, "model": str(model.path), "data": str(data),
+                          "run": run_settings(run, shard), method: asdict(config), "dataset": asdict(data_config),
                           "class_data": str(class_folder) if prior else None})  # fmt: skip
-    resume = prepare_run_folder(out, settings, overwrite)
+    resume = prepare_run_folder(out, settings, overwrite, shard)
     log.info("%s %s", "resuming" if resume else "starting", out)
     sd = model.model
     sd.requires_grad_(False)
-    source = TrainingData.open(data, data_config, model, out / "latents", run.batch_size, run.seed)
+    source = TrainingData.open(
+        data, data_config, model, out / "latents", run.batch_size, run.seed, shard=shard
+    )
     classes = None
     if prior is not None:
-        prepare_class_images(model, prior, class_folder, make_images=make_class_images)
+        shard.on_main(lambda: prepare_class_images(model, prior, class_folder, make_images=make_class_images))
         classes = TrainingData.open(
-            class_folder, class_config, model, out / "latents", run.batch_size, run.seed + 1
+            class_folder, class_config, model, out / "latents", run.batch_size, run.seed + 1, shard=shard
         )
 
     bf16 = run.bf16 and bf16_native(model.device)
@@ -439,19 +457,28 @@ def _train_model(
         latents, captions = source.batch(index, generator)
         context = _encode(model, tokenizer, captions, text_trained)
         instance = denoiser.training_loss(latents, context, generator, snr_gamma=run.snr_gamma,
-                                          noise_offset=config.noise_offset)  # fmt: skip
+                                          noise_offset=config.noise_offset,
+                                          rows=source.rows(index))  # fmt: skip
         if classes is None or prior is None:
             return instance.mean()
         class_latents, class_captions = classes.batch(index, generator)
         class_captions = [c or prior.class_prompt for c in class_captions]  # captioned regularisation images
         class_context = _encode(model, tokenizer, class_captions, text_trained)
         kept = denoiser.training_loss(class_latents, class_context, generator, snr_gamma=run.snr_gamma,
-                                      noise_offset=config.noise_offset)  # fmt: skip
+                                      noise_offset=config.noise_offset, rows=classes.rows(index))  # fmt: skip
         return prior_preservation_loss(instance, kept, prior.prior_loss_weight)
 
     try:
+        previewed = dataclasses.replace(
+            model, config=dataclasses.replace(model.config, prediction=prediction)
+        )
+
+        def on_save(step: int) -> None:  # the weights as they are now: no intermediate checkpoint
+            if preview is not None:
+                render_preview(previewed, preview, out, step, config.name, "model")
+
         _, ema = train(trained, loss_fn, train_config, out / "state", parameters=groups, progress=progress,
-                       ema_module=sd.unet)  # fmt: skip
+                       ema_module=sd.unet, shard=shard, on_save=on_save)  # fmt: skip
     finally:
         sd.requires_grad_(False).eval()
     saved_config = dataclasses.replace(model.config, prediction=prediction)
@@ -459,8 +486,11 @@ def _train_model(
     extra = ema_tensors(ema, updates, config.ema_decay)
     metadata = {"sdstudio.training": json.dumps({"method": method, "steps": run.steps, "base_model": model.name,
                                                  "base_hash": model.short_hash})}  # fmt: skip
-    path = save_model(sd, out / f"{config.name}.safetensors", dtype=DTYPES[config.save_dtype], metadata=metadata,
-                      overwrite=True, extra=extra, config=saved_config)  # fmt: skip
+    path = out / f"{config.name}.safetensors"
+    if shard.main:
+        save_model(sd, path, dtype=DTYPES[config.save_dtype], metadata=metadata, overwrite=True, extra=extra,
+                   config=saved_config)  # fmt: skip
+    shard.barrier()  # the file exists when any rank returns
     return [path]
 
 

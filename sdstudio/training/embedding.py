@@ -32,6 +32,7 @@ from sdstudio.models.configs import TextEncoderConfig
 from sdstudio.models.tokenizer import CHUNK, ClipTokenizer
 from sdstudio.prompt.conditioning import encode_captions
 from sdstudio.prompt.embeddings import Embedding, EmbeddingDatabase
+from sdstudio.training.distributed import Rows
 
 __all__ = [
     "EmbeddingTrainConfig",
@@ -108,14 +109,16 @@ def embedding_loss(
     generator: torch.Generator,
     *,
     snr_gamma: float = 0.0,
+    rows: Rows | None = None,
 ) -> Tensor:
     """One textual-inversion loss: captions (naming the embedding) through the frozen text encoder with the
     trained vectors in place of the name, the frozen UNet denoising ``latents`` at random training
-    timesteps. ``latents``: scaled, as the UNet sees them. Scalar."""
+    timesteps. ``latents``: scaled, as the UNet sees them. ``rows``: this rank's rows of the global batch
+    (data-parallel training; ``Denoiser.training_loss``). Scalar."""
     if len(captions) != latents.shape[0]:
         raise ValueError(f"{len(captions)} captions for {latents.shape[0]} latents")
     context = encode_captions(text_encoder, tokenizer, text_config, captions, clip_skip, embedding.database)
-    return denoiser.training_loss(latents, context, generator, snr_gamma=snr_gamma).mean()
+    return denoiser.training_loss(latents, context, generator, snr_gamma=snr_gamma, rows=rows).mean()
 
 
 def save_embedding(

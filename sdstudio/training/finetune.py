@@ -9,6 +9,12 @@ what it writes; the loop is ``trainer.train``, which resumes a killed run from i
 Run folders (``--out``): ``train_state.pt`` and ``log.jsonl`` of the loop, the result file(s) named after
 the method's output, ``latents/`` (the cache, unless the data folder is given another). A folder holding
 anything else is refused unless ``overwrite``; a folder of an earlier run of the same settings resumes.
+
+Under ``torchrun`` (``sdstudio.training.distributed``) every method trains data-parallel: ``batch_size`` is
+per process, each rank computes its rows of the global batch (``TrainingData.rows``, passed to
+``Denoiser.training_loss(rows=...)``), rank 0 prepares the run folder and writes every file, and the run
+functions return the same paths on every rank. A run folder records the global batch, so a run resumes
+on any number of processes that gives the same global batch.
 """
 
 from __future__ import annotations
@@ -41,18 +47,21 @@ from sdstudio.training.datasets import (
     scan_dataset,
     vae_hash,
 )
+from sdstudio.training.distributed import ALONE, Rows, Shard, shard_from_env
 from sdstudio.training.embedding import (
     EmbeddingTrainConfig,
     TrainableEmbedding,
     embedding_loss,
     save_embedding,
 )
+from sdstudio.training.preview import SAVES_FOLDER, PreviewSettings, render_preview, saved_name
 from sdstudio.training.trainer import STATE_FILE, TrainConfig, train
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "RunConfig", "TrainingData", "dataset_config_for", "prepare_run_folder", "train_embedding", "training_denoiser",
+    "RunConfig", "TrainingData", "dataset_config_for", "prepare_run_folder", "run_settings", "train_embedding",
+    "training_denoiser",
 ]  # fmt: skip
 
 RUN_FILE = "run.json"  # the settings of the run, to tell a resume from a clash
@@ -104,7 +113,10 @@ def dataset_config_for(model: LoadedModel, **options: object) -> DatasetConfig:
 
 @dataclass
 class TrainingData:
-    """Batches of (scaled latents, captions) for a run: the same ones for the same seed and step."""
+    """Batches of (scaled latents, captions) for a run: the same ones for the same seed and step.
+
+    ``batch_size`` is the global batch (every rank's rows together); ``shard`` says which rows of it this
+    process computes (all of them alone)."""
 
     dataset: Dataset
     config: DatasetConfig
@@ -112,20 +124,27 @@ class TrainingData:
     model: LoadedModel
     batch_size: int
     seed: int
+    shard: Shard = ALONE
     _epochs: dict[int, list] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(
         cls, folder: str | os.PathLike, config: DatasetConfig, model: LoadedModel, cache_folder: Path,
-        batch_size: int, seed: int,
+        batch_size: int, seed: int, *, shard: Shard = ALONE,
     ) -> TrainingData:  # fmt: skip
+        """``batch_size`` per process (kohya's and diffusers' ``--train_batch_size``): the global batch is
+        ``batch_size * shard.world``. Under torchrun every rank must see the same images (checked). The cache
+        folder may be shared by the ranks: its files are written atomically (a temp file, then a rename)."""
         dataset = scan_dataset(folder, config)
-        for warning in dataset.warnings:
-            log.warning("%s", warning)
+        if shard.main:
+            for warning in dataset.warnings:
+                log.warning("%s", warning)
+        identity = [(item.sha256, item.bucket, item.repeats) for item in dataset.items]
+        shard.check_same(identity, f"images in {folder}", "every node needs the same data folder")
         if not dataset.items:
             raise SdStudioError(f"{folder}: no usable image (see the warnings above)")
         cache = LatentCache(cache_folder, vae_hash(model.model.vae))
-        return cls(dataset, config, cache, model, batch_size, seed)
+        return cls(dataset, config, cache, model, batch_size * shard.world, seed, shard)
 
     def _epoch(self, epoch: int) -> list:
         if epoch not in self._epochs:  # the current epoch only: batches() shuffles the whole dataset
@@ -138,28 +157,54 @@ class TrainingData:
         counts = self.dataset.bucket_counts()  # samples per bucket, repeats counted
         return sum(-(-n // self.batch_size) for n in counts.values())
 
-    def batch(self, step: int, generator: torch.Generator) -> tuple[Tensor, list[str]]:
-        """Step ``step``'s latents ([B, 4, h, w], scaled, float32, drawn from the posterior with
-        ``generator``) and captions."""
+    def _global(self, step: int) -> tuple[int, int, list]:
+        """(epoch, batch index in it, the global batch's items) of step ``step``."""
         epoch, index = divmod(step, self.batches_per_epoch)
         batch = self._epoch(epoch)[index]
-        items = [self.dataset.items[i] for i in batch.items]
+        return epoch, index, [self.dataset.items[i] for i in batch.items]
+
+    def rows(self, step: int) -> Rows:
+        """This process's rows of step ``step``'s global batch: what ``Denoiser.training_loss(rows=...)``
+        takes with the latents of :meth:`batch` (all rows, weight 1, alone)."""
+        return self.shard.rows(len(self._global(step)[2]))
+
+    def batch(self, step: int, generator: torch.Generator) -> tuple[Tensor, list[str]]:
+        """Step ``step``'s latents ([B, 4, h, w], scaled, float32, drawn from the posterior with
+        ``generator``) and captions: this process's rows (:meth:`rows`) of the global batch, whose posterior
+        noise is drawn whole, so every rank's generator stays in step with one process's."""
+        epoch, index, everything = self._global(step)
+        rows = self.shard.rows(len(everything))
+        items = [everything[slot] for slot in rows.index]
         views, captions = [], []
-        for slot, item in enumerate(items):
-            rng = sample_rng(self.seed, epoch, index, slot)
+        for slot, item in zip(rows.index, items):
+            rng = sample_rng(self.seed, epoch, index, slot)  # the global slot: the same draw as alone
             views.append(choose_view(item, rng, self.config))
             captions.append(caption_for(item, rng, self.config))
         posterior = self.cache.latents(items, views, self.model.model.vae)
-        noise = torch.randn(posterior.mean.shape, generator=generator)
+        noise = rows.take(torch.randn((rows.total, *posterior.mean.shape[1:]), generator=generator))
         latents = (
             posterior.mean + (0.5 * posterior.logvar).exp() * noise
         ) * self.model.config.vae.scale_factor
         return latents.to(self.model.device), captions
 
 
-def prepare_run_folder(out: Path, settings: object, overwrite: bool) -> bool:
+def run_settings(run: RunConfig, shard: Shard = ALONE) -> dict:
+    """``run`` as a run folder records it: with the global batch (``batch_size * world``) as ``batch_size``,
+    so a resume on another number of processes is accepted exactly when it trains the same batches."""
+    return asdict(run) | {"batch_size": run.batch_size * shard.world}
+
+
+def prepare_run_folder(out: Path, settings: object, overwrite: bool, shard: Shard = ALONE) -> bool:
     """Make ``out`` ready: new, or an earlier run of the same settings (returns True: resume), or, with
-    ``overwrite``, emptied. Anything else is refused before any work."""
+    ``overwrite``, emptied. Anything else is refused before any work.
+
+    Under torchrun rank 0 does it while the others wait; every rank gets its answer, or its error. The
+    ranks' settings must agree."""
+    shard.check_same(settings, "settings", "start every process with the same command")
+    return shard.on_main(lambda: _prepare_run_folder(out, settings, overwrite))
+
+
+def _prepare_run_folder(out: Path, settings: object, overwrite: bool) -> bool:
     run_file = out / RUN_FILE
     if out.exists() and not out.is_dir():
         raise SdStudioError(f"{out}: exists and is not a folder; pass another --out")
@@ -196,17 +241,25 @@ def train_embedding(
     *,
     overwrite: bool = False,
     progress: Progress | None = None,
+    preview: PreviewSettings | None = None,
 ) -> list[Path]:
-    """Textual inversion on ``data``; writes ``NAME.pt`` (A1111) and ``NAME.safetensors`` into ``out``."""
+    """Textual inversion on ``data``; writes ``NAME.pt`` (A1111) and ``NAME.safetensors`` into ``out``, and at
+    each save ``saves/NAME-STEP.pt`` (and with ``preview`` its preview image, ``training.preview``).
+
+    Under torchrun (``torchrun --nproc_per_node 2 $(which sdstudio) train embedding ...``) it trains
+    data-parallel (``sdstudio.training.distributed``): ``run.batch_size`` per process, rank 0 writes the
+    files, every rank returns their paths."""
     out = Path(out)
+    shard = shard_from_env(model.device)
     options = {"missing_caption": "filename", **(dataset_options or {})}  # A1111 captions by file name
     config = dataset_config_for(model, **options, name=embedding_config.name)
-    settings = _jsonable({"method": "embedding", "model": str(model.path), "data": str(data), "run": asdict(run),
-                          "embedding": asdict(embedding_config), "dataset": asdict(config)})  # fmt: skip
-    resume = prepare_run_folder(out, settings, overwrite)
+    settings = _jsonable({"method": "embedding", "model": str(model.path), "data": str(data),
+                          "run": run_settings(run, shard), "embedding": asdict(embedding_config),
+                          "dataset": asdict(config)})  # fmt: skip
+    resume = prepare_run_folder(out, settings, overwrite, shard)
     log.info("%s %s", "resuming" if resume else "starting", out)
     tokenizer = ClipTokenizer()
-    source = TrainingData.open(data, config, model, out / "latents", run.batch_size, run.seed)
+    source = TrainingData.open(data, config, model, out / "latents", run.batch_size, run.seed, shard=shard)
     sd = model.model
     sd.requires_grad_(False)
     embedding = TrainableEmbedding.create(embedding_config, sd.text_encoder.token_embedding, tokenizer)
@@ -216,7 +269,18 @@ def train_embedding(
     def loss_fn(step: int, generator: torch.Generator) -> Tensor:
         latents, captions = source.batch(step, generator)
         return embedding_loss(embedding, denoiser, sd.text_encoder, tokenizer, model.config.text, clip_skip,
-                              latents, captions, generator, snr_gamma=run.snr_gamma)  # fmt: skip
+                              latents, captions, generator, snr_gamma=run.snr_gamma,
+                              rows=source.rows(step))  # fmt: skip
+
+    name = embedding_config.name
+    common = {"name": name, "checkpoint_hash": model.short_hash, "checkpoint_name": model.name}
+
+    def on_save(step: int) -> None:
+        saved = out / SAVES_FOLDER / f"{saved_name(name, step)}.pt"
+        saved.parent.mkdir(exist_ok=True)
+        save_embedding(embedding, saved, overwrite=True, step=step, **common)  # type: ignore[arg-type]
+        if preview is not None:
+            render_preview(model, preview, out, step, name, "embedding", saved)
 
     train(
         embedding,
@@ -225,16 +289,16 @@ def train_embedding(
         out / "state",
         parameters=[embedding.vectors],
         progress=progress,
+        shard=shard,
+        on_save=on_save,
     )
-    name = embedding_config.name
-    common = {
-        "name": name,
-        "step": run.steps,
-        "checkpoint_hash": model.short_hash,
-        "checkpoint_name": model.name,
-    }
-    return [save_embedding(embedding, out / f"{name}{suffix}", overwrite=True, **common)  # type: ignore[arg-type]
-            for suffix in (".pt", ".safetensors")]  # fmt: skip
+    common["step"] = run.steps  # type: ignore[assignment]
+    paths = [out / f"{name}{suffix}" for suffix in (".pt", ".safetensors")]
+    if shard.main:
+        for path in paths:
+            save_embedding(embedding, path, overwrite=True, **common)  # type: ignore[arg-type]
+    shard.barrier()  # the files exist when any rank returns
+    return paths
 
 
 def _jsonable(value: object) -> object:

@@ -60,14 +60,17 @@ from sdstudio.models.configs import ModelConfig, TextEncoderConfig
 from sdstudio.models.loading import LoadedModel
 from sdstudio.models.tokenizer import ClipTokenizer
 from sdstudio.prompt.conditioning import encode_captions
+from sdstudio.training.distributed import Rows, shard_from_env
 from sdstudio.training.finetune import (
     Progress,
     RunConfig,
     TrainingData,
     dataset_config_for,
     prepare_run_folder,
+    run_settings,
     training_denoiser,
 )
+from sdstudio.training.preview import SAVES_FOLDER, PreviewSettings, render_preview, saved_name
 from sdstudio.training.trainer import train
 
 log = logging.getLogger(__name__)
@@ -379,20 +382,23 @@ def hypernetwork_loss(
     generator: torch.Generator,
     *,
     snr_gamma: float = 0.0,
+    rows: Rows | None = None,
 ) -> Tensor:
     """One hypernetwork loss: captions through the frozen text encoder (no gradient), the frozen UNet with
     the hypernetwork (multiplier 1) denoising ``latents`` at random training timesteps. ``latents``: scaled,
-    as the UNet sees them. Scalar."""
+    as the UNet sees them. ``rows``: this rank's rows of the global batch (data-parallel training;
+    ``Denoiser.training_loss``); dropout masks are then drawn per rank (from a seed offset by the rank's first
+    row, so ranks differ), alike in distribution to one process's, not equal. Scalar."""
     if len(captions) != latents.shape[0]:
         raise ValueError(f"{len(captions)} captions for {latents.shape[0]} latents")
     with torch.no_grad():
         context = encode_captions(text_encoder, tokenizer, text_config, captions, clip_skip)
     with_network = dataclasses.replace(denoiser, hypernetworks=network.stack())  # type: ignore[arg-type]
     if not (network.training and network.random):
-        return with_network.training_loss(latents, context, generator, snr_gamma=snr_gamma).mean()
+        return with_network.training_loss(latents, context, generator, snr_gamma=snr_gamma, rows=rows).mean()
     seed = int(torch.randint(0, 2**62, (), generator=generator))  # dropout's masks, drawn before the noise
-    with _seeded_randomness(seed, latents.device):
-        return with_network.training_loss(latents, context, generator, snr_gamma=snr_gamma).mean()
+    with _seeded_randomness(seed + (rows.index[0] if rows is not None else 0), latents.device):
+        return with_network.training_loss(latents, context, generator, snr_gamma=snr_gamma, rows=rows).mean()
 
 
 def train_hypernetwork(
@@ -405,29 +411,36 @@ def train_hypernetwork(
     *,
     overwrite: bool = False,
     progress: Progress | None = None,
+    preview: PreviewSettings | None = None,
 ) -> list[Path]:
-    """A new hypernetwork trained on ``data``; writes ``NAME.pt`` (A1111's format) into ``out``.
+    """A new hypernetwork trained on ``data``; writes ``NAME.pt`` (A1111's format) into ``out``, and at each
+    save ``saves/NAME-STEP.pt`` (and with ``preview`` its preview image, ``training.preview``).
 
     Captions as A1111's: an image without a caption file is captioned by its file name; a template
-    (``dataset_options["template"]``, e.g. ``style_filewords``) has ``[name]`` replaced by the name."""
+    (``dataset_options["template"]``, e.g. ``style_filewords``) has ``[name]`` replaced by the name.
+
+    Under torchrun it trains data-parallel (``sdstudio.training.distributed``): ``run.batch_size`` per
+    process, rank 0 writes the files, every rank returns their paths."""
     out = Path(out)
+    shard = shard_from_env(model.device)
     config = hypernetwork_config
     options = {"missing_caption": "filename", **(dataset_options or {})}  # A1111 captions by file name
     dataset = dataset_config_for(model, **options, name=config.name)
     widths = config.widths or hypernetwork_widths(model.config)
     unused = sorted(set(widths) - set(hypernetwork_widths(model.config)))
-    if unused:
+    if unused and shard.main:
         log.warning("no attention layer of %s reads a context of width %s: those modules will not train",
                     model.name, ", ".join(map(str, unused)))  # fmt: skip
     settings = json.loads(json.dumps(
-        {"method": "hypernetwork", "model": str(model.path), "data": str(data), "run": asdict(run),
+        {"method": "hypernetwork", "model": str(model.path), "data": str(data),
+         "run": run_settings(run, shard),
          "hypernetwork": asdict(config), "widths": list(widths), "dataset": asdict(dataset)},
         default=str,
     ))  # fmt: skip
-    resume = prepare_run_folder(out, settings, overwrite)
+    resume = prepare_run_folder(out, settings, overwrite, shard)
     log.info("%s %s", "resuming" if resume else "starting", out)
     tokenizer = ClipTokenizer()
-    source = TrainingData.open(data, dataset, model, out / "latents", run.batch_size, run.seed)
+    source = TrainingData.open(data, dataset, model, out / "latents", run.batch_size, run.seed, shard=shard)
     sd = model.model
     sd.requires_grad_(False)
     network = TrainableHypernetwork.create(config, widths, seed=run.seed).to(model.device)
@@ -437,11 +450,21 @@ def train_hypernetwork(
     def loss_fn(step: int, generator: torch.Generator) -> Tensor:
         latents, captions = source.batch(step, generator)
         return hypernetwork_loss(network, denoiser, sd.text_encoder, tokenizer, model.config.text, clip_skip,
-                                 latents, captions, generator, snr_gamma=run.snr_gamma)  # fmt: skip
+                                 latents, captions, generator, snr_gamma=run.snr_gamma,
+                                 rows=source.rows(step))  # fmt: skip
+
+    def on_save(step: int) -> None:  # A1111's "Save a copy of the hypernetwork every N steps", and a preview
+        saved = out / SAVES_FOLDER / f"{saved_name(config.name, step)}.pt"
+        saved.parent.mkdir(exist_ok=True)
+        network.save_a1111(saved, step, model.short_hash, model.name, overwrite=True)
+        if preview is not None:
+            render_preview(model, preview, out, step, config.name, "hypernetwork", saved)
 
     # A1111 trains with torch.optim.AdamW's defaults: weight decay 0.01
-    train(network, loss_fn, run.train_config(weight_decay=0.01), out / "state", progress=progress)
-    path = network.save_a1111(
-        out / f"{config.name}.pt", run.steps, model.short_hash, model.name, overwrite=True
-    )
+    train(network, loss_fn, run.train_config(weight_decay=0.01), out / "state", progress=progress, shard=shard,
+          on_save=on_save)  # fmt: skip
+    path = out / f"{config.name}.pt"
+    if shard.main:
+        network.save_a1111(path, run.steps, model.short_hash, model.name, overwrite=True)
+    shard.barrier()  # the file exists when any rank returns
     return [path]

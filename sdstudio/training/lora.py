@@ -55,14 +55,16 @@ needs. Nothing of the model is written: after ``attached`` the model is bit for 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -78,16 +80,29 @@ from sdstudio.diffusion.denoiser import Denoiser
 from sdstudio.diffusion.schedule import DiscreteSchedule
 from sdstudio.errors import SdStudioError
 from sdstudio.io.files import atomic_write, check_writable
+from sdstudio.models.loading import DTYPES, LoadedModel
 from sdstudio.models.stablediffusion import TEXT_PREFIX, UNET_PREFIX, StableDiffusion
 from sdstudio.models.tokenizer import ClipTokenizer
 from sdstudio.models.unet import GEGLU
 from sdstudio.prompt.conditioning import encode_padded, tokenize_attention
+from sdstudio.training.distributed import Rows, shard_from_env
+from sdstudio.training.dreambooth import bf16_native
+from sdstudio.training.finetune import (
+    RunConfig,
+    TrainingData,
+    dataset_config_for,
+    prepare_run_folder,
+    run_settings,
+)
+from sdstudio.training.preview import SAVES_FOLDER, PreviewSettings, render_preview, saved_name
+from sdstudio.training.trainer import OptimizerName, Schedule, TrainConfig, train
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "AttachedLoRA",
     "LoraModule",
+    "LoraRunOptions",
     "LoraTrainConfig",
     "TrainableLoRA",
     "attached",
@@ -96,6 +111,7 @@ __all__ = [
     "lora_loss",
     "param_groups",
     "save_kohya",
+    "train_lora",
 ]
 
 _PART_PREFIX: dict[Part, str] = {"unet": UNET_PREFIX, "te": TEXT_PREFIX}
@@ -347,6 +363,27 @@ class AttachedLoRA:
     unet: nn.Module
     text_encoder: nn.Module
     denoiser: Denoiser
+    hooks: list[Any] = dataclasses.field(default_factory=list, repr=False)  # the branches' hook handles
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[StableDiffusion]:
+        """The model without the branches for the body of the ``with`` (a preview generates with the saved
+        file merged into the weights instead: the branches would add the LoRA a second time)."""
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks.clear()
+        try:
+            yield self.model
+        finally:
+            self.hooks.extend(_register_hooks(self.model, self.lora))
+
+
+def _register_hooks(model: StableDiffusion, lora: TrainableLoRA) -> list[Any]:
+    return [
+        model.get_submodule(target.path).register_forward_hook(lora.factors(name).hook)
+        for name, target in lora.targets.items()
+        if target.path
+    ]
 
 
 def _check_fits(model: StableDiffusion, lora: TrainableLoRA) -> None:
@@ -380,15 +417,11 @@ def attached(model: StableDiffusion, lora: TrainableLoRA) -> Iterator[AttachedLo
             "this LoRA is already attached to a model; leave that `with attached(...)` block first"
         )
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    handles = []
+    handles: list[Any] = []
     lora.attached_to = id(model)
     try:
         model.requires_grad_(False)
-        for name, target in lora.targets.items():
-            if target.path:
-                handles.append(
-                    model.get_submodule(target.path).register_forward_hook(lora.factors(name).hook)
-                )
+        handles.extend(_register_hooks(model, lora))
         unet = _part_call(model, lora, "unet")
         device = next(model.parameters()).device
         schedule = DiscreteSchedule.from_config(model.config.schedule).to(device)
@@ -398,6 +431,7 @@ def attached(model: StableDiffusion, lora: TrainableLoRA) -> Iterator[AttachedLo
             unet=unet,
             text_encoder=_part_call(model, lora, "te"),
             denoiser=Denoiser(unet, schedule, model.config.prediction),
+            hooks=handles,
         )
     finally:
         for handle in handles:
@@ -443,6 +477,7 @@ def lora_loss(
     *,
     snr_gamma: float = 0.0,
     noise_offset: float = 0.0,
+    rows: Rows | None = None,
 ) -> Tensor:
     """One training loss (scalar): ``latents`` (scaled, as the UNet sees them) noised at timesteps drawn
     uniformly from the model's training timesteps (as kohya and diffusers draw them, here as their sigmas),
@@ -452,11 +487,12 @@ def lora_loss(
     ``noise_offset`` (kohya / diffusers ``--noise_offset``, after Guttenberg's "Diffusion with Offset
     Noise"): adds ``noise_offset * N(0, 1)`` per sample and channel to the noise, so that the model learns to
     change an image's mean brightness. Noise and timesteps come from ``generator`` (on the CPU, so a seed
-    gives the same run on any device)."""
+    gives the same run on any device). ``rows``: this process's rows of a data-parallel global batch
+    (``TrainingData.rows``; None alone)."""
     if context.shape[0] != latents.shape[0]:
         raise ValueError(f"{context.shape[0]} contexts for {latents.shape[0]} latents")
     return run.denoiser.training_loss(
-        latents, context, generator, snr_gamma=snr_gamma, noise_offset=noise_offset
+        latents, context, generator, snr_gamma=snr_gamma, noise_offset=noise_offset, rows=rows
     ).mean()
 
 
@@ -518,3 +554,147 @@ def save_kohya(
     atomic_write(path, write)
     log.info("wrote %d LoRA modules to %s", len(lora.targets), path)
     return path
+
+
+@dataclass(frozen=True)
+class LoraRunOptions:
+    """What a LoRA run adds to the shared ``RunConfig``: the output name (``NAME.safetensors``, kohya's
+    ``--output_name``, also its ``ss_output_name``), kohya's ``--noise_offset``, ``--lr_scheduler`` (None: the
+    run's, constant or ``--cosine``), ``--gradient_accumulation_steps``, ``--optimizer_type`` and
+    ``--save_precision``."""
+
+    name: str = "lora"
+    noise_offset: float = 0.0
+    lr_schedule: Schedule | None = None
+    gradient_accumulation: int = 1
+    optimizer: OptimizerName = "adamw"
+    save_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    weight_decay: float = 1e-2  # torch's AdamW default, kohya's
+
+    def __post_init__(self) -> None:
+        if not self.name.strip() or any(c in self.name for c in '/\\:<>"|?*'):
+            raise SdStudioError(f'output name {self.name!r}: use a file name without a folder or /\\:<>"|?*')
+        if not (math.isfinite(self.noise_offset) and self.noise_offset >= 0):
+            raise SdStudioError(f"noise offset {self.noise_offset}: must not be negative (0.05 is usual)")
+        if self.save_dtype not in DTYPES:
+            raise SdStudioError(f"save dtype {self.save_dtype!r}: choose {', '.join(DTYPES)}")
+        self.train_config(RunConfig(steps=1), LoraTrainConfig())  # the loop's own checks, before any work
+
+    def train_config(self, run: RunConfig, lora: LoraTrainConfig, bf16: bool | None = None) -> TrainConfig:
+        return dataclasses.replace(
+            run.train_config(self.weight_decay),
+            lr=lora.unet_lr,
+            bf16=run.bf16 if bf16 is None else bf16,
+            schedule=self.lr_schedule,
+            grad_accumulation=self.gradient_accumulation,
+            optimizer=self.optimizer,
+            betas=(0.9, 0.999),  # torch's AdamW defaults, as kohya and diffusers train
+        )
+
+
+def train_lora(
+    model: LoadedModel,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    config: LoraTrainConfig,
+    run: RunConfig,
+    options: LoraRunOptions = LoraRunOptions(),
+    dataset_options: dict | None = None,
+    *,
+    overwrite: bool = False,
+    progress: Callable[[int, float], None] | None = None,
+    preview: PreviewSettings | None = None,
+) -> list[Path]:
+    """A LoRA (LoCon with ``config.conv_rank``) trained on the captioned images in ``data``, in the shared loop
+    (``trainer.train``: resumable, logged), with the model's own UNet, text encoder and denoiser loss; writes
+    ``NAME.safetensors`` (kohya's format and ``ss_*`` metadata, ``save_kohya``) into ``out``.
+
+    The model is not changed: the factors enter its forward pass through ``attached``. bf16 autocast only where
+    the device runs bf16 natively (elsewhere it is emulated and slower than fp32). At each save it writes
+    ``saves/NAME-STEP.safetensors`` (kohya's ``--save_every_n_steps``) and, with ``preview``, an image made
+    with that file (``training.preview``). Under torchrun data-parallel: ``run.batch_size`` per process,
+    rank 0 writes the files, every rank returns their paths."""
+    out = Path(out)
+    shard = shard_from_env(model.device)
+    data_config = dataset_config_for(model, **(dataset_options or {}))
+    settings = json.loads(json.dumps(
+        {"method": "lora", "model": str(model.path), "data": str(data), "run": run_settings(run, shard),
+         "lora": asdict(config), "options": asdict(options), "dataset": asdict(data_config)},
+        default=str,
+    ))  # fmt: skip
+    resume = prepare_run_folder(out, settings, overwrite, shard)
+    log.info("%s %s", "resuming" if resume else "starting", out)
+    source = TrainingData.open(
+        data, data_config, model, out / "latents", run.batch_size, run.seed, shard=shard
+    )
+    sd = model.model
+    lora = TrainableLoRA(sd, config, seed=run.seed)
+    tokenizer = ClipTokenizer()
+    bf16 = run.bf16 and bf16_native(model.device)
+    if run.bf16 and not bf16:
+        log.info("%s has no native bf16: training in fp32", model.device)
+    train_config = options.train_config(run, config, bf16)
+    width, height = (
+        (data_config.resolution,) * 2 if isinstance(data_config.resolution, int) else data_config.resolution
+    )
+    run_metadata: dict[str, object] = {  # kohya's train_network.py entries a run determines
+        "ss_sd_model_name": model.name,
+        "ss_sd_model_hash": model.short_hash,
+        "ss_resolution": f"({width}, {height})",
+        "ss_num_train_images": sum(item.repeats for item in source.dataset.items),
+        "ss_batch_size_per_device": run.batch_size,
+        "ss_max_train_steps": run.steps,
+        "ss_learning_rate": config.unet_lr,
+        "ss_lr_scheduler": train_config.lr_schedule,
+        "ss_lr_warmup_steps": run.warmup,
+        "ss_gradient_accumulation_steps": options.gradient_accumulation,
+        "ss_optimizer": "bitsandbytes.optim.AdamW8bit"
+        if options.optimizer == "adamw8bit"
+        else "torch.optim.AdamW",
+        "ss_noise_offset": options.noise_offset,
+        "ss_min_snr_gamma": run.snr_gamma or None,
+        "ss_seed": run.seed,
+        "ss_mixed_precision": "bf16" if bf16 else "no",
+        "ss_save_precision": options.save_dtype,
+        "ss_tag_frequency": json.dumps(_tag_frequency(source)),
+    }
+    with attached(sd, lora) as branches:
+
+        def loss_fn(index: int, generator: torch.Generator) -> Tensor:
+            latents, captions = source.batch(index, generator)
+            context = encode_training_captions(branches, tokenizer, captions)
+            return lora_loss(branches, latents, context, generator, snr_gamma=run.snr_gamma,
+                             noise_offset=options.noise_offset, rows=source.rows(index))  # fmt: skip
+
+        def on_save(step: int) -> None:
+            saved = out / SAVES_FOLDER / f"{saved_name(options.name, step)}.safetensors"
+            saved.parent.mkdir(exist_ok=True)
+            save_kohya(lora, saved, metadata(step), dtype=DTYPES[options.save_dtype], overwrite=True)
+            if preview is not None:
+                with branches.suspended():  # the preview merges the saved file into the weights instead
+                    render_preview(model, preview, out, step, options.name, "lora", saved)
+
+        def metadata(step: int) -> dict[str, object]:
+            return run_metadata | {"ss_steps": step, "ss_epoch": -(-step * options.gradient_accumulation
+                                                                    // source.batches_per_epoch)}  # fmt: skip
+
+        train(lora, loss_fn, train_config, out / "state", parameters=param_groups(lora), progress=progress,
+              shard=shard, on_save=on_save)  # fmt: skip
+    path = out / f"{options.name}.safetensors"
+    if shard.main:
+        save_kohya(lora, path, metadata(run.steps), dtype=DTYPES[options.save_dtype], overwrite=True)
+    shard.barrier()  # the file exists when any rank returns
+    return [path]
+
+
+def _tag_frequency(source: TrainingData) -> dict[str, dict[str, int]]:
+    """kohya's ``ss_tag_frequency``: per dataset folder, how often each comma-separated tag appears in the
+    captions (A1111's LoRA card shows it)."""
+    frequency: dict[str, dict[str, int]] = {}
+    for item in source.dataset.items:
+        folder = frequency.setdefault(str(Path(item.name).parent), {})
+        for caption in item.captions[:1]:
+            for tag in (t.strip() for t in caption.split(",")):
+                if tag:
+                    folder[tag] = folder.get(tag, 0) + 1
+    return frequency

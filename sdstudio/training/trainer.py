@@ -8,10 +8,17 @@ data; the loop knows nothing about VAEs, text encoders or UNets. With gradient a
 micro-batches, optimizer step ``s`` calls ``loss_fn`` with ``index = s * k + i`` for ``i < k`` (each
 micro-batch its own data), and the gradient is the mean of the ``k`` losses' (as diffusers' and kohya's
 ``accelerator.accumulate``); with ``k = 1`` the index is the step.
+
+Data-parallel (under torchrun, ``sdstudio.training.distributed``): every rank runs this loop with the same
+generator; after the micro-batches' backward passes the trainable parameters' gradients are averaged over
+the ranks (before clipping), so every rank takes the same step; the logged loss is the ranks' mean; rank 0
+alone writes ``train_state.pt``, ``log.jsonl`` and ``loss.png`` (the others wait), and every rank resumes
+from the same ``train_state.pt``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -28,6 +35,7 @@ from torch import Tensor, nn
 
 from sdstudio.errors import SdStudioError
 from sdstudio.io.files import atomic_write
+from sdstudio.training.distributed import ALONE, Shard, all_reduce_gradients, broadcast_parameters
 
 log = logging.getLogger(__name__)
 
@@ -234,18 +242,25 @@ def train(
     progress: Callable[[int, float], None] | None = None,
     ema_module: nn.Module | None = None,
     make_optimizer: OptimizerFactory | None = None,
+    shard: Shard = ALONE,
+    on_save: Callable[[int], None] | None = None,
 ) -> tuple[TrainResult, EMA | None]:
     """Train ``module`` (its trainable ``parameters``) for ``config.steps`` optimizer steps of ``loss_fn``.
 
     ``parameters``: parameters, or groups ``{"params": [...], "lr": rate}`` each scheduled from its own rate
     (a text encoder's lower rate, say); None: ``module.parameters()``. ``ema_module``: the part of ``module``
     the EMA follows (None: all of it). ``make_optimizer``: builds the optimizer from the groups (None:
-    ``build_optimizer``, by ``config.optimizer``).
+    ``build_optimizer``, by ``config.optimizer``). ``on_save(step)``: called on rank 0 after each save of
+    the state (every ``checkpoint_every`` steps and at the end), for a method's intermediate file and preview.
 
     ``out_dir`` holds ``train_state.pt`` (weights, optimiser, EMA, step, RNG) written atomically every
     ``checkpoint_every`` steps and at the end; an existing one is resumed from, so a killed run loses at
     most ``checkpoint_every`` steps. ``log.jsonl`` gets a line every ``log_every`` steps and ``loss.png``
     plots it at every save.
+
+    ``shard``: this process's place in a data-parallel run (see the module docstring); ``loss_fn`` then
+    returns this rank's share of the loss (``Denoiser.training_loss(rows=...)``), whose mean over the ranks
+    is the global batch's loss. Rank 0 writes the files; the others must see ``out_dir`` to resume.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -258,7 +273,8 @@ def train(
     device_type = params[0].device.type if params else "cpu"
     start = 0
     state_path = out / STATE_FILE
-    if state_path.exists():
+    found = state_path.exists()
+    if found:
         # mapped, not read: an sd15 fine-tune's state (weights, moments, EMA) is several times the model
         state = torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)
         if not _same_settings(state.get("config"), config):
@@ -272,6 +288,11 @@ def train(
         generator.set_state(state["rng"])
         start = state["step"]
         log.info("resuming %s from step %d", out, start)
+    shard.check_same(
+        (found, start), f"training state in {out} (present, step)",
+        "put the run folder on a filesystem every node sees to resume (or start it again with --overwrite)",
+    )  # fmt: skip
+    broadcast_parameters(params, shard)  # as DDP does: every rank starts from rank 0's weights
 
     def save(step: int) -> None:
         state = {
@@ -282,15 +303,20 @@ def train(
             "rng": generator.get_state(),
             "step": step,
         }
-        atomic_write(state_path, lambda tmp: torch.save(state, tmp))
-        plot_loss(out / LOG_FILE, out / PLOT_FILE)
+        if shard.main:
+            atomic_write(state_path, lambda tmp: torch.save(state, tmp))
+            plot_loss(out / LOG_FILE, out / PLOT_FILE)
+            if on_save is not None:  # a method's intermediate file and preview (after the state: a kill
+                on_save(step)  # during it loses nothing)
+        shard.barrier()  # no rank runs ahead of a checkpoint it might resume from
 
     module.train()
     t0 = time.perf_counter()
     loss_value = float("nan")
     running = 0.0
     k = config.grad_accumulation
-    with open(out / LOG_FILE, "a") as log_file:
+    reduce_on = params[0].device if params else torch.device("cpu")
+    with open(out / LOG_FILE, "a") if shard.main else contextlib.nullcontext() as log_file:
         for step in range(start, config.steps):
             lr = learning_rate(config, step)
             for group, base in zip(optimizer.param_groups, base_lrs):
@@ -301,11 +327,22 @@ def train(
                 with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.bf16):
                     loss = loss_fn(step * k + micro, generator)
                 if not torch.isfinite(loss):
-                    raise SdStudioError(
-                        f"training diverged at step {step} (loss {loss.item()}); lower the learning rate"
-                    )
+                    if not shard.distributed:
+                        raise SdStudioError(
+                            f"training diverged at step {step} (loss {loss.item()}); lower the learning rate"
+                        )
+                    total = math.nan  # every rank learns it from the mean below and stops there
+                    continue
                 (loss / k if k > 1 else loss).backward()
                 total += loss.item()
+            if shard.distributed:
+                total = shard.mean(total, reduce_on)
+                if not math.isfinite(total):
+                    raise SdStudioError(
+                        f"training diverged at step {step} (mean loss {total / k} over {shard.world} ranks); "
+                        "lower the learning rate"
+                    )
+                all_reduce_gradients(params, shard)
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
@@ -315,7 +352,7 @@ def train(
             running = loss_value if step == start else 0.98 * running + 0.02 * loss_value
             if progress is not None:
                 progress(step + 1, running)
-            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            if log_file is not None and ((step + 1) % config.log_every == 0 or step + 1 == config.steps):
                 record = {"step": step + 1, "loss": loss_value, "smoothed": running, "lr": lr,
                           "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
                 log_file.write(json.dumps(record) + "\n")

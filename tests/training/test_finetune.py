@@ -98,10 +98,14 @@ def test_train_embedding_command(data, tmp_path, capsys):
     ckpt = save_model(model, tmp_path / "tiny.safetensors", dtype=torch.float32)
     out = tmp_path / "run"
     argv = ["train", "embedding", "--model", str(ckpt), "--data", str(data), "--out", str(out), "--name", "zqxring",
-            "--steps", "4", "--lr", "0.02", "--batch", "2", "-q"]  # fmt: skip
+            "--steps", "4", "--lr", "0.02", "--batch", "2", "--save-every", "2", "--preview-prompt", "a zqxring",
+            "--preview-steps", "2", "-q"]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out.split()
     assert printed == [str(out / "zqxring.pt"), str(out / "zqxring.safetensors")]
+    # the copies at each save (A1111's NAME-STEP.pt) and previews that use the word as it is learnt so far
+    assert sorted(p.name for p in (out / "saves").iterdir()) == ["zqxring-000002.pt", "zqxring-000004.pt"]
+    assert "TI hashes: \"zqxring: " in Image.open(out / "previews" / "zqxring-000002.png").info["parameters"]
     (tmp_path / "emb").mkdir()
     (out / "zqxring.pt").rename(tmp_path / "emb" / "zqxring.pt")
     image = tmp_path / "with.png"
