@@ -1,0 +1,248 @@
+"""AUTOMATIC1111 (v1.10) API payloads <-> :class:`GenerationRequest` / results: translation only."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image, ImageOps
+
+from sdstudio.io.infotext import parse_infotext
+from sdstudio.types import MASKED_CONTENTS, RESIZE_MODES, GenerationRequest, Hires, InitImage, Inpaint
+
+TXT2IMG_DEFAULTS: dict[str, Any] = {
+    "prompt": "",
+    "negative_prompt": "",
+    "seed": -1,
+    "subseed": -1,
+    "subseed_strength": 0.0,
+    "sampler_name": None,
+    "sampler_index": "Euler",
+    "scheduler": None,
+    "steps": 50,
+    "cfg_scale": 7.0,
+    "width": 512,
+    "height": 512,
+    "batch_size": 1,
+    "n_iter": 1,
+    "eta": None,
+    "enable_hr": False,
+    "hr_scale": 2.0,
+    "hr_upscaler": "Latent",
+    "hr_second_pass_steps": 0,
+    "hr_resize_x": 0,
+    "hr_resize_y": 0,
+    "denoising_strength": None,
+    "override_settings": {},
+    "send_images": True,
+    "save_images": False,
+}
+IMG2IMG_DEFAULTS: dict[str, Any] = {
+    **{k: v for k, v in TXT2IMG_DEFAULTS.items() if not k.startswith(("enable_hr", "hr_"))},
+    "init_images": [],
+    "denoising_strength": 0.75,
+    "resize_mode": 0,
+    "mask": None,
+    "mask_blur": 4,
+    "inpainting_fill": 0,
+    "inpaint_full_res": True,  # A1111's API defaults (its UI's differ)
+    "inpaint_full_res_padding": 0,
+    "inpainting_mask_invert": 0,
+}
+KINDS = ("txt2img", "img2img")
+
+
+class FieldError(ValueError):
+    """A payload field the server refuses: answered 422 with the field's name."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    max_size: int = 2048  # --max-size: the largest width or height of a request, pixels
+    default_size: int | None = 512  # None: the model's own size when the payload names none
+
+
+def with_defaults(kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """The payload with A1111's defaults filled in; unknown fields are dropped (A1111 ignores them too)."""
+    if kind not in KINDS:
+        raise FieldError("kind", f"must be one of {', '.join(KINDS)} (got {kind!r})")
+    defaults = TXT2IMG_DEFAULTS if kind == "txt2img" else IMG2IMG_DEFAULTS
+    return {k: payload.get(k, v) if payload.get(k) is not None else v for k, v in defaults.items()}
+
+
+def decode_image(data: Any, field: str) -> Image.Image:
+    """A base64 image (optionally a ``data:`` URL), fully read; decompression bombs refused."""
+    if not isinstance(data, str) or not data:
+        raise FieldError(field, "expected a base64-encoded image string")
+    if data.startswith("data:") and "," in data:
+        data = data.split(",", 1)[1]
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise FieldError(field, f"invalid base64 ({e})") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as im:
+                im.load()
+                return im.copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise FieldError(field, f"image too large ({e})") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise FieldError(field, f"not a readable image ({e})") from None
+
+
+def encode_png(path_or_image: Any) -> str:
+    if isinstance(path_or_image, Image.Image):
+        buf = io.BytesIO()
+        path_or_image.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+    with open(path_or_image, "rb") as f:
+        return base64.b64encode(f.read()).decode()
+
+
+def _number(params: dict[str, Any], name: str, kind: type, low: float | None = None) -> Any:
+    value = params[name]
+    try:
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        value = kind(value)
+    except (TypeError, ValueError):
+        raise FieldError(name, f"expected {kind.__name__} (got {params[name]!r})") from None
+    if low is not None and value < low:
+        raise FieldError(name, f"must be at least {low} (got {value})")
+    return value
+
+
+def _size(params: dict[str, Any], name: str, limits: ServerLimits, given: bool) -> int | None:
+    if not given and limits.default_size is None:
+        return None
+    value = _number(params, name, int, 8) if given else limits.default_size
+    if value > limits.max_size:
+        raise FieldError(name, f"{value} exceeds the server's --max-size {limits.max_size}")
+    return value
+
+
+def to_request(
+    kind: str, payload: dict[str, Any], limits: ServerLimits, seed: int | None = None
+) -> GenerationRequest:
+    """One ``n_iter`` iteration's request; ``seed`` overrides the payload's (for iterations after the first)."""
+    p = with_defaults(kind, payload)
+    overrides = p["override_settings"] if isinstance(p["override_settings"], dict) else {}
+    clip_skip = overrides.get("CLIP_stop_at_last_layers")
+    ensd = overrides.get("eta_noise_seed_delta", 0)
+    sampler = p["sampler_name"] or p["sampler_index"]
+    if p["scheduler"] not in (None, "", "Automatic", "automatic"):
+        scheduler = str(p["scheduler"])
+    else:
+        scheduler = "Automatic"
+    kwargs: dict[str, Any] = {
+        "prompt": str(p["prompt"]),
+        "negative_prompt": str(p["negative_prompt"]),
+        "sampler": str(sampler),
+        "scheduler": scheduler,
+        "steps": _number(p, "steps", int, 1),
+        "cfg_scale": _number(p, "cfg_scale", float),
+        "seed": _number(p, "seed", int) if seed is None else seed,
+        "width": _size(p, "width", limits, "width" in payload and payload["width"] is not None),
+        "height": _size(p, "height", limits, "height" in payload and payload["height"] is not None),
+        "batch_size": _number(p, "batch_size", int, 1),
+        "subseed": _number(p, "subseed", int),
+        "subseed_strength": _number(p, "subseed_strength", float, 0),
+        "eta": None if p["eta"] is None else _number(p, "eta", float),
+        "clip_skip": None if clip_skip is None else int(clip_skip),
+        "ensd": int(ensd),
+    }
+    if kind == "txt2img" and p["enable_hr"]:
+        if p["hr_resize_x"] or p["hr_resize_y"]:
+            raise FieldError("hr_resize_x", "not supported; use hr_scale")
+        kwargs["hires"] = Hires(
+            scale=_number(p, "hr_scale", float),
+            steps=_number(p, "hr_second_pass_steps", int, 0),
+            strength=0.7 if p["denoising_strength"] is None else _number(p, "denoising_strength", float),
+            upscaler=str(p["hr_upscaler"]),
+        )
+    if kind == "img2img":
+        kwargs.update(_img2img(p))
+    return GenerationRequest(**kwargs)
+
+
+def _img2img(p: dict[str, Any]) -> dict[str, Any]:
+    images = p["init_images"]
+    if not isinstance(images, list) or not images:
+        raise FieldError("init_images", "img2img needs one base64 image in init_images")
+    init = decode_image(images[0], "init_images[0]").convert("RGB")
+    mode = _number(p, "resize_mode", int, 0)
+    if mode >= len(RESIZE_MODES):
+        raise FieldError("resize_mode", f"supported: 0..{len(RESIZE_MODES) - 1} ({', '.join(RESIZE_MODES)})")
+    strength = _number(p, "denoising_strength", float, 0)
+    out: dict[str, Any] = {"init": InitImage(init, strength=strength, resize_mode=RESIZE_MODES[mode])}
+    if p["mask"]:
+        mask = decode_image(p["mask"], "mask").convert("L")
+        if p["inpainting_mask_invert"]:
+            mask = ImageOps.invert(mask)
+        fill = _number(p, "inpainting_fill", int, 0)
+        if fill >= len(MASKED_CONTENTS):
+            raise FieldError(
+                "inpainting_fill", f"supported: 0..{len(MASKED_CONTENTS) - 1} ({', '.join(MASKED_CONTENTS)})"
+            )
+        out["inpaint"] = Inpaint(
+            mask=mask,
+            blur=_number(p, "mask_blur", int, 0),
+            only_masked=bool(p["inpaint_full_res"]),
+            only_masked_padding=_number(p, "inpaint_full_res_padding", int, 0),
+            masked_content=MASKED_CONTENTS[fill],
+        )
+    return out
+
+
+def response(kind: str, payload: dict[str, Any], images: list[str], seeds: list[int], infotexts: list[str],
+             subseeds: list[int] | None = None) -> dict[str, Any]:  # fmt: skip
+    """A1111's ``{"images", "parameters", "info"}``; ``info`` is a JSON string, as there."""
+    p = with_defaults(kind, payload)
+    if kind == "img2img":
+        p["init_images"] = None
+        p["mask"] = None
+    info = {
+        "prompt": p["prompt"],
+        "negative_prompt": p["negative_prompt"],
+        "seed": seeds[0] if seeds else p["seed"],
+        "all_seeds": seeds,
+        "subseed": (subseeds or [p["subseed"]])[0],
+        "all_subseeds": subseeds or [p["subseed"]] * len(seeds),
+        "all_prompts": [p["prompt"]] * len(seeds),
+        "all_negative_prompts": [p["negative_prompt"]] * len(seeds),
+        "sampler_name": p["sampler_name"] or p["sampler_index"],
+        "steps": p["steps"],
+        "cfg_scale": p["cfg_scale"],
+        "width": p["width"],
+        "height": p["height"],
+        "batch_size": p["batch_size"],
+        "infotexts": infotexts,
+        "index_of_first_image": 0,
+        "job_timestamp": "",
+    }
+    return {"images": images if p["send_images"] else [], "parameters": p, "info": json.dumps(info)}
+
+
+def png_info(image: Image.Image) -> dict[str, Any]:
+    text = image.info.get("parameters")
+    items = {k: v for k, v in image.info.items() if isinstance(v, str)}
+    if not text:
+        return {"info": "", "items": items, "parameters": {}}
+    prompt, negative, params = parse_infotext(text)
+    items.pop("parameters", None)
+    return {
+        "info": text,
+        "items": items,
+        "parameters": {"Prompt": prompt, "Negative prompt": negative, **params},
+    }

@@ -1,0 +1,167 @@
+"""Jobs with ids and explicit states, kept in SQLite apart from the HTTP routes.
+
+States: pending -> running -> done / failed / canceled; a pending job may go straight to canceled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger("sdstudio.server")
+
+JobState = Literal["pending", "running", "done", "failed", "canceled"]
+FINAL_STATES: frozenset[str] = frozenset({"done", "failed", "canceled"})
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    request TEXT NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    error TEXT,
+    result TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0
+)
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    kind: str
+    state: JobState
+    request: dict[str, Any]
+    created: float
+    started: float | None
+    finished: float | None
+    error: str | None
+    result: dict[str, Any] | None
+    attempts: int
+
+
+class JobStore:
+    """One SQLite file; every method is one short transaction, safe to call from any thread."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _row(self, row: tuple) -> Job:
+        id_, kind, state, request, created, started, finished, error, result, attempts = row
+        return Job(
+            id_, kind, state, json.loads(request), created, started, finished, error,
+            json.loads(result) if result else None, attempts,
+        )  # fmt: skip
+
+    _COLS = "id, kind, state, request, created, started, finished, error, result, attempts"
+
+    def submit(self, kind: str, request: dict[str, Any]) -> str:
+        job_id = uuid.uuid4().hex
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO jobs (id, kind, state, request, created) VALUES (?, ?, 'pending', ?, ?)",
+                (job_id, kind, json.dumps(request), time.time()),
+            )
+        return job_id
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {self._COLS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return self._row(row) if row else None
+
+    def position(self, job_id: str) -> int | None:
+        """0-based place among pending jobs (None unless pending)."""
+        with self._lock:
+            row = self._db.execute("SELECT seq, state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row[1] != "pending":
+                return None
+            (ahead,) = self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE state = 'pending' AND seq < ?", (row[0],)
+            ).fetchone()
+        return ahead
+
+    def pending_count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'pending'").fetchone()[0]
+
+    def claim_next(self) -> Job | None:
+        """The oldest pending job, now marked running (atomic, so no job is ever run twice at once)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(
+                    f"SELECT {self._COLS} FROM jobs WHERE state = 'pending' ORDER BY seq LIMIT 1"
+                ).fetchone()
+                if row is not None:
+                    self._db.execute(
+                        "UPDATE jobs SET state = 'running', started = ?, attempts = attempts + 1 WHERE id = ?",
+                        (time.time(), row[0]),
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        if row is None:
+            return None
+        return self.get(row[0])
+
+    def _finish(self, job_id: str, state: JobState, error: str | None, result: dict | None) -> bool:
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE jobs SET state = ?, finished = ?, error = ?, result = ? WHERE id = ? AND state = 'running'",
+                (state, time.time(), error, json.dumps(result) if result is not None else None, job_id),
+            )
+        return cur.rowcount == 1
+
+    def complete(self, job_id: str, result: dict[str, Any]) -> bool:
+        return self._finish(job_id, "done", None, result)
+
+    def fail(self, job_id: str, error: str) -> bool:
+        return self._finish(job_id, "failed", error, None)
+
+    def mark_canceled(self, job_id: str) -> bool:
+        """A running job the worker stopped on request."""
+        return self._finish(job_id, "canceled", "canceled", None)
+
+    def cancel_pending(self, job_id: str) -> bool:
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE jobs SET state = 'canceled', finished = ?, error = 'canceled' WHERE id = ? AND state = 'pending'",
+                (time.time(), job_id),
+            )
+        return cur.rowcount == 1
+
+    def recover(self, max_attempts: int = 2) -> int:
+        """At start-up: jobs a killed server left running run again once; a second death fails them."""
+        with self._lock:
+            failed = self._db.execute(
+                "UPDATE jobs SET state = 'failed', finished = ?, error = 'server stopped while running (twice)' "
+                "WHERE state = 'running' AND attempts >= ?",
+                (time.time(), max_attempts),
+            ).rowcount
+            requeued = self._db.execute(
+                "UPDATE jobs SET state = 'pending', started = NULL WHERE state = 'running'"
+            ).rowcount
+        if failed:
+            log.warning("%d job(s) failed: the server stopped twice while running them", failed)
+        return requeued
