@@ -289,8 +289,11 @@ def shard_from_env(device: torch.device | str = "cpu") -> Shard:
 
 
 def shutdown() -> None:
-    """End the process group, if one runs (at the end of a training command)."""
+    """End the process group, if one runs (at the end of a training command): every rank reaches a barrier
+    first, so that no rank tears its gloo connections down while another still uses them (which aborts the
+    other process at exit: "terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
