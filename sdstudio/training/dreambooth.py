@@ -36,7 +36,6 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from PIL import Image
@@ -55,14 +54,17 @@ from sdstudio.models.unet import UNetModel, timestep_embedding
 from sdstudio.prompt.conditioning import encode_captions
 from sdstudio.training.distributed import shard_from_env
 from sdstudio.training.finetune import (
+    LoopOptions,
     RunConfig,
     TrainingData,
+    bf16_native,
     dataset_config_for,
+    jsonable,
     prepare_run_folder,
     run_settings,
 )
 from sdstudio.training.preview import PreviewSettings, render_preview
-from sdstudio.training.trainer import EMA, EmaWarmup, OptimizerName, Schedule, TrainConfig, train
+from sdstudio.training.trainer import EMA, EmaWarmup, TrainConfig, train
 
 log = logging.getLogger(__name__)
 
@@ -116,50 +118,30 @@ class PriorPreservation:
 
 
 @dataclass(frozen=True)
-class _ModelTraining:
-    """What DreamBooth and full fine-tuning share. ``text_lr`` None: the run's learning rate;
-    ``lr_schedule`` None: the run's (``--cosine`` or constant); ``prediction`` None: the model's own
-    (``"v"`` on an eps model teaches it v-prediction, and the checkpoint says so)."""
+class _ModelTraining(LoopOptions):
+    """What DreamBooth and full fine-tuning share: the loop options, the text encoder (``text_lr`` None: the
+    run's learning rate), gradient checkpointing, the target (``prediction`` None: the model's own; ``"v"`` on
+    an eps model teaches it v-prediction, and the checkpoint says so) and the EMA of the UNet."""
 
-    name: str
     train_text_encoder: bool = False
     text_lr: float | None = None
-    noise_offset: float = 0.0  # 0.05-0.1 usual
-    gradient_accumulation: int = 1
     gradient_checkpointing: bool = False
-    optimizer: OptimizerName = "adamw"
-    lr_schedule: Schedule | None = None
-    weight_decay: float = 1e-2  # diffusers' --adam_weight_decay
     prediction: Prediction | None = None
     ema_decay: float = 0.0  # 0: no EMA
     ema_warmup: EmaWarmup = "ldm"
-    save_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
 
     def __post_init__(self) -> None:
-        if not self.name.strip() or any(c in self.name for c in '/\\:<>"|?*'):
-            raise SdStudioError(f'output name {self.name!r}: use a file name without a folder or /\\:<>"|?*')
         if self.text_lr is not None and not 0 < self.text_lr < 10:
             raise SdStudioError(
                 f"text encoder learning rate {self.text_lr}: must be a positive number below 10"
             )
-        if self.noise_offset < 0:
-            raise SdStudioError(f"noise offset {self.noise_offset}: must not be negative (0.05 is usual)")
         if self.prediction not in (None, "epsilon", "v"):
             raise SdStudioError(f"prediction {self.prediction!r}: choose epsilon or v")
-        if self.save_dtype not in DTYPES:
-            raise SdStudioError(f"save dtype {self.save_dtype!r}: choose {', '.join(DTYPES)}")
-        self.train_config(RunConfig(steps=1))  # the loop's own checks, now rather than after the class images
+        super().__post_init__()  # the name, the shared options and the loop's own checks
 
-    def train_config(self, run: RunConfig, bf16: bool | None = None) -> TrainConfig:
+    def train_config(self, run: RunConfig, bf16: bool | None = None, lr: float | None = None) -> TrainConfig:
         return dataclasses.replace(
-            run.train_config(self.weight_decay),
-            bf16=run.bf16 if bf16 is None else bf16,
-            schedule=self.lr_schedule,
-            grad_accumulation=self.gradient_accumulation,
-            optimizer=self.optimizer,
-            ema_decay=self.ema_decay,
-            ema_warmup=self.ema_warmup,
-            betas=(0.9, 0.999),  # diffusers' and kohya's AdamW betas
+            super().train_config(run, bf16, lr), ema_decay=self.ema_decay, ema_warmup=self.ema_warmup
         )
 
 
@@ -184,16 +166,6 @@ class FinetuneConfig(_ModelTraining):
 
 
 # ------------------------------------------------------------------------------------------------ pieces
-
-
-def bf16_native(device: torch.device) -> bool:
-    """Whether ``device`` runs bf16 matmuls natively (a CUDA GPU that supports bf16; a CPU with oneDNN's bf16
-    kernels: AVX-512 BF16 or AMX). Elsewhere bf16 autocast is emulated and slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
 
 
 class CheckpointedUNet(nn.Module):
@@ -419,7 +391,7 @@ def _train_model(
     prior = config.prior if isinstance(config, DreamBoothConfig) else None
     class_folder = Path(prior.class_data) if prior and prior.class_data else out / CLASS_FOLDER
     class_config = dataset_config_for(model, missing_caption="empty", resolution=data_config.resolution)
-    settings = _jsonable({"method": method, "model": str(model.path), "data": str(data),
+    settings = jsonable({"method": method, "model": str(model.path), "data": str(data),
                           "run": run_settings(run, shard), method: asdict(config), "dataset": asdict(data_config),
                           "class_data": str(class_folder) if prior else None})  # fmt: skip
     resume = prepare_run_folder(out, settings, overwrite, shard)
@@ -492,7 +464,3 @@ def _train_model(
                    config=saved_config)  # fmt: skip
     shard.barrier()  # the file exists when any rank returns
     return [path]
-
-
-def _jsonable(value: object) -> object:
-    return json.loads(json.dumps(value, default=str))

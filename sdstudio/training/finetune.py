@@ -19,14 +19,17 @@ on any number of processes that gives the same global batch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -34,7 +37,7 @@ from torch import Tensor
 from sdstudio.diffusion.denoiser import Denoiser
 from sdstudio.diffusion.schedule import DiscreteSchedule
 from sdstudio.errors import SdStudioError
-from sdstudio.models.loading import LoadedModel
+from sdstudio.models.loading import DTYPES, LoadedModel
 from sdstudio.models.tokenizer import ClipTokenizer
 from sdstudio.training.datasets import (
     Dataset,
@@ -55,7 +58,7 @@ from sdstudio.training.embedding import (
     save_embedding,
 )
 from sdstudio.training.preview import SAVES_FOLDER, PreviewSettings, render_preview, saved_name
-from sdstudio.training.trainer import STATE_FILE, TrainConfig, train
+from sdstudio.training.trainer import STATE_FILE, OptimizerName, Schedule, TrainConfig, train
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +103,55 @@ class RunConfig:
             cosine=self.cosine, checkpoint_every=self.save_every, log_every=max(1, min(50, self.steps // 20)),
             seed=self.seed,
         )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """What the methods that write a file of their own (LoRA, DreamBooth, full fine-tune) add to the shared
+    ``RunConfig``: the output name (``NAME.safetensors``, kohya's ``--output_name``), ``--noise_offset``,
+    ``--lr_scheduler`` (None: the run's, constant or ``--cosine``), ``--gradient_accumulation_steps``,
+    ``--optimizer_type``, ``--save_precision`` and the AdamW weight decay (torch's default, kohya's and
+    diffusers' ``--adam_weight_decay``)."""
+
+    name: str
+    noise_offset: float = 0.0  # 0.05-0.1 usual
+    lr_schedule: Schedule | None = None
+    gradient_accumulation: int = 1
+    optimizer: OptimizerName = "adamw"
+    save_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    weight_decay: float = 1e-2
+
+    def __post_init__(self) -> None:
+        if not self.name.strip() or any(c in self.name for c in '/\\:<>"|?*'):
+            raise SdStudioError(f'output name {self.name!r}: use a file name without a folder or /\\:<>"|?*')
+        if not (math.isfinite(self.noise_offset) and self.noise_offset >= 0):
+            raise SdStudioError(f"noise offset {self.noise_offset}: must not be negative (0.05 is usual)")
+        if self.save_dtype not in DTYPES:
+            raise SdStudioError(f"save dtype {self.save_dtype!r}: choose {', '.join(DTYPES)}")
+        self.train_config(RunConfig(steps=1))  # the loop's own checks, now rather than after any work
+
+    def train_config(self, run: RunConfig, bf16: bool | None = None, lr: float | None = None) -> TrainConfig:
+        """The loop's settings: ``run``'s, with these options, ``bf16`` (None: the run's) and ``lr`` (None: the
+        run's; the base of the schedule and of the log's rate)."""
+        return dataclasses.replace(
+            run.train_config(self.weight_decay),
+            lr=run.lr if lr is None else lr,
+            bf16=run.bf16 if bf16 is None else bf16,
+            schedule=self.lr_schedule,
+            grad_accumulation=self.gradient_accumulation,
+            optimizer=self.optimizer,
+            betas=(0.9, 0.999),  # torch's AdamW defaults, as kohya and diffusers train
+        )
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 matmuls natively (a CUDA GPU that supports bf16; a CPU with oneDNN's bf16
+    kernels: AVX-512 BF16 or AMX). Elsewhere bf16 autocast is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
 
 
 def dataset_config_for(model: LoadedModel, **options: object) -> DatasetConfig:
@@ -253,7 +305,7 @@ def train_embedding(
     shard = shard_from_env(model.device)
     options = {"missing_caption": "filename", **(dataset_options or {})}  # A1111 captions by file name
     config = dataset_config_for(model, **options, name=embedding_config.name)
-    settings = _jsonable({"method": "embedding", "model": str(model.path), "data": str(data),
+    settings = jsonable({"method": "embedding", "model": str(model.path), "data": str(data),
                           "run": run_settings(run, shard), "embedding": asdict(embedding_config),
                           "dataset": asdict(config)})  # fmt: skip
     resume = prepare_run_folder(out, settings, overwrite, shard)
@@ -301,5 +353,6 @@ def train_embedding(
     return paths
 
 
-def _jsonable(value: object) -> object:
+def jsonable(value: object) -> object:
+    """``value`` as run.json holds it (paths and other objects as strings), to compare a resume's settings."""
     return json.loads(json.dumps(value, default=str))

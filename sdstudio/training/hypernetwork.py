@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 from collections import OrderedDict
@@ -66,6 +65,7 @@ from sdstudio.training.finetune import (
     RunConfig,
     TrainingData,
     dataset_config_for,
+    jsonable,
     prepare_run_folder,
     run_settings,
     training_denoiser,
@@ -431,12 +431,11 @@ def train_hypernetwork(
     if unused and shard.main:
         log.warning("no attention layer of %s reads a context of width %s: those modules will not train",
                     model.name, ", ".join(map(str, unused)))  # fmt: skip
-    settings = json.loads(json.dumps(
+    settings = jsonable(
         {"method": "hypernetwork", "model": str(model.path), "data": str(data),
          "run": run_settings(run, shard),
          "hypernetwork": asdict(config), "widths": list(widths), "dataset": asdict(dataset)},
-        default=str,
-    ))  # fmt: skip
+    )  # fmt: skip
     resume = prepare_run_folder(out, settings, overwrite, shard)
     log.info("%s %s", "resuming" if resume else "starting", out)
     tokenizer = ClipTokenizer()

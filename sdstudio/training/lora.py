@@ -64,7 +64,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -86,16 +86,18 @@ from sdstudio.models.tokenizer import ClipTokenizer
 from sdstudio.models.unet import GEGLU
 from sdstudio.prompt.conditioning import encode_padded, tokenize_attention
 from sdstudio.training.distributed import Rows, shard_from_env
-from sdstudio.training.dreambooth import bf16_native
 from sdstudio.training.finetune import (
+    LoopOptions,
     RunConfig,
     TrainingData,
+    bf16_native,
     dataset_config_for,
+    jsonable,
     prepare_run_folder,
     run_settings,
 )
 from sdstudio.training.preview import SAVES_FOLDER, PreviewSettings, render_preview, saved_name
-from sdstudio.training.trainer import OptimizerName, Schedule, TrainConfig, train
+from sdstudio.training.trainer import train
 
 log = logging.getLogger(__name__)
 
@@ -557,39 +559,10 @@ def save_kohya(
 
 
 @dataclass(frozen=True)
-class LoraRunOptions:
-    """What a LoRA run adds to the shared ``RunConfig``: the output name (``NAME.safetensors``, kohya's
-    ``--output_name``, also its ``ss_output_name``), kohya's ``--noise_offset``, ``--lr_scheduler`` (None: the
-    run's, constant or ``--cosine``), ``--gradient_accumulation_steps``, ``--optimizer_type`` and
-    ``--save_precision``."""
+class LoraRunOptions(LoopOptions):
+    """The loop options of a LoRA run (``finetune.LoopOptions``); the file is ``lora.safetensors`` unless named."""
 
     name: str = "lora"
-    noise_offset: float = 0.0
-    lr_schedule: Schedule | None = None
-    gradient_accumulation: int = 1
-    optimizer: OptimizerName = "adamw"
-    save_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
-    weight_decay: float = 1e-2  # torch's AdamW default, kohya's
-
-    def __post_init__(self) -> None:
-        if not self.name.strip() or any(c in self.name for c in '/\\:<>"|?*'):
-            raise SdStudioError(f'output name {self.name!r}: use a file name without a folder or /\\:<>"|?*')
-        if not (math.isfinite(self.noise_offset) and self.noise_offset >= 0):
-            raise SdStudioError(f"noise offset {self.noise_offset}: must not be negative (0.05 is usual)")
-        if self.save_dtype not in DTYPES:
-            raise SdStudioError(f"save dtype {self.save_dtype!r}: choose {', '.join(DTYPES)}")
-        self.train_config(RunConfig(steps=1), LoraTrainConfig())  # the loop's own checks, before any work
-
-    def train_config(self, run: RunConfig, lora: LoraTrainConfig, bf16: bool | None = None) -> TrainConfig:
-        return dataclasses.replace(
-            run.train_config(self.weight_decay),
-            lr=lora.unet_lr,
-            bf16=run.bf16 if bf16 is None else bf16,
-            schedule=self.lr_schedule,
-            grad_accumulation=self.gradient_accumulation,
-            optimizer=self.optimizer,
-            betas=(0.9, 0.999),  # torch's AdamW defaults, as kohya and diffusers train
-        )
 
 
 def train_lora(
@@ -617,11 +590,10 @@ def train_lora(
     out = Path(out)
     shard = shard_from_env(model.device)
     data_config = dataset_config_for(model, **(dataset_options or {}))
-    settings = json.loads(json.dumps(
+    settings = jsonable(
         {"method": "lora", "model": str(model.path), "data": str(data), "run": run_settings(run, shard),
          "lora": asdict(config), "options": asdict(options), "dataset": asdict(data_config)},
-        default=str,
-    ))  # fmt: skip
+    )  # fmt: skip
     resume = prepare_run_folder(out, settings, overwrite, shard)
     log.info("%s %s", "resuming" if resume else "starting", out)
     source = TrainingData.open(
@@ -633,7 +605,7 @@ def train_lora(
     bf16 = run.bf16 and bf16_native(model.device)
     if run.bf16 and not bf16:
         log.info("%s has no native bf16: training in fp32", model.device)
-    train_config = options.train_config(run, config, bf16)
+    train_config = options.train_config(run, bf16, lr=config.unet_lr)
     width, height = (
         (data_config.resolution,) * 2 if isinstance(data_config.resolution, int) else data_config.resolution
     )
