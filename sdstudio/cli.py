@@ -445,7 +445,7 @@ def cmd_train_toyworld(args: argparse.Namespace) -> int:
 
     recipe = ToyRecipe.smoke() if args.smoke else ToyRecipe(seed=args.seed)
     stages = tuple(args.stage) if args.stage else STAGES
-    path = run_recipe(args.out, recipe, stages)
+    path = run_recipe(args.out, recipe, stages, start=args.start)
     if path.exists():
         print(path)
     return 0
@@ -844,8 +844,10 @@ def build_parser() -> argparse.ArgumentParser:
     trn_sub = trn.add_subparsers(dest="train_command", required=True)
     tw = trn_sub.add_parser("toyworld", help="train the embedded toy-world model from scratch (VAE, text, UNet)")
     tw.add_argument("--out", required=True, help="run folder: an empty one, or a run of the same recipe to resume")
-    tw.add_argument("--stage", action="append", choices=["vae", "text", "latents", "unet"],
+    tw.add_argument("--stage", action="append", choices=["vae", "text", "latents", "unet", "decoder"],
                     help="run only this stage (repeatable; earlier stages must be done)")
+    tw.add_argument("--from", dest="start", metavar="MODEL", help="a finished toy-world model to run --stage "
+                    "on, the stages before it counted as done (the shipped model got its decoder stage so)")
     tw.add_argument("--seed", type=int, default=0)
     tw.add_argument("--smoke", action="store_true", help="a few steps per stage, to check the set-up")
     tw.set_defaults(func=cmd_train_toyworld)
