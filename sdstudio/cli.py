@@ -975,13 +975,22 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="serve AUTOMATIC1111's /sdapi/v1 API and a job API (/sdapi/v2/jobs) over HTTP")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     srv.add_argument("--port", type=int, default=7860, help="port (default: 7860, as AUTOMATIC1111)")
-    srv.add_argument("--model", help="checkpoint to load (default: the embedded toy model)")
+    srv.add_argument("--model", help="the default checkpoint (default: the embedded toy model)")
+    srv.add_argument("--models-dir", metavar="DIR", help="folder of more checkpoints (.safetensors, .ckpt, diffusers "
+                     "folders), listed by /sdapi/v1/sd-models and switched to by title")
+    srv.add_argument("--model-cache-mb", type=int, metavar="MB", help="memory the loaded checkpoints may take; "
+                     "the least recently used is unloaded when over (default: half the free RAM)")
     srv.add_argument("--lora-dir", action="append", metavar="DIR", help="folder of LoRAs (repeatable)")
     srv.add_argument("--embeddings", metavar="DIR", help="folder of textual inversion embeddings")
+    srv.add_argument("--hypernetwork-dir", action="append", metavar="DIR", help="folder of hypernetworks (repeatable)")
     srv.add_argument("--data-dir", metavar="DIR", help="where jobs (jobs.sqlite) and their outputs are kept "
                      "(default: $XDG_DATA_HOME/sdstudio or ~/.local/share/sdstudio)")
     srv.add_argument("--api-auth", metavar="USER:PASS[,...]", help="require HTTP Basic auth on every route")
     srv.add_argument("--max-size", type=int, default=2048, metavar="PX", help="largest width or height (default: 2048)")
+    srv.add_argument("--cors-allow-origins", metavar="ORIGIN[,...]", help="allow these origins cross-origin "
+                     "requests (CORS); off unless given")
+    srv.add_argument("--workers", type=int, metavar="N", help="generation workers sharing the job queue, each "
+                     "with its own copy of the models (default: one per GPU, worker i on cuda:i; on a CPU, one)")
     srv.set_defaults(func=cmd_serve)
     return parser
 
@@ -989,36 +998,20 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from sdstudio.engine import Pipeline
-    from sdstudio.server.a1111 import ServerLimits
-    from sdstudio.server.app import ServerConfig, create_app, default_data_dir, parse_auth
-
-    model = Path(args.model) if args.model else embedded_model_path()
-    if model is None or not model.exists():
-        raise SdStudioError(f"{args.model}: no such file or folder (--model)")
-    lora_dirs = tuple(Path(d) for d in args.lora_dir or ())
-    for folder in (*lora_dirs, *([Path(args.embeddings)] if args.embeddings else [])):
-        if not folder.is_dir():
-            raise SdStudioError(f"{folder}: folder does not exist or is not a folder")
-    auth = parse_auth(args.api_auth) if args.api_auth else ()
-    if not auth and args.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("listening on %s without --api-auth: anyone who can reach it can use it", args.host)
-    config = ServerConfig(
-        model=model,
-        data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(),
-        lora_dirs=lora_dirs,
-        embeddings_dir=Path(args.embeddings) if args.embeddings else None,
-        auth=auth,
-        limits=ServerLimits(max_size=args.max_size, default_size=None if args.model is None else 512),
-    )
-
-    def load() -> Pipeline:
-        return Pipeline.from_file(model, lora_dirs=lora_dirs, embeddings_dir=config.embeddings_dir)
-
+    from sdstudio.server.app import config_from_args, create_app
     from sdstudio.threads import apply_thread_policy
 
+    config, load = config_from_args(args, embedded_model_path())
     # the server owns its process, as `generate` does: threads for the cores other processes leave free
-    log.info("threads: %s", apply_thread_policy(None))
+    choice = apply_thread_policy(None)
+    log.info("threads: %s", choice)
+    cpu_workers = sum(d == "cpu" for d in config.devices)
+    if cpu_workers > 1:
+        import torch
+
+        # each worker's ops start their own thread team: split the threads so that together they fit
+        torch.set_num_threads(max(1, choice.threads // cpu_workers))
+        log.info("%d CPU workers, %d thread(s) each", cpu_workers, torch.get_num_threads())
     uvicorn.run(create_app(config, load), host=args.host, port=args.port)
     return 0
 

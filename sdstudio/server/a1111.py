@@ -71,6 +71,34 @@ class ServerLimits:
     default_size: int | None = 512  # None: the model's own size when the payload names none
 
 
+_JSON_TYPES: dict[type, str] = {bool: "boolean", int: "integer", float: "number", str: "string",
+                                dict: "object", list: "array"}  # fmt: skip
+# fields whose default is None, by the type they take
+_NULL_DEFAULT_TYPES = {"sampler_name": "string", "scheduler": "string", "eta": "number",
+                       "denoising_strength": "number", "mask": "string"}  # fmt: skip
+
+
+def request_schema(kind: str) -> dict[str, Any]:
+    """The JSON schema of a txt2img / img2img payload, for the OpenAPI docs: every field optional and
+    nullable (null means the default), other fields allowed and ignored, as A1111 has them."""
+    defaults = TXT2IMG_DEFAULTS if kind == "txt2img" else IMG2IMG_DEFAULTS
+    properties: dict[str, Any] = {}
+    for name, default in defaults.items():
+        json_type = _NULL_DEFAULT_TYPES.get(name) if default is None else _JSON_TYPES[type(default)]
+        prop: dict[str, Any] = {"type": [json_type, "null"]}
+        if default is not None:
+            prop["default"] = default
+        if json_type == "array":
+            prop["items"] = {"type": "string", "description": "a base64 image"}
+        properties[name] = prop
+    return {
+        "type": "object",
+        "title": f"{kind} request",
+        "properties": properties,
+        "additionalProperties": True,
+    }
+
+
 def with_defaults(kind: str, payload: dict[str, Any]) -> dict[str, Any]:
     """The payload with A1111's defaults filled in; unknown fields are dropped (A1111 ignores them too)."""
     if kind not in KINDS:
@@ -139,7 +167,7 @@ def to_request(
     p = with_defaults(kind, payload)
     overrides = p["override_settings"] if isinstance(p["override_settings"], dict) else {}
     clip_skip = overrides.get("CLIP_stop_at_last_layers")
-    ensd = overrides.get("eta_noise_seed_delta", 0)
+    ensd = overrides.get("eta_noise_seed_delta")
     sampler = p["sampler_name"] or p["sampler_index"]
     if p["scheduler"] not in (None, "", "Automatic", "automatic"):
         scheduler = str(p["scheduler"])
@@ -159,8 +187,8 @@ def to_request(
         "subseed": _number(p, "subseed", int),
         "subseed_strength": _number(p, "subseed_strength", float, 0),
         "eta": None if p["eta"] is None else _number(p, "eta", float),
-        "clip_skip": None if clip_skip is None else int(clip_skip),
-        "ensd": int(ensd),
+        "clip_skip": None if clip_skip is None else _number(overrides, "CLIP_stop_at_last_layers", int, 1),
+        "ensd": 0 if ensd is None else _number(overrides, "eta_noise_seed_delta", int),
     }
     if kind == "txt2img" and p["enable_hr"]:
         if p["hr_resize_x"] or p["hr_resize_y"]:

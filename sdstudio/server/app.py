@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import base64
 import binascii
+import functools
+import json
 import logging
 import os
 import secrets
@@ -14,10 +18,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Body, FastAPI, Request
+from fastapi import Body, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sdstudio.errors import SdStudioError
 from sdstudio.server.a1111 import (
@@ -26,29 +34,66 @@ from sdstudio.server.a1111 import (
     decode_image,
     encode_png,
     png_info,
+    request_schema,
     response,
     to_request,
     with_defaults,
 )
 from sdstudio.server.jobs import FINAL_STATES, Job, JobStore
-from sdstudio.server.worker import Worker
+from sdstudio.server.models import (
+    Checkpoint,
+    CheckpointRegistry,
+    ModelCache,
+    UnknownCheckpoint,
+    default_budget_bytes,
+)
+from sdstudio.server.worker import CHECKPOINT_FIELD, Worker, WorkerPool, checkpoint_record
 
 log = logging.getLogger("sdstudio.server")
 
 Payload = Annotated[dict[str, Any], Body()]  # a JSON object; unknown fields are ignored, as A1111 does
 NETWORK_SUFFIXES = (".safetensors", ".pt", ".ckpt")
-V1_WAIT_POLL_S = 0.05
+V1_WAIT_RECHECK_S = 1.0  # a v1 call wakes when its job ends; this only bounds each wait
+EVENTS_POLL_S = 0.05
+EVENTS_KEEPALIVE_S = 15.0
+EVENT_FIELDS = ("id", "state", "position", "step", "steps", "iteration", "n_iter", "loading")
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    model: Path
+    model: Path  # the default checkpoint (--model, or the embedded model)
     data_dir: Path
+    models_dir: Path | None = None  # --models-dir: more checkpoints, switched to by title
     lora_dirs: tuple[Path, ...] = ()
+    hypernetwork_dirs: tuple[Path, ...] = ()
     embeddings_dir: Path | None = None
+    cache_budget_bytes: int | None = None  # loaded checkpoints kept in memory; None: half the free RAM
+    cors_origins: tuple[str, ...] = ()  # --cors-allow-origins; empty: no CORS headers at all
     auth: tuple[tuple[str, str], ...] = ()  # (user, password) pairs; empty: no auth
     limits: ServerLimits = field(default_factory=ServerLimits)
     max_body_bytes: int = 64 * 1024 * 1024
+    workers: int = 1  # --workers: generation threads sharing the queue, each with its own loaded models
+    devices: tuple[str, ...] = ()  # the device of each worker ("cuda:0", ...); empty: the loader's own
+
+
+class ErrorBody(BaseModel):
+    """A1111's error shape (``modules/api/api.py`` ``handle_exception``), with the refused field if one."""
+
+    error: str
+    detail: str
+    body: str
+    errors: str
+    field: str | None = None
+
+
+# documented on every route, so that the OpenAPI schema describes the errors the server does send
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in ((401, "missing or wrong --api-auth credentials"), (404, "no such job"),
+                       (409, "the job has already ended"), (413, "request body too large"),
+                       (422, "a refused field or payload"), (500, "generation failed"),
+                       (501, "not implemented yet"))
+}  # fmt: skip
 
 
 def default_data_dir() -> Path:
@@ -65,6 +110,111 @@ def parse_auth(text: str) -> tuple[tuple[str, str], ...]:
             raise SdStudioError(f"--api-auth: expected USER:PASS[,USER:PASS...] (got {item.strip()!r})")
         pairs.append((user, password))
     return tuple(pairs)
+
+
+def config_from_args(
+    args: argparse.Namespace, embedded_model: Path | None
+) -> tuple[ServerConfig, Callable[[Path, Path | None], Any]]:
+    """``sdstudio serve``'s flags -> its config and the function that loads a checkpoint (with a VAE file, or
+    None for its own); ``embedded_model``: the default checkpoint when ``--model`` names none."""
+    from sdstudio.engine import Pipeline
+
+    model = Path(args.model) if args.model else embedded_model
+    if model is None or not model.exists():
+        raise SdStudioError(f"{args.model}: no such file or folder (--model)")
+    lora_dirs = tuple(Path(d) for d in args.lora_dir or ())
+    hypernetwork_dirs = tuple(Path(d) for d in args.hypernetwork_dir or ())
+    folders = [*lora_dirs, *hypernetwork_dirs, *(Path(p) for p in (args.embeddings, args.models_dir) if p)]
+    for folder in folders:
+        if not folder.is_dir():
+            raise SdStudioError(f"{folder}: folder does not exist or is not a folder")
+    if args.model_cache_mb is not None and args.model_cache_mb <= 0:
+        raise SdStudioError(f"--model-cache-mb must be positive (got {args.model_cache_mb})")
+    workers, devices = worker_devices(getattr(args, "workers", None))
+    auth = parse_auth(args.api_auth) if args.api_auth else ()
+    if not auth and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s without --api-auth: anyone who can reach it can use it", args.host)
+    config = ServerConfig(
+        model=model,
+        data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(),
+        models_dir=Path(args.models_dir) if args.models_dir else None,
+        lora_dirs=lora_dirs,
+        hypernetwork_dirs=hypernetwork_dirs,
+        embeddings_dir=Path(args.embeddings) if args.embeddings else None,
+        auth=auth,
+        limits=ServerLimits(max_size=args.max_size, default_size=None if args.model is None else 512),
+        cache_budget_bytes=None if args.model_cache_mb is None else args.model_cache_mb << 20,
+        cors_origins=tuple(o.strip() for o in (args.cors_allow_origins or "").split(",") if o.strip()),
+        workers=workers,
+        devices=devices,
+    )
+
+    def load(path: Path, vae: Path | None, device: str = "cpu") -> Pipeline:
+        return Pipeline.from_file(path, vae=vae, lora_dirs=lora_dirs, hypernetwork_dirs=hypernetwork_dirs,
+                                  embeddings_dir=config.embeddings_dir, device=device)  # fmt: skip
+
+    return config, load
+
+
+def worker_devices(workers: int | None, gpus: int | None = None) -> tuple[int, tuple[str, ...]]:
+    """``--workers``: how many, and each one's device. With GPUs, one worker per GPU by default and worker
+    ``i`` on ``cuda:(i mod GPUs)``; on a CPU one worker by default (more share the cores: each is slower)."""
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if workers is not None and workers < 1:
+        raise SdStudioError(f"--workers must be at least 1 (got {workers})")
+    if gpus:
+        n = workers or gpus
+        return n, tuple(f"cuda:{i % gpus}" for i in range(n))
+    return workers or 1, ("cpu",) * (workers or 1)
+
+
+class Guard:
+    """Every request: HTTP Basic auth when ``auth`` is set (401), and a body over ``max_bytes`` refused with
+    413, from its Content-Length before it is read, or, for a body without one (chunked), by counting the
+    bytes as they arrive. Plain ASGI, not ``BaseHTTPMiddleware``: that one reads the body in a task group,
+    which would wrap the 413 raised here in an ExceptionGroup that FastAPI answers with 400."""
+
+    def __init__(self, app: ASGIApp, auth: tuple[tuple[str, str], ...], max_bytes: int) -> None:
+        self.app = app
+        self.auth = auth
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        if self.auth and not _authorized(headers.get("authorization"), self.auth):
+            resp = error_response(401, "Unauthorized", "Incorrect username or password")
+            resp.headers["WWW-Authenticate"] = "Basic"
+            await resp(scope, receive, send)
+            return
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            resp = error_response(413, "PayloadTooLarge", f"request body over {self.max_bytes} bytes")
+            await resp(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    # raised inside the route's body read: FastAPI passes it on to the error handler
+                    raise HTTPException(413, f"request body over {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def body_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """``openapi_extra`` documenting a route's JSON body (the route itself takes any object)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def error_response(status: int, error: str, detail: str, field_name: str | None = None) -> JSONResponse:
@@ -92,13 +242,31 @@ def _images(config: ServerConfig, job: Job) -> list[str]:
     return [encode_png(config.data_dir / "outputs" / job.id / name) for name in files]
 
 
-def create_app(config: ServerConfig, pipeline_factory: Callable[[], Any]) -> FastAPI:
-    """``pipeline_factory`` runs once, on the worker thread, which alone owns the pipeline it returns."""
+def create_app(config: ServerConfig, load: Callable[[Path, Path | None], Any]) -> FastAPI:
+    """``load(path, vae)`` returns the Pipeline of a checkpoint, with a VAE file (or None: its own); it runs
+    on the worker thread only, which alone runs the pipelines it returns (kept in a :class:`ModelCache`)."""
     store = JobStore(config.data_dir / "jobs.sqlite")
     requeued = store.recover()
     if requeued:
         log.info("%d job(s) left running by a stopped server will run again", requeued)
-    worker = Worker(store, pipeline_factory, config.data_dir / "outputs", config.limits)
+    registry = CheckpointRegistry(config.model, config.models_dir, config.data_dir / "checkpoint_hashes.json")
+    budget = config.cache_budget_bytes if config.cache_budget_bytes is not None else default_budget_bytes()
+    if config.workers < 1:
+        raise SdStudioError(f"--workers must be at least 1 (got {config.workers})")
+    devices = config.devices or (None,) * config.workers
+    # one cache per worker, its share of the budget: a pipeline is only ever run by the worker that loaded it
+    caches = tuple(
+        ModelCache(load if device is None else functools.partial(load, device=device), budget // config.workers)
+        for device in devices
+    )  # fmt: skip
+    worker = WorkerPool([
+        Worker(store, registry, cache, config.data_dir / "outputs", config.limits, name=f"worker-{i}")
+        for i, cache in enumerate(caches)
+    ])  # fmt: skip
+    if config.workers > 1:
+        log.info(
+            "%d workers on %s", config.workers, ", ".join(str(d or "the loader's device") for d in devices)
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -110,20 +278,14 @@ def create_app(config: ServerConfig, pipeline_factory: Callable[[], Any]) -> Fas
             store.close()
 
     app = FastAPI(title="sdstudio", description="AUTOMATIC1111-compatible API over a SQLite job queue",
-                  lifespan=lifespan)  # fmt: skip
+                  lifespan=lifespan, responses=ERROR_RESPONSES)  # fmt: skip
     app.state.store = store
     app.state.worker = worker
+    app.state.registry = registry
+    app.state.cache = caches[0]
+    app.state.caches = caches
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable) -> Any:
-        if config.auth and not _authorized(request.headers.get("authorization"), config.auth):
-            resp = error_response(401, "Unauthorized", "Incorrect username or password")
-            resp.headers["WWW-Authenticate"] = "Basic"
-            return resp
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
-            return error_response(413, "PayloadTooLarge", f"request body over {config.max_body_bytes} bytes")
-        return await call_next(request)
+    app.add_middleware(Guard, auth=config.auth, max_bytes=config.max_body_bytes)
 
     @app.exception_handler(FieldError)
     async def field_error(request: Request, exc: FieldError) -> JSONResponse:
@@ -141,20 +303,44 @@ def create_app(config: ServerConfig, pipeline_factory: Callable[[], Any]) -> Fas
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, type(exc).__name__, str(exc.detail))
 
+    def find_checkpoint(title: Any, field_name: str) -> Checkpoint:
+        if not isinstance(title, str) or not title:
+            raise FieldError(field_name, f"expected a checkpoint title (got {title!r})")
+        try:
+            return registry.find(title)
+        except UnknownCheckpoint as e:
+            raise FieldError(field_name, str(e)) from None
+
+    def find_vae(name: Any, field_name: str) -> Checkpoint | None:
+        if not isinstance(name, str):
+            raise FieldError(field_name, f"expected a VAE name, Automatic or None (got {name!r})")
+        try:
+            return registry.find_vae(name)
+        except UnknownCheckpoint as e:
+            raise FieldError(field_name, str(e)) from None
+
     def submit(kind: str, payload: dict[str, Any]) -> str:
         from sdstudio.pipelines.validate import check_request
 
         check_request(to_request(kind, payload, config.limits))  # refuse now, not in the worker
-        job_id = store.submit(kind, payload)
+        overrides = payload.get("override_settings")
+        overrides = overrides if isinstance(overrides, dict) else {}
+        wanted = overrides.get("sd_model_checkpoint")
+        checkpoint = (
+            registry.default if wanted is None
+            else find_checkpoint(wanted, "override_settings.sd_model_checkpoint")
+        )  # fmt: skip
+        wanted_vae = overrides.get("sd_vae")
+        vae = registry.default_vae if wanted_vae is None else find_vae(wanted_vae, "override_settings.sd_vae")
+        # the checkpoint is fixed now: a later switch of the default does not change a queued job's
+        job_id = store.submit(kind, {**payload, CHECKPOINT_FIELD: checkpoint_record(checkpoint, vae)})
         worker.notify()
         return job_id
 
     def wait(job_id: str) -> Job:
-        while True:
-            job = store.get(job_id)
-            if job is not None and job.state in FINAL_STATES:
-                return job
-            time.sleep(V1_WAIT_POLL_S)
+        job = store.wait(job_id, recheck_s=V1_WAIT_RECHECK_S)
+        assert job is not None  # jobs are never deleted
+        return job
 
     def v1_generate(kind: str, payload: dict[str, Any]) -> Any:
         job = wait(submit(kind, payload))
@@ -164,11 +350,11 @@ def create_app(config: ServerConfig, pipeline_factory: Callable[[], Any]) -> Fas
         return response(kind, payload, _images(config, job), result.get("seeds", []), result.get("infotexts", []),
                         result.get("subseeds"))  # fmt: skip
 
-    @app.post("/sdapi/v1/txt2img")
+    @app.post("/sdapi/v1/txt2img", openapi_extra=body_schema(request_schema("txt2img")))
     def txt2img(payload: Payload) -> Any:
         return v1_generate("txt2img", payload)
 
-    @app.post("/sdapi/v1/img2img")
+    @app.post("/sdapi/v1/img2img", openapi_extra=body_schema(request_schema("img2img")))
     def img2img(payload: Payload) -> Any:
         return v1_generate("img2img", payload)
 
@@ -193,8 +379,13 @@ def create_app(config: ServerConfig, pipeline_factory: Callable[[], Any]) -> Fas
             "sampling_step": p.step,
             "sampling_steps": p.steps,
         }
-        return {"progress": done, "eta_relative": eta, "state": state, "current_image": None,
-                "textinfo": None if p.job_id is None else f"step {p.step}/{p.steps}"}  # fmt: skip
+        if p.loading is not None:
+            textinfo = f"Loading {p.loading}"
+        else:
+            textinfo = None if p.job_id is None else f"step {p.step}/{p.steps}"
+        preview = None if skip_current_image else p.preview()
+        return {"progress": done, "eta_relative": eta, "state": state, "textinfo": textinfo,
+                "current_image": None if preview is None else encode_png(preview)}  # fmt: skip
 
     @app.post("/sdapi/v1/interrupt")
     def interrupt() -> Any:
@@ -206,27 +397,49 @@ def create_app(config: ServerConfig, pipeline_factory: Callable[[], Any]) -> Fas
         worker.skip()
         return {}
 
-    def model_info() -> dict[str, Any]:
-        return {"title": config.model.name, "model_name": config.model.stem, "hash": None, "sha256": None,
-                "filename": str(config.model), "config": None}  # fmt: skip
-
     @app.get("/sdapi/v1/options")
     def get_options() -> Any:
-        return {"sd_model_checkpoint": config.model.name, "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0,
-                "samples_format": "png"}  # fmt: skip
+        current, vae = registry.default, registry.default_vae
+        return {"sd_model_checkpoint": current.title, "sd_checkpoint_hash": current.sha256,
+                "sd_vae": vae.name if vae else "Automatic", "CLIP_stop_at_last_layers": 1,
+                "eta_noise_seed_delta": 0, "samples_format": "png"}  # fmt: skip
 
     @app.post("/sdapi/v1/options")
     def set_options(payload: Payload) -> Any:
-        wanted = payload.get("sd_model_checkpoint")
-        if wanted not in (None, config.model.name, config.model.stem):
-            raise FieldError(
-                "sd_model_checkpoint", f"switching models is not supported; loaded: {config.model.name}"
-            )
+        """Switches the default checkpoint at once; the worker loads it when idle (this never waits)."""
+        wanted, wanted_vae = payload.get("sd_model_checkpoint"), payload.get("sd_vae")
+        checkpoint = None if wanted is None else find_checkpoint(wanted, "sd_model_checkpoint")
+        # both are checked before either is set
+        vae = None if wanted_vae is None else find_vae(wanted_vae, "sd_vae")
+        if checkpoint is not None:
+            registry.set_default(checkpoint)
+            log.info("default checkpoint: %s", checkpoint.title)
+        if wanted_vae is not None:
+            registry.set_default_vae(vae)
+            log.info("default VAE: %s", vae.name if vae else "the checkpoint's own")
+        if checkpoint is not None or wanted_vae is not None:
+            worker.preload()
         return None
 
     @app.get("/sdapi/v1/sd-models")
     def sd_models() -> Any:
-        return [model_info()]
+        return [c.api_item() for c in registry.list()]
+
+    @app.post("/sdapi/v1/refresh-checkpoints")
+    def refresh_checkpoints() -> Any:
+        registry.refresh()
+        return None
+
+    @app.post("/sdapi/v1/unload-checkpoint")
+    def unload_checkpoint() -> Any:
+        for cache in caches:
+            cache.clear()  # a running job keeps its own reference until it ends
+        return {}
+
+    @app.post("/sdapi/v1/reload-checkpoint")
+    def reload_checkpoint() -> Any:
+        worker.preload()
+        return {}
 
     @app.get("/sdapi/v1/samplers")
     def samplers() -> Any:
@@ -267,10 +480,14 @@ def create_app(config: ServerConfig, pipeline_factory: Callable[[], Any]) -> Fas
     def cmd_flags() -> Any:
         return {
             "ckpt": str(config.model),
+            "ckpt_dir": str(config.models_dir) if config.models_dir else None,
             "lora_dir": [str(d) for d in config.lora_dirs],
+            "hypernetwork_dir": [str(d) for d in config.hypernetwork_dirs],
             "embeddings_dir": str(config.embeddings_dir) if config.embeddings_dir else None,
             "data_dir": str(config.data_dir),
+            "api": True,
             "api_auth": bool(config.auth),
+            "cors_allow_origins": ",".join(config.cors_origins) or None,
             **{k: v for k, v in asdict(config.limits).items()},
         }
 
@@ -279,24 +496,90 @@ def create_app(config: ServerConfig, pipeline_factory: Callable[[], Any]) -> Fas
         pages, page = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
         free = os.sysconf("SC_AVPHYS_PAGES") * page
         ram = {"free": free, "used": pages * page - free, "total": pages * page}
-        return {"ram": ram, "cuda": {"error": "not reported"}}
+        models = {
+            "loaded": [c.title for cache in caches for c in cache.loaded()],
+            "bytes": sum(cache.nbytes() for cache in caches),
+            "budget": sum(cache.budget for cache in caches),
+        }
+        return {"ram": ram, "cuda": {"error": "not reported"}, "models": models}
 
-    def job_view(job: Job) -> dict[str, Any]:
+    @app.get("/sdapi/v1/upscalers")
+    def upscalers() -> Any:
+        from sdstudio.pipelines.hires import PIXEL_UPSCALERS
+
+        return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                for n in ("None", *PIXEL_UPSCALERS)]  # fmt: skip
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    def latent_upscale_modes() -> Any:
+        from sdstudio.pipelines.hires import LATENT_UPSCALERS
+
+        return [{"name": n} for n in LATENT_UPSCALERS]
+
+    @app.get("/sdapi/v1/sd-vae")
+    def sd_vae() -> Any:
+        return [{"model_name": v.name, "filename": str(v.path)} for v in registry.vaes()]
+
+    @app.get("/sdapi/v1/hypernetworks")
+    def hypernetworks() -> Any:
+        files = [f for f in network_files(config.hypernetwork_dirs) if f.suffix.lower() == ".pt"]
+        return [{"name": f.stem, "path": str(f)} for f in files]
+
+    @app.get("/sdapi/v1/prompt-styles")
+    def prompt_styles() -> Any:
+        return []
+
+    @app.get("/sdapi/v1/scripts")
+    def scripts() -> Any:
+        return {"txt2img": [], "img2img": []}
+
+    @app.get("/sdapi/v1/script-info")
+    def script_info() -> Any:
+        return []
+
+    # the listings read their folders on every call, so a refresh has nothing to do (A1111 answers null);
+    # a loaded model keeps the embeddings it was loaded with until it is loaded again (unload-checkpoint)
+    @app.post("/sdapi/v1/refresh-vae")
+    def refresh_vae() -> Any:
+        return None
+
+    @app.post("/sdapi/v1/refresh-loras")
+    def refresh_loras() -> Any:
+        return None
+
+    @app.post("/sdapi/v1/refresh-embeddings")
+    def refresh_embeddings() -> Any:
+        return None
+
+    @app.post("/sdapi/v1/interrogate")
+    def interrogate(payload: Payload) -> Any:
+        return error_response(
+            501, "NotImplemented", "interrogate: captioning is not available in sdstudio yet"
+        )
+
+    def job_view(job: Job, preview: bool = False) -> dict[str, Any]:
         view: dict[str, Any] = {
             "id": job.id, "kind": job.kind, "state": job.state, "created": job.created, "started": job.started,
             "finished": job.finished, "error": job.error, "position": store.position(job.id),
-            "step": 0, "steps": 0,
+            "step": 0, "steps": 0, "worker": job.worker,
         }  # fmt: skip
-        p = worker.progress()
-        if job.state == "running" and p.job_id == job.id:
-            view.update(step=p.step, steps=p.steps, iteration=p.iteration, n_iter=p.n_iter)
+        p = worker.progress_of(job.id) if job.state == "running" else None
+        if p is not None:
+            view.update(step=p.step, steps=p.steps, iteration=p.iteration, n_iter=p.n_iter, loading=p.loading)
+            image = p.preview() if preview else None
+            if image is not None:
+                view["preview"] = encode_png(image)
         if job.state == "done":
             result = job.result or {}
             view.update(images=_images(config, job), infotexts=result.get("infotexts", []),
                         seeds=result.get("seeds", []), warnings=result.get("warnings", []))  # fmt: skip
         return view
 
-    @app.post("/sdapi/v2/jobs")
+    job_schema = request_schema("txt2img")
+    job_schema["properties"] = {**request_schema("img2img")["properties"], **job_schema["properties"],
+                                "kind": {"type": "string", "enum": ["txt2img", "img2img"], "default": "txt2img"}}  # fmt: skip
+
+    @app.post("/sdapi/v2/jobs", openapi_extra=body_schema(job_schema))
     def create_job(payload: Payload) -> Any:
         kind = payload.get("kind", "txt2img")
         with_defaults(kind, payload)  # checks kind
@@ -305,11 +588,12 @@ def create_app(config: ServerConfig, pipeline_factory: Callable[[], Any]) -> Fas
         return {"id": job_id, "state": "pending", "position": store.position(job_id)}
 
     @app.get("/sdapi/v2/jobs/{job_id}")
-    def get_job(job_id: str) -> Any:
+    def get_job(job_id: str, preview: bool = True) -> Any:
+        """The job; while it runs, ``preview``: its current image from the preview decoder (base64 PNG)."""
         job = store.get(job_id)
         if job is None:
             return error_response(404, "NotFound", f"no job {job_id}")
-        return job_view(job)
+        return job_view(job, preview)
 
     @app.delete("/sdapi/v2/jobs/{job_id}")
     def cancel_job(job_id: str) -> Any:
@@ -320,5 +604,49 @@ def create_app(config: ServerConfig, pipeline_factory: Callable[[], Any]) -> Fas
             return error_response(409, "Conflict", f"job {job_id} is already {job.state}")
         worker.cancel(job_id)
         return {"id": job_id, "canceled": True}
+
+    def job_event(job_id: str) -> tuple[str, dict[str, Any]] | None:
+        """The job's event now (None once it is gone); SQLite work, so run off the event loop."""
+        job = store.get(job_id)
+        if job is None:
+            return None
+        if job.state in FINAL_STATES:
+            return job.state, job_view(job)
+        view = {k: v for k, v in job_view(job).items() if k in EVENT_FIELDS}
+        return "progress", view
+
+    @app.get("/sdapi/v2/jobs/{job_id}/events")
+    async def job_events(job_id: str, request: Request) -> Any:
+        """Server-sent events: ``progress`` whenever the job's state, place or step changes, then one
+        ``done`` / ``failed`` / ``canceled`` event with the job as GET /sdapi/v2/jobs/{id} gives it."""
+        if store.get(job_id) is None:
+            return error_response(404, "NotFound", f"no job {job_id}")
+
+        async def stream() -> AsyncIterator[str]:
+            last: Any = None
+            quiet_since = time.monotonic()
+            while True:
+                event = await asyncio.to_thread(job_event, job_id)
+                if event is None:
+                    return
+                name, data = event
+                if data != last:
+                    last = data
+                    quiet_since = time.monotonic()
+                    yield f"event: {name}\ndata: {json.dumps(data)}\n\n"
+                elif time.monotonic() - quiet_since > EVENTS_KEEPALIVE_S:
+                    quiet_since = time.monotonic()
+                    yield ": keepalive\n\n"
+                if name != "progress" or await request.is_disconnected():
+                    return
+                await asyncio.sleep(EVENTS_POLL_S)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+
+    if config.cors_origins:
+        # added last, so outermost: a preflight is answered before the auth check
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials=True)  # fmt: skip
 
     return app

@@ -32,9 +32,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished REAL,
     error TEXT,
     result TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker TEXT
 )
 """
+# added after the first release: a store made before it gets the column at open
+MIGRATIONS = ("ALTER TABLE jobs ADD COLUMN worker TEXT",)
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Job:
     error: str | None
     result: dict[str, Any] | None
     attempts: int
+    worker: str | None = None  # the worker that ran it last (its name, as "worker-0")
 
 
 class JobStore:
@@ -60,20 +64,29 @@ class JobStore:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
+        # WAL with synchronous=NORMAL: a commit survives the server's death (kill -9), only a power loss or OS
+        # crash may undo the last ones (a job then runs again). FULL's fsync per commit cost ~4 ms each, three
+        # commits per job, on this project's benchmark machine (benchmarks/api_overhead.py)
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "worker" not in columns:
+            self._db.execute(MIGRATIONS[0])
+        # notified whenever a job reaches a final state, so that a waiter wakes at once, not on a poll
+        self._ended = threading.Condition()
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
     def _row(self, row: tuple) -> Job:
-        id_, kind, state, request, created, started, finished, error, result, attempts = row
+        id_, kind, state, request, created, started, finished, error, result, attempts, worker = row
         return Job(
             id_, kind, state, json.loads(request), created, started, finished, error,
-            json.loads(result) if result else None, attempts,
+            json.loads(result) if result else None, attempts, worker,
         )  # fmt: skip
 
-    _COLS = "id, kind, state, request, created, started, finished, error, result, attempts"
+    _COLS = "id, kind, state, request, created, started, finished, error, result, attempts, worker"
 
     def submit(self, kind: str, request: dict[str, Any]) -> str:
         job_id = uuid.uuid4().hex
@@ -104,8 +117,9 @@ class JobStore:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'pending'").fetchone()[0]
 
-    def claim_next(self) -> Job | None:
-        """The oldest pending job, now marked running (atomic, so no job is ever run twice at once)."""
+    def claim_next(self, worker: str | None = None) -> Job | None:
+        """The oldest pending job, now marked running by ``worker`` (one transaction holding SQLite's write
+        lock from the read to the update, so two workers, threads or processes, never claim one job)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -114,8 +128,9 @@ class JobStore:
                 ).fetchone()
                 if row is not None:
                     self._db.execute(
-                        "UPDATE jobs SET state = 'running', started = ?, attempts = attempts + 1 WHERE id = ?",
-                        (time.time(), row[0]),
+                        "UPDATE jobs SET state = 'running', started = ?, attempts = attempts + 1, worker = ? "
+                        "WHERE id = ? AND state = 'pending'",
+                        (time.time(), worker, row[0]),
                     )
                 self._db.execute("COMMIT")
             except BaseException:
@@ -131,7 +146,26 @@ class JobStore:
                 "UPDATE jobs SET state = ?, finished = ?, error = ?, result = ? WHERE id = ? AND state = 'running'",
                 (state, time.time(), error, json.dumps(result) if result is not None else None, job_id),
             )
+        self._notify_ended()
         return cur.rowcount == 1
+
+    def _notify_ended(self) -> None:
+        with self._ended:
+            self._ended.notify_all()
+
+    def wait(self, job_id: str, timeout: float | None = None, recheck_s: float = 1.0) -> Job | None:
+        """The job once it is in a final state (None if there is no such job, or at ``timeout``); wakes
+        when a job of this store ends. ``recheck_s`` bounds each sleep, for a job another process ends."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._ended:  # checked under the condition: an end between the check and the wait wakes it
+                job = self.get(job_id)
+                if job is None or job.state in FINAL_STATES:
+                    return job
+                left = recheck_s if deadline is None else min(recheck_s, deadline - time.monotonic())
+                if left <= 0:
+                    return None
+                self._ended.wait(left)
 
     def complete(self, job_id: str, result: dict[str, Any]) -> bool:
         return self._finish(job_id, "done", None, result)
@@ -149,6 +183,7 @@ class JobStore:
                 "UPDATE jobs SET state = 'canceled', finished = ?, error = 'canceled' WHERE id = ? AND state = 'pending'",
                 (time.time(), job_id),
             )
+        self._notify_ended()
         return cur.rowcount == 1
 
     def recover(self, max_attempts: int = 2) -> int:

@@ -44,9 +44,21 @@ def embedded_pipeline() -> Pipeline:
     return Pipeline.from_file(path)
 
 
-def serve(config: ServerConfig, factory) -> Iterator[Running]:
+def loader(embedded_pipeline: Pipeline):
+    """The shared embedded pipeline for the embedded model, a fresh load for anything else."""
+    embedded = embedded_model_path()
+
+    def load(path: Path, vae: Path | None = None) -> Pipeline:
+        if Path(path) == embedded and vae is None:
+            return embedded_pipeline
+        return Pipeline.from_file(path, vae=vae)
+
+    return load
+
+
+def serve(config: ServerConfig, load) -> Iterator[Running]:
     port = free_port()
-    app = create_app(config, factory)
+    app = create_app(config, load)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -68,7 +80,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, embedded_pipeline: Pipeline
         data_dir=tmp_path_factory.mktemp("serve"),
         limits=ServerLimits(max_size=256, default_size=None),
     )
-    yield from serve(config, lambda: embedded_pipeline)
+    yield from serve(config, loader(embedded_pipeline))
 
 
 @pytest.fixture(scope="session")
@@ -79,4 +91,4 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory, embedded_pipeline: Pip
         auth=(("alice", "s3cret"),),
         limits=ServerLimits(max_size=256, default_size=None),
     )
-    yield from serve(config, lambda: embedded_pipeline)
+    yield from serve(config, loader(embedded_pipeline))

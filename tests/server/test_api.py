@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sdstudio.cli import embedded_model_path
+from sdstudio.models.loading import file_sha256
 from sdstudio.types import GenerationRequest, InitImage, Inpaint
 
 webuiapi = pytest.importorskip("webuiapi")
@@ -95,11 +97,12 @@ def test_png_info_round_trip(server) -> None:
 
 def test_listing_shapes(server) -> None:
     with httpx.Client(base_url=server.url, timeout=10) as c:
-        assert c.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "toyworld.safetensors"
+        title = f"toyworld.safetensors [{file_sha256(embedded_model_path())[:10]}]"
+        assert c.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == title
         samplers = c.get("/sdapi/v1/samplers").json()
         assert {"Euler a", "Euler"} <= {s["name"] for s in samplers}
         models = c.get("/sdapi/v1/sd-models").json()
-        assert [m["title"] for m in models] == ["toyworld.safetensors"]
+        assert [m["title"] for m in models] == [title]
         assert c.get("/sdapi/v1/loras").json() == []
         assert c.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
         assert "Karras" in [s["label"] for s in c.get("/sdapi/v1/schedulers").json()]
@@ -147,6 +150,11 @@ def test_errors_name_the_field(server) -> None:
         assert r.status_code == 422 and r.json()["field"] == "width"
         r = c.post("/sdapi/v1/img2img", json={"init_images": ["@@"], **TINY})
         assert r.status_code == 422 and r.json()["field"] == "init_images[0]"
+        r = c.post(
+            "/sdapi/v1/txt2img",
+            json={"prompt": "x", **TINY, "override_settings": {"CLIP_stop_at_last_layers": "two"}},
+        )
+        assert r.status_code == 422 and r.json()["field"] == "CLIP_stop_at_last_layers"
         r = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "No Such", **TINY})
         assert r.status_code == 422 and set(r.json()) >= {"error", "detail", "body", "errors"}
 
@@ -182,8 +190,16 @@ def test_progress_and_cancel_running_job(server) -> None:
             time.sleep(0.01)
         assert progress["state"]["sampling_steps"] == 400
         assert 0 < progress["progress"] < 1
+        # the preview decoder's picture of the latest x0 estimate, at the image's size
+        preview = decode(progress["current_image"])
+        assert preview.size == (64, 64) and preview.mode == "RGB"
+        assert len(np.unique(np.asarray(preview).reshape(-1, 3), axis=0)) > 1  # a picture, not a flat fill
+        assert (
+            c.get("/sdapi/v1/progress", params={"skip_current_image": True}).json()["current_image"] is None
+        )
         running = c.get(f"/sdapi/v2/jobs/{job['id']}").json()
         assert running["state"] == "running" and running["steps"] == 400
+        assert decode(running["preview"]).size == (64, 64)
         assert c.delete(f"/sdapi/v2/jobs/{job['id']}").json()["canceled"] is True
         assert poll(c, job["id"], {"canceled", "done", "failed"})["state"] == "canceled"
         assert c.get("/sdapi/v1/progress").json()["state"]["job"] == ""
