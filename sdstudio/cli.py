@@ -971,6 +971,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_checkpoint_commands(ckpt_sub)
 
     add_lora_commands(sub)
+    from sdstudio.cli_batch import add_batch_commands
+
+    add_batch_commands(sub)
 
     srv = sub.add_parser("serve", help="serve AUTOMATIC1111's /sdapi/v1 API and a job API (/sdapi/v2/jobs) over HTTP")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -1027,7 +1030,7 @@ def run(args: argparse.Namespace, owns_process: bool = False) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="sdstudio: %(message)s"
     )
     try:
-        if owns_process and args.command == "generate":
+        if owns_process and args.command in ("generate", "batch"):
             tune_process(args)
         return args.func(args)
     except SdStudioError as e:
@@ -1071,7 +1074,7 @@ def generates_on_cpu(args: argparse.Namespace) -> bool:
 
 
 def tune_process(args: argparse.Namespace) -> None:
-    """Process-wide settings for ``generate`` in a process the command owns.
+    """Process-wide settings for ``generate`` and ``batch`` in a process the command owns.
 
     Threads: as many as the cores not kept busy by other processes, or ``--threads``
     (:mod:`sdstudio.threads`). Heap: on the CPU, freed tensor memory stays in the process's heap
