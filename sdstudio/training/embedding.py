@@ -118,7 +118,10 @@ def embedding_loss(
     if len(captions) != latents.shape[0]:
         raise ValueError(f"{len(captions)} captions for {latents.shape[0]} latents")
     context = encode_captions(text_encoder, tokenizer, text_config, captions, clip_skip, embedding.database)
-    return denoiser.training_loss(latents, context, generator, snr_gamma=snr_gamma, rows=rows).mean()
+    loss = denoiser.training_loss(latents, context, generator, snr_gamma=snr_gamma, rows=rows).mean()
+    if not loss.requires_grad:  # no caption of this batch names it (caption dropout): a zero gradient
+        loss = loss + 0.0 * embedding.vectors.sum()
+    return loss
 
 
 def save_embedding(

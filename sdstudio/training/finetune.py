@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -283,6 +284,19 @@ def training_denoiser(model: LoadedModel) -> Denoiser:
                     model.config.prediction)  # fmt: skip
 
 
+def _check_names_embedding(dataset: Dataset, config: DatasetConfig, name: str, data: object) -> None:
+    """Refuse a run whose prompts never hold the embedding's name: its vectors would get no gradient."""
+    if any("[name]" in line for line in config.template):
+        return
+    word = re.compile(rf"(?<![\w-]){re.escape(name)}(?![\w-])", re.IGNORECASE)
+    if not any(word.search(c) for item in dataset.items for c in item.captions):
+        where = "the template has no [name] and no caption" if config.template else "no caption"
+        raise SdStudioError(
+            f"{data}: {where} holds the embedding's name {name!r}, so it would never be trained; pass "
+            f"--template subject_filewords ('a photo of [name], [filewords]') or write {name!r} in the captions"
+        )
+
+
 def train_embedding(
     model: LoadedModel,
     data: str | os.PathLike,
@@ -312,6 +326,7 @@ def train_embedding(
     log.info("%s %s", "resuming" if resume else "starting", out)
     tokenizer = ClipTokenizer()
     source = TrainingData.open(data, config, model, out / "latents", run.batch_size, run.seed, shard=shard)
+    _check_names_embedding(source.dataset, config, embedding_config.name, data)
     sd = model.model
     sd.requires_grad_(False)
     embedding = TrainableEmbedding.create(embedding_config, sd.text_encoder.token_embedding, tokenizer)

@@ -254,3 +254,20 @@ def test_previews_leave_the_model_as_it_was_and_show_the_saved_lora(data, tmp_pa
     early = np.asarray(Image.open(tmp_path / "run" / "previews" / "p-000003.png"), dtype=np.int16)
     assert np.abs(shown - expected).max() <= 1
     assert np.abs(early - expected).mean() > 0.5  # the previews follow the training
+
+
+def test_an_embedding_no_prompt_names_is_refused_and_dropped_captions_train_nothing(data, ckpt, tmp_path, capsys):
+    """Captions without the embedding's name and no [name] template: refused before training, naming the
+    fix (it crashed in backward before). With every caption dropped (no prompt names it in any batch) the run
+    ends with its file (a zero gradient; it crashed in backward before too)."""
+    base = ["train", "embedding", "--model", str(ckpt), "--data", str(data), "--name", "zqxword", "-q"]
+    assert main([*base, "--out", str(tmp_path / "a"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "'zqxword', so it would never be trained" in err and "--template subject_filewords" in err
+    assert not (tmp_path / "a" / "zqxword.pt").exists()
+    out = tmp_path / "b"
+    assert main([*base, "--out", str(out), "--steps", "2", "--template", "subject_filewords",
+                 "--caption-dropout", "1.0", "--init-text", "red"]) == 0  # fmt: skip
+    capsys.readouterr()
+    vectors = torch.load(out / "zqxword.pt", weights_only=True)["string_to_param"]["*"]
+    assert vectors.shape[0] == 1 and torch.isfinite(vectors).all()
