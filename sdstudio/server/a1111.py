@@ -160,6 +160,27 @@ def _size(params: dict[str, Any], name: str, limits: ServerLimits, given: bool) 
     return value
 
 
+def _hr_scale(resize: tuple[int, int], width: int | None, height: int | None) -> float:
+    """The hires scale that gives AUTOMATIC1111's second-pass size for ``hr_resize_x`` / ``hr_resize_y``
+    (one of them 0: the other side follows the first pass's aspect ratio, ``x * height // width``)."""
+    x, y = resize
+    if width is None or height is None:
+        raise FieldError(
+            "hr_resize_x", "give width and height with hr_resize_x / hr_resize_y (or use hr_scale)"
+        )
+    target = (x, x * height // width) if y == 0 else (y * width // height, y) if x == 0 else (x, y)
+    scale = target[0] / width if x else target[1] / height
+    for factor in (1.0, 1 + 1e-12):  # int(width * x / width) can land one below x in floating point
+        got = int(width * scale * factor), int(height * scale * factor)
+        if got == target:
+            return scale * factor
+    raise FieldError(
+        "hr_resize_x",
+        f"a second pass of {target[0]}x{target[1]} is not one scale of the first pass's {width}x{height} "
+        "(A1111 would crop); give one of hr_resize_x / hr_resize_y, or hr_scale",
+    )
+
+
 def to_request(
     kind: str, payload: dict[str, Any], limits: ServerLimits, seed: int | None = None
 ) -> GenerationRequest:
@@ -191,10 +212,11 @@ def to_request(
         "ensd": 0 if ensd is None else _number(overrides, "eta_noise_seed_delta", int),
     }
     if kind == "txt2img" and p["enable_hr"]:
-        if p["hr_resize_x"] or p["hr_resize_y"]:
-            raise FieldError("hr_resize_x", "not supported; use hr_scale")
+        resize = _number(p, "hr_resize_x", int, 0), _number(p, "hr_resize_y", int, 0)
         kwargs["hires"] = Hires(
-            scale=_number(p, "hr_scale", float),
+            scale=_hr_scale(resize, kwargs["width"], kwargs["height"])
+            if any(resize)
+            else _number(p, "hr_scale", float),
             steps=_number(p, "hr_second_pass_steps", int, 0),
             strength=0.7 if p["denoising_strength"] is None else _number(p, "denoising_strength", float),
             upscaler=str(p["hr_upscaler"]),
