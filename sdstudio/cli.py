@@ -1091,8 +1091,15 @@ def tune_process(args: argparse.Namespace) -> None:
 
 
 def entry() -> int:
-    """The ``sdstudio`` command: :func:`main` in a process it owns (see :func:`tune_process`)."""
-    return run(build_parser().parse_args(), owns_process=True)
+    """The ``sdstudio`` command: :func:`main` in a process it owns (see :func:`tune_process`). A rank of a
+    torchrun launch leaves through ``distributed.leave``, past the interpreter's finalization."""
+    code = run(build_parser().parse_args(), owns_process=True)
+    if "torch.distributed" in sys.modules:
+        from sdstudio.training import distributed
+
+        if distributed.launched():
+            distributed.leave(code)
+    return code
 
 
 if __name__ == "__main__":
