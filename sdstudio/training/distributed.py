@@ -306,12 +306,14 @@ def launched() -> bool:
 
 
 def leave(code: int) -> NoReturn:
-    """End a rank's process with ``code`` once its work is written: :func:`shutdown`, flush, then
-    ``os._exit``, without the interpreter's finalization. There gloo's C++ threads can still abort the
-    process after every file is written (a clean-clone CI run saw rank 0 die with "terminate called
-    without an active exception" after the barrier of ``shutdown``), which torchrun reports as a failed run."""
+    """End a rank's process with ``code`` once its work is written: a barrier (no rank leaves while another
+    still talks to it), flush, then ``os._exit``, without destroying the process group and without the
+    interpreter's finalization. Destroying gloo's C++ threads there can abort the process after every file
+    is written (a clean-clone CI run saw rank 0 die with "terminate called without an active exception"
+    after ``shutdown``'s barrier), which torchrun reports as a failed run."""
     try:
-        shutdown()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
     finally:
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
