@@ -589,13 +589,12 @@ def _loop_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def _print_paths(paths: list) -> int:
-    """The written files, one per line (under torchrun by rank 0 only); the process group ends here."""
-    from sdstudio.training.distributed import is_main, shutdown
+    """The written files, one per line (under torchrun by rank 0 only; the rank then ends in ``entry``)."""
+    from sdstudio.training.distributed import is_main
 
     if is_main():
         for path in paths:
             print(path)
-    shutdown()
     return 0
 
 
