@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,6 +34,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def alternated(
+    first: Callable[[], float], second: Callable[[], float], n: int
+) -> tuple[list[float], list[float]]:
+    """``n`` measurements of each, in ABBA order, so that a change in the machine's load hits both alike."""
+    a: list[float] = []
+    b: list[float] = []
+    for i in range(n):
+        if i % 2 == 0:
+            a.append(first())
+            b.append(second())
+        else:
+            b.append(second())
+            a.append(first())
+    return a, b
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,15 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                     return time.perf_counter() - t
 
                 api(), direct()  # warm-up: first calls pay one-time costs
-                a: list[float] = []
-                b: list[float] = []
-                for i in range(args.runs):
-                    if i % 2 == 0:
-                        a.append(api())
-                        b.append(direct())
-                    else:
-                        b.append(direct())
-                        a.append(api())
+                a, b = alternated(api, direct, args.runs)
 
             def one_client(seeds: list[int]) -> None:
                 with httpx.Client(timeout=600) as c:
@@ -135,15 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                         f.result()
                 return args.jobs / (time.perf_counter() - t)
 
-            seq_rates: list[float] = []
-            conc_rates: list[float] = []
-            for i in range(args.rounds):  # alternated, as the A/B pairs
-                if i % 2 == 0:
-                    seq_rates.append(sequential())
-                    conc_rates.append(concurrent())
-                else:
-                    conc_rates.append(concurrent())
-                    seq_rates.append(sequential())
+            seq_rates, conc_rates = alternated(sequential, concurrent, args.rounds)
         finally:
             server.should_exit = True
             thread.join(60)
