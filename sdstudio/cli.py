@@ -974,7 +974,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_batch_commands(sub)
 
-    srv = sub.add_parser("serve", help="serve AUTOMATIC1111's /sdapi/v1 API and a job API (/sdapi/v2/jobs) over HTTP")
+    srv = sub.add_parser("serve", help="serve the web UI, AUTOMATIC1111's /sdapi/v1 API and a job API (/sdapi/v2/jobs) over HTTP")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     srv.add_argument("--port", type=int, default=7860, help="port (default: 7860, as AUTOMATIC1111)")
     srv.add_argument("--model", help="the default checkpoint (default: the embedded toy model)")
@@ -993,6 +993,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "requests (CORS); off unless given")
     srv.add_argument("--workers", type=int, metavar="N", help="generation workers sharing the job queue, each "
                      "with its own copy of the models (default: one per GPU, worker i on cuda:i; on a CPU, one)")
+    srv.add_argument("--no-ui", action="store_true", help="serve the API alone, without the web UI at /")
     srv.set_defaults(func=cmd_serve)
     return parser
 
@@ -1014,7 +1015,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # each worker's ops start their own thread team: split the threads so that together they fit
         torch.set_num_threads(max(1, choice.threads // cpu_workers))
         log.info("%d CPU workers, %d thread(s) each", cpu_workers, torch.get_num_threads())
-    uvicorn.run(create_app(config, load), host=args.host, port=args.port)
+    app = create_app(config, load)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    if config.ui:
+        print(f"sdstudio: web UI at http://{host}:{args.port}/ (API docs at /docs)", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port)
     return 0
 
 

@@ -211,6 +211,13 @@ def to_request(
         "clip_skip": None if clip_skip is None else _number(overrides, "CLIP_stop_at_last_layers", int, 1),
         "ensd": 0 if ensd is None else _number(overrides, "eta_noise_seed_delta", int),
     }
+    # A1111's settings for ToMe and "Negative Guidance minimum sigma"
+    if overrides.get("token_merging_ratio") is not None:
+        kwargs["token_merging_ratio"] = _number(overrides, "token_merging_ratio", float, 0)
+    if overrides.get("s_min_uncond") is not None:
+        kwargs["ngms"] = _number(overrides, "s_min_uncond", float, 0)
+    if overrides.get("s_min_uncond_all") is not None:
+        kwargs["ngms_all_steps"] = bool(overrides["s_min_uncond_all"])
     if kind == "txt2img" and p["enable_hr"]:
         resize = _number(p, "hr_resize_x", int, 0), _number(p, "hr_resize_y", int, 0)
         kwargs["hires"] = Hires(
@@ -285,14 +292,66 @@ def response(kind: str, payload: dict[str, Any], images: list[str], seeds: list[
 
 
 def png_info(image: Image.Image) -> dict[str, Any]:
+    """A1111's answer (``info``, ``items``, ``parameters``), and ``payload``: the parameters as the txt2img /
+    img2img payload fields that make the image again (:func:`payload_from_infotext`)."""
     text = image.info.get("parameters")
     items = {k: v for k, v in image.info.items() if isinstance(v, str)}
     if not text:
-        return {"info": "", "items": items, "parameters": {}}
+        return {"info": "", "items": items, "parameters": {}, "payload": {}}
     prompt, negative, params = parse_infotext(text)
     items.pop("parameters", None)
     return {
         "info": text,
         "items": items,
         "parameters": {"Prompt": prompt, "Negative prompt": negative, **params},
+        "payload": payload_from_infotext(text),
     }
+
+
+# infotext key -> (payload field, type); override_settings' fields under "override_settings."
+_INFOTEXT_FIELDS: dict[str, tuple[str, type]] = {
+    "Steps": ("steps", int), "Sampler": ("sampler_name", str), "Schedule type": ("scheduler", str),
+    "CFG scale": ("cfg_scale", float), "Seed": ("seed", int), "Variation seed": ("subseed", int),
+    "Variation seed strength": ("subseed_strength", float), "Denoising strength": ("denoising_strength", float),
+    "Eta": ("eta", float), "Mask blur": ("mask_blur", int), "Masked area padding": ("inpaint_full_res_padding", int),
+    "Hires upscale": ("hr_scale", float), "Hires steps": ("hr_second_pass_steps", int),
+    "Hires upscaler": ("hr_upscaler", str), "Clip skip": ("override_settings.CLIP_stop_at_last_layers", int),
+    "ENSD": ("override_settings.eta_noise_seed_delta", int), "Model": ("override_settings.sd_model_checkpoint", str),
+    "VAE": ("override_settings.sd_vae", str), "Token merging ratio": ("override_settings.token_merging_ratio", float),
+    "NGMS": ("override_settings.s_min_uncond", float),
+}  # fmt: skip
+
+
+def payload_from_infotext(text: str) -> dict[str, Any]:
+    """The txt2img / img2img payload fields an infotext records (A1111's "send to txt2img"); a value that
+    does not parse is left out, so what can be restored is."""
+    prompt, negative, params = parse_infotext(text)
+    payload: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative}
+    overrides: dict[str, Any] = {}
+    for key, (name, kind) in _INFOTEXT_FIELDS.items():
+        if key not in params:
+            continue
+        try:
+            value = kind(params[key])
+        except ValueError:
+            continue
+        if name.startswith("override_settings."):
+            overrides[name.split(".", 1)[1]] = value
+        else:
+            payload[name] = value
+    width, _, height = params.get("Size", "").partition("x")
+    if width.isdigit() and height.isdigit():
+        payload["width"], payload["height"] = int(width), int(height)
+    if params.get("NGMS all steps") in ("True", "False"):
+        overrides["s_min_uncond_all"] = params["NGMS all steps"] == "True"
+    if "Hires upscale" in params:
+        payload["enable_hr"] = True
+    if params.get("Masked content") in MASKED_CONTENTS:
+        payload["inpainting_fill"] = MASKED_CONTENTS.index(params["Masked content"])
+    if "Mask blur" in params:
+        payload["inpaint_full_res"] = params.get("Inpaint area") == "Only masked"
+    if params.get("Resize mode", "just resize") in RESIZE_MODES:
+        payload["resize_mode"] = RESIZE_MODES.index(params.get("Resize mode", "just resize"))
+    if overrides:
+        payload["override_settings"] = overrides
+    return payload

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -21,7 +22,8 @@ from typing import Annotated, Any
 from fastapi import Body, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -33,6 +35,7 @@ from sdstudio.server.a1111 import (
     ServerLimits,
     decode_image,
     encode_png,
+    payload_from_infotext,
     png_info,
     request_schema,
     response,
@@ -47,15 +50,23 @@ from sdstudio.server.models import (
     UnknownCheckpoint,
     default_budget_bytes,
 )
+from sdstudio.server.networks import NetworkKind, card_metadata, list_networks
 from sdstudio.server.worker import CHECKPOINT_FIELD, Worker, WorkerPool, checkpoint_record
 
 log = logging.getLogger("sdstudio.server")
 
 Payload = Annotated[dict[str, Any], Body()]  # a JSON object; unknown fields are ignored, as A1111 does
-NETWORK_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 V1_WAIT_RECHECK_S = 1.0  # a v1 call wakes when its job ends; this only bounds each wait
 EVENTS_POLL_S = 0.05
 EVENTS_KEEPALIVE_S = 15.0
+HISTORY_MAX_LIMIT = 200
+UI_DIR = Path(__file__).parent / "ui"
+# the page loads and fetches from this server only: no CDN, no other host, no inline script
+UI_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'",
+    "Cache-Control": "no-cache",
+}
 EVENT_FIELDS = ("id", "state", "position", "step", "steps", "iteration", "n_iter", "loading")
 
 
@@ -74,6 +85,7 @@ class ServerConfig:
     max_body_bytes: int = 64 * 1024 * 1024
     workers: int = 1  # --workers: generation threads sharing the queue, each with its own loaded models
     devices: tuple[str, ...] = ()  # the device of each worker ("cuda:0", ...); empty: the loader's own
+    ui: bool = True  # the web UI at / (--no-ui: the API alone)
 
 
 class ErrorBody(BaseModel):
@@ -147,6 +159,7 @@ def config_from_args(
         cors_origins=tuple(o.strip() for o in (args.cors_allow_origins or "").split(",") if o.strip()),
         workers=workers,
         devices=devices,
+        ui=not getattr(args, "no_ui", False),
     )
 
     def load(path: Path, vae: Path | None, device: str = "cpu") -> Pipeline:
@@ -457,23 +470,24 @@ def create_app(config: ServerConfig, load: Callable[[Path, Path | None], Any]) -
             for n in names
         ]
 
-    def network_files(folders: tuple[Path, ...]) -> list[Path]:
-        return sorted(
-            f for d in folders if d.is_dir() for f in d.rglob("*") if f.suffix.lower() in NETWORK_SUFFIXES
-        )
+    network_folders: dict[NetworkKind, tuple[Path, ...]] = {
+        "lora": config.lora_dirs,
+        "embedding": (config.embeddings_dir,) if config.embeddings_dir else (),
+        "hypernetwork": config.hypernetwork_dirs,
+    }
 
     @app.get("/sdapi/v1/loras")
     def loras() -> Any:
         return [
-            {"name": f.stem, "alias": f.stem, "path": str(f), "metadata": {}}
-            for f in network_files(config.lora_dirs)
-        ]
+            {"name": e.name, "alias": e.metadata().get("ss_output_name", e.name), "path": str(e.path),
+             "metadata": e.metadata()}
+            for e in list_networks("lora", config.lora_dirs)
+        ]  # fmt: skip
 
     @app.get("/sdapi/v1/embeddings")
     def embeddings() -> Any:
-        folders = (config.embeddings_dir,) if config.embeddings_dir else ()
-        loaded = {f.stem: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None,
-                           "vectors": None} for f in network_files(folders)}  # fmt: skip
+        loaded = {e.name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None,
+                           "vectors": None} for e in list_networks("embedding", network_folders["embedding"])}  # fmt: skip
         return {"loaded": loaded, "skipped": {}}
 
     @app.get("/sdapi/v1/cmd-flags")
@@ -522,8 +536,10 @@ def create_app(config: ServerConfig, load: Callable[[Path, Path | None], Any]) -
 
     @app.get("/sdapi/v1/hypernetworks")
     def hypernetworks() -> Any:
-        files = [f for f in network_files(config.hypernetwork_dirs) if f.suffix.lower() == ".pt"]
-        return [{"name": f.stem, "path": str(f)} for f in files]
+        return [
+            {"name": e.name, "path": str(e.path)}
+            for e in list_networks("hypernetwork", config.hypernetwork_dirs)
+        ]
 
     @app.get("/sdapi/v1/prompt-styles")
     def prompt_styles() -> Any:
@@ -571,8 +587,10 @@ def create_app(config: ServerConfig, load: Callable[[Path, Path | None], Any]) -
                 view["preview"] = encode_png(image)
         if job.state == "done":
             result = job.result or {}
-            view.update(images=_images(config, job), infotexts=result.get("infotexts", []),
-                        seeds=result.get("seeds", []), warnings=result.get("warnings", []))  # fmt: skip
+            infotexts = result.get("infotexts", [])
+            view.update(images=_images(config, job), infotexts=infotexts, seeds=result.get("seeds", []),
+                        warnings=result.get("warnings", []),
+                        payloads=[payload_from_infotext(text) for text in infotexts])  # fmt: skip
         return view
 
     job_schema = request_schema("txt2img")
@@ -604,6 +622,73 @@ def create_app(config: ServerConfig, load: Callable[[Path, Path | None], Any]) -
             return error_response(409, "Conflict", f"job {job_id} is already {job.state}")
         worker.cancel(job_id)
         return {"id": job_id, "canceled": True}
+
+    def history_view(job: Job) -> dict[str, Any]:
+        """An ended job as the history lists it: its request without the images it was given, links to its
+        images, and each image's infotext with the payload that makes it again."""
+        request = {k: v for k, v in job.request.items() if k not in ("init_images", "mask", CHECKPOINT_FIELD)}
+        result = job.result or {}
+        infotexts = result.get("infotexts", [])
+        return {
+            "id": job.id, "kind": job.kind, "state": job.state, "created": job.created, "finished": job.finished,
+            "error": job.error, "prompt": str(request.get("prompt") or ""), "request": request,
+            "images": [f"/sdapi/v2/jobs/{job.id}/images/{i}" for i in range(len(result.get("files", [])))],
+            "infotexts": infotexts, "seeds": result.get("seeds", []),
+            "payloads": [payload_from_infotext(text) for text in infotexts],
+        }  # fmt: skip
+
+    @app.get("/sdapi/v2/history")
+    def history(q: str = "", limit: int = 50, before: float | None = None) -> Any:
+        """Ended jobs, the last to end first; ``q``: a part of the prompt; ``before``: the ``finished`` time of
+        the previous page's last job."""
+        if not 1 <= limit <= HISTORY_MAX_LIMIT:
+            raise FieldError("limit", f"must be 1..{HISTORY_MAX_LIMIT} (got {limit})")
+        return [history_view(job) for job in store.history(q, limit, before)]
+
+    @app.delete("/sdapi/v2/history/{job_id}")
+    def delete_history(job_id: str) -> Any:
+        """Removes an ended job and its image files (a job still pending or running: cancel it first)."""
+        job = store.get(job_id)
+        if job is None:
+            return error_response(404, "NotFound", f"no job {job_id}")
+        if job.state not in FINAL_STATES or not store.delete(job.id):
+            return error_response(409, "Conflict", f"job {job_id} has not ended: cancel it first")
+        shutil.rmtree(config.data_dir / "outputs" / job.id, ignore_errors=True)
+        return {"id": job.id, "deleted": True}
+
+    @app.get("/sdapi/v2/jobs/{job_id}/images/{index}", response_class=FileResponse)
+    def job_image(job_id: str, index: int) -> Any:
+        """Image ``index`` of a finished job, as the PNG file written (its infotext in it)."""
+        job = store.get(job_id)
+        files = (job.result or {}).get("files", []) if job is not None else []
+        if job is None or not 0 <= index < len(files):
+            return error_response(404, "NotFound", f"no image {index} of job {job_id}")
+        path = config.data_dir / "outputs" / job.id / files[index]
+        if not path.is_file():
+            return error_response(404, "NotFound", f"the image file of job {job_id} is gone")
+        return FileResponse(path, media_type="image/png", filename=f"{job.id[:8]}-{files[index]}",
+                            content_disposition_type="inline")  # fmt: skip
+
+    @app.get("/sdapi/v2/networks")
+    def networks() -> Any:
+        """LoRAs, embeddings and hypernetworks in the configured folders, as the UI's cards show them."""
+        return {
+            kind: [
+                {"name": e.name, "tag": e.tag(), "metadata": card_metadata(e),
+                 "preview": f"/sdapi/v2/networks/{kind}/{e.name}/preview" if e.preview else None}
+                for e in list_networks(kind, folders)
+            ]
+            for kind, folders in network_folders.items()
+        }  # fmt: skip
+
+    @app.get("/sdapi/v2/networks/{kind}/{name}/preview", response_class=FileResponse)
+    def network_preview(kind: str, name: str) -> Any:
+        """The preview image beside a network's file (NAME.png, NAME.preview.png, .jpg, .webp)."""
+        folders = network_folders.get(kind)  # type: ignore[call-overload]
+        entry = next((e for e in list_networks(kind, folders) if e.name == name), None) if folders else None  # type: ignore[arg-type]
+        if entry is None or entry.preview is None:
+            return error_response(404, "NotFound", f"no preview for {kind} {name!r}")
+        return FileResponse(entry.preview)
 
     def job_event(job_id: str) -> tuple[str, dict[str, Any]] | None:
         """The job's event now (None once it is gone); SQLite work, so run off the event loop."""
@@ -643,6 +728,14 @@ def create_app(config: ServerConfig, load: Callable[[Path, Path | None], Any]) -
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+
+    if config.ui:
+
+        @app.get("/", include_in_schema=False)
+        def index() -> Any:
+            return FileResponse(UI_DIR / "index.html", headers=UI_HEADERS)
+
+        app.mount("/ui", StaticFiles(directory=UI_DIR), name="ui")
 
     if config.cors_origins:
         # added last, so outermost: a preflight is answered before the auth check

@@ -186,6 +186,31 @@ class JobStore:
         self._notify_ended()
         return cur.rowcount == 1
 
+    def history(self, query: str = "", limit: int = 50, before: float | None = None) -> list[Job]:
+        """Ended jobs, the last to end first: ``query`` a case-insensitive part of the prompt (empty: all),
+        ``before`` only jobs that ended before that time (the next page after a page's last job)."""
+        sql = f"SELECT {self._COLS} FROM jobs WHERE state IN ('done', 'failed', 'canceled')"
+        args: list[Any] = []
+        if query:
+            sql += " AND instr(lower(coalesce(json_extract(request, '$.prompt'), '')), lower(?)) > 0"
+            args.append(query)
+        if before is not None:
+            sql += " AND finished < ?"
+            args.append(before)
+        sql += " ORDER BY finished DESC, seq DESC LIMIT ?"
+        args.append(limit)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [self._row(row) for row in rows]
+
+    def delete(self, job_id: str) -> bool:
+        """Removes an ended job from the store (False: no such job, or it has not ended)."""
+        with self._lock:
+            cur = self._db.execute(
+                "DELETE FROM jobs WHERE id = ? AND state IN ('done', 'failed', 'canceled')", (job_id,)
+            )
+        return cur.rowcount == 1
+
     def recover(self, max_attempts: int = 2) -> int:
         """At start-up: jobs a killed server left running run again once; a second death fails them."""
         with self._lock:

@@ -57,6 +57,7 @@ def _losses(stage_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (stage_dir / LOG_FILE).read_text().splitlines()]
 
 
+@pytest.mark.slow  # a 24 s recipe run shared by four tests
 def test_unet_loss_falls(trained):
     out, _ = trained
     losses = _losses(out / "unet")
@@ -66,6 +67,7 @@ def test_unet_loss_falls(trained):
     assert last < 0.8 * first, (first, last)
 
 
+@pytest.mark.slow  # a 24 s recipe run shared by four tests
 def test_vae_stage_learns_to_reconstruct(trained):
     """The VAE's logged losses at batch 4 are too noisy to compare over 30 steps (their ratio measured
     0.77-0.83), so its reconstructions of fixed scenes are compared before and after the stage."""
@@ -83,6 +85,7 @@ def test_vae_stage_learns_to_reconstruct(trained):
     assert errors[1] < 0.75 * errors[0], errors  # measured: 0.36 -> 0.22
 
 
+@pytest.mark.slow  # a 24 s recipe run shared by four tests
 def test_final_checkpoint_is_fp16_with_config_and_loads(trained):
     out, recipe = trained
     path = out / FINAL_MODEL
@@ -283,6 +286,7 @@ def test_decoder_batches_hold_the_concepts_at_their_share():
     assert 0.2 < np.mean(concept_objects(0.4)) < 0.6
 
 
+@pytest.mark.slow  # a 24 s recipe run shared by four tests
 def test_decoder_stage_from_a_finished_model_changes_only_the_decoder(trained, tmp_path):
     out, recipe = trained
     start = out / FINAL_MODEL

@@ -198,6 +198,7 @@ def _command(ckpt: Path, data: Path, out: Path) -> list[str]:
             "--train-text-encoder", "--precision", "fp32", "-q"]  # fmt: skip
 
 
+@pytest.mark.slow  # two real training processes, one killed: 23 s
 def test_a_run_killed_with_sigkill_resumes_to_the_weights_of_an_unbroken_run(data, ckpt, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     whole = tmp_path / "whole"
