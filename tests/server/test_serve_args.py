@@ -27,6 +27,11 @@ def test_serve_flags_make_the_config(tmp_path) -> None:
         build_parser().parse_args(["serve", "--data-dir", str(tmp_path)]), embedded_model_path()
     )
     assert plain.cors_origins == () and plain.models_dir is None and plain.cache_budget_bytes is None
+    assert plain.ui and config.ui  # the web UI is on unless --no-ui
+    api_only, _ = config_from_args(
+        build_parser().parse_args(["serve", "--no-ui", "--data-dir", str(tmp_path)]), embedded_model_path()
+    )
+    assert not api_only.ui
 
 
 @pytest.mark.parametrize(
