@@ -40,12 +40,13 @@ def _activation(name: str) -> Callable[[Tensor], Tensor]:
     raise ValueError(f"unknown text encoder activation {name!r}")
 
 
-def _causal_attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
-    """Multi-head causal self-attention over projected ``q, k, v`` [batch, tokens, width]."""
+def _self_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, causal: bool = True) -> Tensor:
+    """Multi-head self-attention over projected ``q, k, v`` [batch, tokens, width]: causal for text,
+    bidirectional for the image towers (``clip_vision``)."""
     batch, tokens, width = q.shape
     # [batch, tokens, width] -> [batch, heads, tokens, head_dim]
     q, k, v = (t.view(batch, tokens, heads, width // heads).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [batch, heads, tokens, head_dim]
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # [batch, heads, tokens, head_dim]
     return out.transpose(1, 2).reshape(batch, tokens, width)
 
 
@@ -78,16 +79,17 @@ def _embed(embedding: nn.Embedding, positions: Tensor, tokens: Tensor, token_emb
 
 
 class _CLIPAttention(nn.Module):
-    def __init__(self, width: int, heads: int) -> None:
+    def __init__(self, width: int, heads: int, causal: bool = True) -> None:
         super().__init__()
         self.heads = heads
+        self.causal = causal
         self.q_proj = nn.Linear(width, width)
         self.k_proj = nn.Linear(width, width)
         self.v_proj = nn.Linear(width, width)
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x: Tensor) -> Tensor:  # [batch, tokens, width]
-        out = _causal_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads)
+        out = _self_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, self.causal)
         return self.out_proj(out)
 
 
@@ -103,12 +105,14 @@ class _CLIPMLP(nn.Module):
 
 
 class _CLIPEncoderLayer(nn.Module):
-    def __init__(self, config: TextEncoderConfig) -> None:
+    """A pre-LayerNorm transformer layer in transformers' names (text and image towers alike)."""
+
+    def __init__(self, width: int, heads: int, mlp_width: int, activation: str, causal: bool = True) -> None:
         super().__init__()
-        self.self_attn = _CLIPAttention(config.width, config.heads)
-        self.layer_norm1 = nn.LayerNorm(config.width)
-        self.mlp = _CLIPMLP(config.width, config.width * config.mlp_ratio, config.activation)
-        self.layer_norm2 = nn.LayerNorm(config.width)
+        self.self_attn = _CLIPAttention(width, heads, causal)
+        self.layer_norm1 = nn.LayerNorm(width)
+        self.mlp = _CLIPMLP(width, mlp_width, activation)
+        self.layer_norm2 = nn.LayerNorm(width)
 
     def forward(self, x: Tensor) -> Tensor:  # [batch, tokens, width]
         x = x + self.self_attn(self.layer_norm1(x))
@@ -138,7 +142,10 @@ class _CLIPEmbeddings(nn.Module):
 class _CLIPEncoder(nn.Module):
     def __init__(self, config: TextEncoderConfig) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(_CLIPEncoderLayer(config) for _ in range(config.layers))
+        self.layers = nn.ModuleList(
+            _CLIPEncoderLayer(config.width, config.heads, config.width * config.mlp_ratio, config.activation)
+            for _ in range(config.layers)
+        )
 
 
 class _CLIPTextTransformer(nn.Module):
@@ -191,19 +198,21 @@ class FrozenCLIPEmbedder(nn.Module):
 
 
 class _PackedAttention(nn.Module):
-    """``nn.MultiheadAttention``'s parameter names (packed q/k/v), always causal, batch first."""
+    """``nn.MultiheadAttention``'s parameter names (packed q/k/v), batch first; causal for text."""
 
-    def __init__(self, width: int, heads: int) -> None:
+    def __init__(self, width: int, heads: int, causal: bool = True) -> None:
         super().__init__()
         self.heads = heads
+        self.causal = causal
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # rows: q, k, v
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
-        nn.init.xavier_uniform_(self.in_proj_weight)
+        if not self.in_proj_weight.is_meta:
+            nn.init.xavier_uniform_(self.in_proj_weight)
 
     def forward(self, x: Tensor) -> Tensor:  # [batch, tokens, width]
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
-        return self.out_proj(_causal_attention(q, k, v, self.heads))
+        return self.out_proj(_self_attention(q, k, v, self.heads, self.causal))
 
 
 class _OpenCLIPMLP(nn.Module):
@@ -218,12 +227,14 @@ class _OpenCLIPMLP(nn.Module):
 
 
 class _ResidualAttentionBlock(nn.Module):
-    def __init__(self, config: TextEncoderConfig) -> None:
+    """A pre-LayerNorm transformer layer in open_clip's names (text and image towers alike)."""
+
+    def __init__(self, width: int, heads: int, mlp_width: int, activation: str, causal: bool = True) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.width)
-        self.attn = _PackedAttention(config.width, config.heads)
-        self.ln_2 = nn.LayerNorm(config.width)
-        self.mlp = _OpenCLIPMLP(config.width, config.width * config.mlp_ratio, config.activation)
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = _PackedAttention(width, heads, causal)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = _OpenCLIPMLP(width, mlp_width, activation)
 
     def forward(self, x: Tensor) -> Tensor:  # [batch, tokens, width]
         x = x + self.attn(self.ln_1(x))
@@ -233,7 +244,12 @@ class _ResidualAttentionBlock(nn.Module):
 class _OpenCLIPTransformer(nn.Module):
     def __init__(self, config: TextEncoderConfig) -> None:
         super().__init__()
-        self.resblocks = nn.ModuleList(_ResidualAttentionBlock(config) for _ in range(config.layers))
+        self.resblocks = nn.ModuleList(
+            _ResidualAttentionBlock(
+                config.width, config.heads, config.width * config.mlp_ratio, config.activation
+            )
+            for _ in range(config.layers)
+        )
 
 
 class _OpenCLIPTextModel(nn.Module):
