@@ -43,6 +43,7 @@ from safetensors import safe_open
 
 from sdstudio.engine import Pipeline
 from sdstudio.errors import SdStudioError
+from sdstudio.eval.metrics import frechet_distance
 from sdstudio.io.images import to_pil
 from sdstudio.toyworld.concepts import SPLITS, Concept, concept_prompts, get_concept
 from sdstudio.toyworld.judge import Score, score
@@ -201,28 +202,6 @@ def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
         raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return math.inf if mse == 0 else 10.0 * math.log10(peak * peak / mse)
-
-
-def _sqrtm_psd(m: np.ndarray) -> np.ndarray:
-    """Square root of a symmetric positive semi-definite matrix by eigendecomposition; eigenvalues
-    that rounding pushed below zero count as zero."""
-    w, v = np.linalg.eigh((m + m.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) (Dowson & Landau 1982; the FID of
-    Heusel et al. 2017): ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))``, in float64.
-
-    ``S1 S2`` is not symmetric, but it is similar to ``S1^(1/2) S2 S1^(1/2)``, which is symmetric PSD,
-    so the trace of its square root is the sum of square roots of that matrix's eigenvalues.
-    """
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    root1 = _sqrtm_psd(s1)
-    inner = root1 @ s2 @ root1
-    tr_covmean = float(np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0.0, None)).sum())
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
 
 
 def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:

@@ -1,0 +1,1 @@
+"""Image metrics (FID, KID, precision/recall, CLIP score) and the feature extractors they read."""
