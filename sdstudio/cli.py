@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -308,6 +309,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     dtype = choose_dtype(args.precision, device)
     limits = limits_from_args(args)
     request, warnings = build_request(args)
+    if args.style:
+        from sdstudio.prompt.styles import apply_styles, find_styles, load_styles
+
+        if not args.styles:
+            raise SdStudioError("--style needs --styles FILE (a styles.csv with name,prompt,negative_prompt)")
+        styles = find_styles(load_styles(args.styles), args.style, source=args.styles)
+        prompt, negative = apply_styles(request.prompt, request.negative_prompt, styles)
+        request = dataclasses.replace(request, prompt=prompt, negative_prompt=negative)
     check_request(request, limits)
     png_params = options_from_png(args.from_png)[1] if args.from_png else {}
     warnings += check_png_files(args, png_params)
@@ -734,6 +743,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", nargs="?", help="the prompt (optional with --from-png)")
     gen.add_argument("--from-png", metavar="FILE", help="replay the generation recorded in a PNG's parameters; flags given override them")
     gen.add_argument("--negative", help="negative prompt")
+    gen.add_argument("--styles", metavar="FILE", help="styles.csv (name,prompt,negative_prompt), as AUTOMATIC1111's")
+    gen.add_argument("--style", action="append", metavar="NAME",
+                     help="apply this style from --styles: {prompt} in it is replaced by the prompt, else it is "
+                     "appended (repeatable)")  # fmt: skip
     gen.add_argument("--model", help="checkpoint: .safetensors, .ckpt or a diffusers folder (default: embedded)")
     gen.add_argument("--sampler", help="sampler name as AUTOMATIC1111 shows it (default: Euler a)")
     gen.add_argument("--scheduler", help="schedule type: Automatic (default), Uniform, Karras, ...")
@@ -941,6 +954,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "DreamBooth token)")  # fmt: skip
     ew.add_argument("--method", default="", help="with --concept: a label for the report")
     ew.set_defaults(func=cmd_eval_toyworld)
+    from sdstudio.cli_eval import add_eval_commands
+
+    add_eval_commands(ev_sub)
 
     toy = sub.add_parser("toyworld", help="the toy world's data: fine-tuning sets of concepts the embedded model never saw")
     toy_sub = toy.add_subparsers(dest="toyworld_command", required=True)
@@ -973,6 +989,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sdstudio.cli_batch import add_batch_commands
 
     add_batch_commands(sub)
+    from sdstudio.cli_grid import add_grid_commands
+
+    add_grid_commands(sub)
 
     srv = sub.add_parser("serve", help="serve the web UI, AUTOMATIC1111's /sdapi/v1 API and a job API (/sdapi/v2/jobs) over HTTP")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -1034,7 +1053,7 @@ def run(args: argparse.Namespace, owns_process: bool = False) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="sdstudio: %(message)s"
     )
     try:
-        if owns_process and args.command in ("generate", "batch"):
+        if owns_process and args.command in ("generate", "batch", "grid"):
             tune_process(args)
         return args.func(args)
     except SdStudioError as e:
@@ -1066,9 +1085,9 @@ def _silence_stdout() -> None:
 
 
 def generates_on_cpu(args: argparse.Namespace) -> bool:
-    """Whether the command generates images on the CPU: ``generate`` with ``--device cpu``, or ``auto`` on a
-    machine without a CUDA GPU."""
-    if args.command != "generate":
+    """Whether the command generates images on the CPU: ``generate`` / ``grid`` with ``--device cpu``, or
+    ``auto`` on a machine without a CUDA GPU."""
+    if args.command not in ("generate", "grid"):
         return False
     if args.device == "auto":
         import torch
@@ -1078,7 +1097,7 @@ def generates_on_cpu(args: argparse.Namespace) -> bool:
 
 
 def tune_process(args: argparse.Namespace) -> None:
-    """Process-wide settings for ``generate`` and ``batch`` in a process the command owns.
+    """Process-wide settings for ``generate``, ``batch`` and ``grid`` in a process the command owns.
 
     Threads: as many as the cores not kept busy by other processes, or ``--threads``
     (:mod:`sdstudio.threads`). Heap: on the CPU, freed tensor memory stays in the process's heap
@@ -1087,7 +1106,7 @@ def tune_process(args: argparse.Namespace) -> None:
     where a shortened toyworld recipe ran no faster with it and peaked 0.3-0.6 GB higher."""
     from sdstudio.threads import apply_thread_policy
 
-    log.info("threads: %s", apply_thread_policy(args.threads))
+    log.info("threads: %s", apply_thread_policy(getattr(args, "threads", None)))
     if generates_on_cpu(args):
         from sdstudio.host_memory import keep_freed_memory
 

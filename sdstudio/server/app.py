@@ -42,6 +42,7 @@ from sdstudio.server.a1111 import (
     to_request,
     with_defaults,
 )
+from sdstudio.server.grids import AXIS_NAMES, grid_jobs
 from sdstudio.server.jobs import FINAL_STATES, Job, JobStore
 from sdstudio.server.models import (
     Checkpoint,
@@ -332,10 +333,11 @@ def create_app(config: ServerConfig, load: Callable[[Path, Path | None], Any]) -
         except UnknownCheckpoint as e:
             raise FieldError(field_name, str(e)) from None
 
-    def submit(kind: str, payload: dict[str, Any]) -> str:
+    def checked(kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """The payload as the store keeps it, with its checkpoint fixed; refused now, not in the worker."""
         from sdstudio.pipelines.validate import check_request
 
-        check_request(to_request(kind, payload, config.limits))  # refuse now, not in the worker
+        check_request(to_request(kind, payload, config.limits))
         overrides = payload.get("override_settings")
         overrides = overrides if isinstance(overrides, dict) else {}
         wanted = overrides.get("sd_model_checkpoint")
@@ -346,7 +348,10 @@ def create_app(config: ServerConfig, load: Callable[[Path, Path | None], Any]) -
         wanted_vae = overrides.get("sd_vae")
         vae = registry.default_vae if wanted_vae is None else find_vae(wanted_vae, "override_settings.sd_vae")
         # the checkpoint is fixed now: a later switch of the default does not change a queued job's
-        job_id = store.submit(kind, {**payload, CHECKPOINT_FIELD: checkpoint_record(checkpoint, vae)})
+        return {**payload, CHECKPOINT_FIELD: checkpoint_record(checkpoint, vae)}
+
+    def submit(kind: str, payload: dict[str, Any]) -> str:
+        job_id = store.submit(kind, checked(kind, payload))
         worker.notify()
         return job_id
 
@@ -622,6 +627,35 @@ def create_app(config: ServerConfig, load: Callable[[Path, Path | None], Any]) -
             return error_response(409, "Conflict", f"job {job_id} is already {job.state}")
         worker.cancel(job_id)
         return {"id": job_id, "canceled": True}
+
+    @app.post("/sdapi/v2/grids")
+    def create_grid(payload: Payload) -> Any:
+        """An X/Y/Z plot: the payload of ``kind`` (txt2img / img2img) with ``x_type`` / ``x_values`` (and y, z)
+        as A1111's axis types and value syntax. Every cell is checked before any is queued; each is then a
+        job of its own (``cells``: their ids and places), with the labels to draw the grid."""
+        kind = payload.get("kind", "txt2img")
+        with_defaults(kind, payload)  # checks kind
+        base = {k: v for k, v in payload.items() if k != "kind" and not k.startswith(("x_", "y_", "z_"))}
+        axes = {a: (payload.get(f"{a}_type"), payload.get(f"{a}_values")) for a in "xyz"}
+        grid = grid_jobs(kind, base, axes)
+        records = []
+        for cell in grid.cells:
+            try:
+                records.append(checked(kind, cell.payload))
+            except (FieldError, SdStudioError) as e:
+                where = ", ".join(label for label in (grid.x_labels[cell.ix], grid.y_labels[cell.iy],
+                                                      grid.z_labels[cell.iz]) if label)  # fmt: skip
+                raise SdStudioError(f"grid cell {where or 'x=0'}: {e}") from None
+        cells = [{"id": store.submit(kind, record), "x": c.ix, "y": c.iy, "z": c.iz}
+                 for c, record in zip(grid.cells, records)]  # fmt: skip
+        worker.notify()
+        return {"cells": cells, "x_labels": grid.x_labels, "y_labels": grid.y_labels,
+                "z_labels": grid.z_labels, "axes": grid.axes}  # fmt: skip
+
+    @app.get("/sdapi/v2/grids/axes")
+    def grid_axes() -> Any:
+        """The axis types a grid takes."""
+        return list(AXIS_NAMES)
 
     def history_view(job: Job) -> dict[str, Any]:
         """An ended job as the history lists it: its request without the images it was given, links to its

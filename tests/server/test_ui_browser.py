@@ -310,6 +310,36 @@ def test_a_lora_card_inserts_its_tag(page: Page) -> None:
     page.shot("extra-networks")
 
 
+def test_xyz_plot_fills_a_labelled_grid(page: Page) -> None:
+    p = page.page
+    tab = panel(p, "txt2img")
+    tab.get_by_label("Prompt", exact=True).fill("a red circle")
+    tab.get_by_label("Seed", exact=True).fill("5")
+    tab.locator("summary", has_text="X/Y/Z plot").click()
+    tab.get_by_label("X type").select_option("Steps")
+    tab.get_by_label("X values").fill("2-4 (+2)")
+    tab.get_by_label("Y type").select_option("Prompt S/R")
+    tab.get_by_label("Y values").fill("red, blue")
+    tab.get_by_role("button", name="Generate grid").click()
+    grid = tab.locator("table.xyz")
+    grid.locator("img").nth(3).wait_for()
+    p.wait_for_function(
+        "() => [...document.querySelectorAll('#panel-txt2img table.xyz img')].every(i => i.naturalWidth > 0)"
+    )
+    assert grid.locator("thead th").all_inner_texts() == ["Steps: 2", "Steps: 4"]
+    assert grid.locator("tbody th").all_inner_texts() == ["red", "blue"]
+    assert "a blue circle\nSteps: 4" in grid.get_by_role("img", name="Grid cell Steps: 4, blue").get_attribute("title")
+    page.shot("txt2img-xyz")
+    # a refused value: said, and nothing queued
+    tab.get_by_label("X values").fill("2, 0")
+    tab.get_by_role("button", name="Generate grid").click()
+    p.locator("#notice", has_text="grid cell Steps: 0").wait_for()
+    assert tab.locator(".queue li").count() == 4
+    # the browser logs the refusal's 422 as a failed request: that one line, and nothing else
+    assert all("status of 422" in e for e in page.errors) and len(page.errors) == 1, page.errors
+    page.errors.clear()
+
+
 def test_narrow_width_and_every_control_labelled(browser, ui_server: Running) -> None:
     page = Page(browser, ui_server.url, width=390, height=844)
     p = page.page

@@ -7,6 +7,7 @@ import { History } from "./history.js";
 import { JobList } from "./jobs.js";
 import { NetworkCards } from "./networks.js";
 import { PngInfo } from "./pnginfo.js";
+import { XyzPlot } from "./xyz.js";
 
 class GenerateTab {
   constructor(panel, kind, lists, models) {
@@ -20,6 +21,7 @@ class GenerateTab {
     output.innerHTML = `
       <div class="gallery" aria-label="${kind} images" role="group"></div>
       <img class="live" alt="Progress preview" hidden>
+      <div class="xyz-view" aria-label="${kind} X/Y/Z plot"></div>
       <pre class="infotext" aria-label="${kind} infotext"></pre>
       <div class="row results" hidden>
         <a class="button download" download>Download</a>
@@ -35,6 +37,7 @@ class GenerateTab {
     this.prompt = this.form.querySelector("[name=prompt]");
     this.jobs = new JobList(output.querySelector(".queue"), output.querySelector(".live"), (job) => this.done(job));
     this.networks = new NetworkCards(this.form.querySelector(".networks"), this.prompt);
+    this.xyz = new XyzPlot(this.form.querySelector(".xyz-plot"), output.querySelector(".xyz-view"), this);
     if (kind === "img2img") {
       this.canvas = new MaskCanvas(this.form.querySelector(".canvas-slot"), (w, h) => {
         // generate at the image's own size (multiples of 8), so that unmasked pixels stay where they are

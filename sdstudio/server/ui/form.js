@@ -158,6 +158,12 @@ export function buildForm(kind, lists) {
   if (kind === "txt2img") form.append(group("Hires. fix", kind, HIRES, lists, false, "txt2img-hr"));
   form.append(group("Variation seed", kind, VARIATION, lists));
   form.append(group("Advanced", kind, ADVANCED, lists));
+  const xyz = document.createElement("details");
+  xyz.className = "xyz-plot";
+  const xyzSummary = document.createElement("summary");
+  xyzSummary.textContent = "X/Y/Z plot";
+  xyz.append(xyzSummary);
+  form.append(xyz);
   const networks = document.createElement("details");
   networks.className = "networks";
   const summary = document.createElement("summary");
@@ -169,7 +175,7 @@ export function buildForm(kind, lists) {
 
 function inputs(form) {
   return [...form.querySelectorAll("input[name], select[name], textarea[name]")].filter(
-    (el) => !el.closest(".networks") && !el.closest(".canvas-slot"),
+    (el) => !el.closest(".networks") && !el.closest(".canvas-slot") && !el.closest(".xyz-plot"),
   );
 }
 

@@ -17,6 +17,12 @@ export class JobList {
 
   async submit(kind, payload) {
     const job = await post("/sdapi/v2/jobs", { kind, ...payload });
+    this.track(job);
+    return job.id;
+  }
+
+  // follows a job already queued (`job`: at least its id); `onDone` instead of the list's own
+  track(job, onDone = null, label = "") {
     const row = document.createElement("li");
     row.className = "job";
     row.dataset.id = job.id;
@@ -24,11 +30,11 @@ export class JobList {
       <progress max="1" value="0" aria-label="Job progress"></progress>
       <button type="button" class="cancel">Cancel</button>`;
     row.querySelector(".cancel").addEventListener("click", () => this.cancel(job.id));
+    if (label) row.querySelector(".state").dataset.label = label;
     this.list.prepend(row);
-    this.jobs.set(job.id, { row, errors: 0 });
-    this.show(job);
+    this.jobs.set(job.id, { row, errors: 0, onDone });
+    this.show({ state: "pending", position: null, ...job });
     this.schedule();
-    return job.id;
   }
 
   async cancel(id) {
@@ -75,13 +81,14 @@ export class JobList {
     const state = row.querySelector(".state");
     const bar = row.querySelector("progress");
     row.dataset.state = job.state;
+    const label = state.dataset.label ? `${state.dataset.label}: ` : "";
     if (job.state === "pending") {
-      state.textContent = job.position ? `Queued: ${job.position} ahead` : "Queued: next";
+      state.textContent = label + (job.position ? `Queued: ${job.position} ahead` : "Queued: next");
     } else if (job.state === "running") {
       const n = job.n_iter || 1, i = job.iteration || 0;
       const frac = job.steps ? (i + job.step / job.steps) / n : 0;
       bar.value = frac;
-      state.textContent = job.loading ? `Loading ${job.loading}` : `Step ${job.step}/${job.steps}` + (n > 1 ? `, batch ${i + 1}/${n}` : "");
+      state.textContent = label + (job.loading ? `Loading ${job.loading}` : `Step ${job.step}/${job.steps}` + (n > 1 ? `, batch ${i + 1}/${n}` : ""));
       if (job.preview) {
         this.preview.src = `data:image/png;base64,${job.preview}`;
         this.preview.hidden = false;
@@ -90,11 +97,11 @@ export class JobList {
       this.jobs.delete(job.id);
       row.querySelector(".cancel").remove();
       bar.value = job.state === "done" ? 1 : bar.value;
-      state.textContent = job.state === "done" ? "Done" : job.state === "canceled" ? "Canceled" : `Failed: ${job.error}`;
+      state.textContent = label + (job.state === "done" ? "Done" : job.state === "canceled" ? "Canceled" : `Failed: ${job.error}`);
       if (job.state === "failed") notify(`Generation failed: ${job.error}`);
       if (job.state === "done") {
         this.preview.hidden = true;
-        this.onDone(job);
+        (entry.onDone || this.onDone)(job);
       } else if (!this.jobs.size) this.preview.hidden = true;
     }
   }
