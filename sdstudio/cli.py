@@ -450,13 +450,15 @@ def cmd_checkpoint_info(args: argparse.Namespace) -> int:
 
 
 def cmd_train_toyworld(args: argparse.Namespace) -> int:
-    from sdstudio.toyworld.recipe import STAGES, ToyRecipe, run_recipe
+    from sdstudio.toyworld.recipe import CLIP_PAIR, STAGES, ToyRecipe, run_recipe
 
     recipe = ToyRecipe.smoke() if args.smoke else ToyRecipe(seed=args.seed)
     stages = tuple(args.stage) if args.stage else STAGES
     path = run_recipe(args.out, recipe, stages, start=args.start)
     if path.exists():
         print(path)
+    if "clip" in stages and (path.parent / CLIP_PAIR).exists():
+        print(path.parent / CLIP_PAIR)  # the toy CLIP pair's image side (sdstudio caption --toy-pair)
     return 0
 
 
@@ -856,7 +858,7 @@ def build_parser() -> argparse.ArgumentParser:
     trn_sub = trn.add_subparsers(dest="train_command", required=True)
     tw = trn_sub.add_parser("toyworld", help="train the embedded toy-world model from scratch (VAE, text, UNet)")
     tw.add_argument("--out", required=True, help="run folder: an empty one, or a run of the same recipe to resume")
-    tw.add_argument("--stage", action="append", choices=["vae", "text", "latents", "unet", "decoder"],
+    tw.add_argument("--stage", action="append", choices=["vae", "text", "latents", "unet", "decoder", "clip"],
                     help="run only this stage (repeatable; earlier stages must be done)")
     tw.add_argument("--from", dest="start", metavar="MODEL", help="a finished toy-world model to run --stage "
                     "on, the stages before it counted as done (the shipped model got its decoder stage so)")
@@ -992,6 +994,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sdstudio.cli_grid import add_grid_commands
 
     add_grid_commands(sub)
+    from sdstudio.cli_caption import add_caption_commands
+
+    add_caption_commands(sub)
 
     srv = sub.add_parser("serve", help="serve the web UI, AUTOMATIC1111's /sdapi/v1 API and a job API (/sdapi/v2/jobs) over HTTP")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -1013,6 +1018,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--workers", type=int, metavar="N", help="generation workers sharing the job queue, each "
                      "with its own copy of the models (default: one per GPU, worker i on cuda:i; on a CPU, one)")
     srv.add_argument("--no-ui", action="store_true", help="serve the API alone, without the web UI at /")
+    srv.add_argument("--clip", metavar="FILE", help="/sdapi/v1/interrogate: a whole CLIP file (default: the "
+                     "toy world's CLIP pair)")  # fmt: skip
+    srv.add_argument("--blip", metavar="DIR", help="/sdapi/v1/interrogate: a BLIP captioning folder")
+    srv.add_argument("--phrases", action="append", metavar="PATH", help="/sdapi/v1/interrogate: more phrase "
+                     "lists (.txt files or folders)")  # fmt: skip
     srv.set_defaults(func=cmd_serve)
     return parser
 

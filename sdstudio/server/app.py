@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import Body, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -30,6 +32,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sdstudio.errors import SdStudioError
+from sdstudio.eval.captions import CaptionerSpec, load_captioner
+from sdstudio.eval.interrogate import Captioner
 from sdstudio.server.a1111 import (
     FieldError,
     ServerLimits,
@@ -87,6 +91,8 @@ class ServerConfig:
     workers: int = 1  # --workers: generation threads sharing the queue, each with its own loaded models
     devices: tuple[str, ...] = ()  # the device of each worker ("cuda:0", ...); empty: the loader's own
     ui: bool = True  # the web UI at / (--no-ui: the API alone)
+    # /sdapi/v1/interrogate's captioner (--clip / --blip / --phrases), loaded on its first request
+    captioner: CaptionerSpec = field(default_factory=CaptionerSpec)
 
 
 class ErrorBody(BaseModel):
@@ -161,6 +167,7 @@ def config_from_args(
         workers=workers,
         devices=devices,
         ui=not getattr(args, "no_ui", False),
+        captioner=captioner_spec(args),
     )
 
     def load(path: Path, vae: Path | None, device: str = "cpu") -> Pipeline:
@@ -168,6 +175,20 @@ def config_from_args(
                                   embeddings_dir=config.embeddings_dir, device=device)  # fmt: skip
 
     return config, load
+
+
+def captioner_spec(args: argparse.Namespace) -> CaptionerSpec:
+    """``--clip FILE``, ``--blip DIR``, ``--phrases PATH``: checked to exist now, loaded on the first interrogate."""
+    clip, blip = getattr(args, "clip", None), getattr(args, "blip", None)
+    phrases = tuple(getattr(args, "phrases", None) or ())
+    if clip is not None and not Path(clip).is_file():
+        raise SdStudioError(f"{clip}: no such CLIP file (--clip)")
+    if blip is not None and not Path(blip).is_dir():
+        raise SdStudioError(f"{blip}: no such BLIP folder (--blip)")
+    for p in phrases:
+        if not Path(p).exists():
+            raise SdStudioError(f"{p}: no such phrase list file or folder (--phrases)")
+    return CaptionerSpec(clip=clip, blip=blip, phrases=phrases)
 
 
 def worker_devices(workers: int | None, gpus: int | None = None) -> tuple[int, tuple[str, ...]]:
@@ -572,11 +593,21 @@ def create_app(config: ServerConfig, load: Callable[[Path, Path | None], Any]) -
     def refresh_embeddings() -> Any:
         return None
 
+    captioner_lock = threading.Lock()  # one caption at a time: the captioner's text cache is shared
+    captioners: dict[str, Captioner] = {}
+
     @app.post("/sdapi/v1/interrogate")
     def interrogate(payload: Payload) -> Any:
-        return error_response(
-            501, "NotImplemented", "interrogate: captioning is not available in sdstudio yet"
-        )
+        """AUTOMATIC1111's "Interrogate CLIP": ``{"caption": ...}`` by sdstudio's captioner (``best`` mode)."""
+        model = payload.get("model", "clip")
+        if model != "clip":
+            raise FieldError("model", f"{model!r}: only 'clip' (BLIP + CLIP-ranked phrases) is available")
+        image = decode_image(payload.get("image"), "image").convert("RGB")
+        with captioner_lock:
+            if "clip" not in captioners:
+                captioners["clip"] = load_captioner(config.captioner)
+            caption = captioners["clip"].caption([np.asarray(image)], "best")[0]
+        return {"caption": caption.text}
 
     def job_view(job: Job, preview: bool = False) -> dict[str, Any]:
         view: dict[str, Any] = {

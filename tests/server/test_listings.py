@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import io
+
 import httpx
+from PIL import Image
 
 from sdstudio.pipelines.hires import LATENT_UPSCALERS
+from sdstudio.toyworld import world
 
 
 def test_listings_have_a1111_shapes(server) -> None:
@@ -30,9 +35,17 @@ def test_listings_have_a1111_shapes(server) -> None:
         assert memory["models"]["loaded"][0].startswith("toyworld.safetensors [")
 
 
-def test_interrogate_is_a_clear_501(server) -> None:
-    r = httpx.post(f"{server.url}/sdapi/v1/interrogate", json={"image": "", "model": "clip"}, timeout=10)
-    assert r.status_code == 501
-    body = r.json()
-    assert body["error"] == "NotImplemented" and "captioning" in body["detail"]
-    assert set(body) >= {"error", "detail", "body", "errors"}
+def test_interrogate_captions_with_the_toy_pair(server) -> None:
+    """A1111's "Interrogate CLIP": the server's captioner (no --clip: the toy world's pair) reads a render."""
+    scene = world.Scene((world.ObjectSpec("star", "red", "large", "left"),), "sky")
+    buf = io.BytesIO()
+    Image.fromarray(world.render(scene)).save(buf, format="PNG")
+    image = base64.b64encode(buf.getvalue()).decode()
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        r = c.post("/sdapi/v1/interrogate", json={"image": image, "model": "clip"})
+        assert r.status_code == 200, r.text
+        assert r.json()["caption"].startswith("a large red star on the left on a"), r.json()
+        r = c.post("/sdapi/v1/interrogate", json={"image": image, "model": "deepdanbooru"})
+        assert (r.status_code, r.json()["field"]) == (422, "model") and "only 'clip'" in r.json()["detail"]
+        r = c.post("/sdapi/v1/interrogate", json={"image": "", "model": "clip"})
+        assert (r.status_code, r.json()["field"]) == (422, "image")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from sdstudio.errors import SdStudioError
@@ -300,9 +301,33 @@ def test_decoder_stage_from_a_finished_model_changes_only_the_decoder(trained, t
     assert len(changed) > len(decoder) // 2
     check = json.loads((tmp_path / "dec" / "decoder_check.json").read_text())
     assert set(check["concepts"]) == {f"{c}/{s}" for c in ("ring", "pink", "outlined") for s in ("seen", "unseen")}
-    assert json.loads((tmp_path / "dec" / "stages.json").read_text()) == list(STAGES)
+    assert json.loads((tmp_path / "dec" / "stages.json").read_text()) == list(STAGES[: STAGES.index("decoder") + 1])
     with pytest.raises(SdStudioError, match="without --from to resume"):
         run_recipe(tmp_path / "dec", recipe, stages=("decoder",), progress=_quiet, start=start)
+
+
+@pytest.mark.slow  # a 24 s recipe run shared by four tests
+def test_clip_stage_trains_the_image_side_and_leaves_the_model(trained, tmp_path):
+    from sdstudio.toyworld.clip_pair import load_pair
+    from sdstudio.toyworld.recipe import CLIP_PAIR, IMAGE_ENCODER, WORK_MODEL
+
+    out, recipe = trained
+    assert (out / CLIP_PAIR).is_file()  # a whole run ends with the clip stage
+    start = out / FINAL_MODEL
+    run_recipe(tmp_path / "clip", recipe, stages=("clip",), progress=_quiet, start=start)
+    encoder, _ = load_pair(tmp_path / "clip" / CLIP_PAIR)
+    before, copied = load_file(out / IMAGE_ENCODER), load_file(tmp_path / "clip" / IMAGE_ENCODER)
+    assert all(torch.equal(copied[k], v) for k, v in before.items())  # the FID encoder is copied, not changed
+    tuned = encoder.state_dict()
+    assert any(not torch.equal(tuned[k], v) for k, v in before.items())  # its copy was fine-tuned
+    model = load_model(start, dtype=torch.float32).model.state_dict()
+    work = load_model(tmp_path / "clip" / WORK_MODEL).model.state_dict()
+    assert all(torch.equal(model[k].float(), work[k].float()) for k in model)  # the model is unchanged
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "m.safetensors").write_bytes(start.read_bytes())
+    with pytest.raises(SdStudioError, match="the clip stage needs the image encoder"):
+        run_recipe(tmp_path / "clip2", recipe, stages=("clip",), progress=_quiet, start=alone / "m.safetensors")
 
 
 def test_shipped_decoder_draws_the_concepts():
