@@ -4,15 +4,12 @@ BLIP weights are given, then phrases ranked by CLIP), arguments to :mod:`sdstudi
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from sdstudio.errors import SdStudioError
 
 __all__ = ["add_caption_commands", "cmd_caption"]
-
-log = logging.getLogger("sdstudio")
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
@@ -26,8 +23,6 @@ def cmd_caption(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if not Path(args.folder).is_dir():
         raise SdStudioError(f"{args.folder}: no such folder")
-    if args.clip is None and args.no_builtin_phrases is False and args.builtin_phrases:
-        log.info("caption: the toy CLIP pair ranks the built-in lists' words, which the toy world never uses")
     spec = CaptionerSpec(
         clip=args.clip, blip=args.blip, phrases=tuple(args.phrases),
         builtin_phrases=False if args.no_builtin_phrases else (True if args.builtin_phrases else None),
@@ -42,8 +37,6 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
     with bar:
         result = caption_folder(request, captioner, progress)
-    for name in result.unreadable:
-        log.warning("%s: cannot read the image, skipped", Path(args.folder) / name)
     print(result.summary(), flush=True)
     return 0
 

@@ -12,22 +12,17 @@ that it lacks) is asked for.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from sdstudio.errors import SdStudioError
+from sdstudio.eval.features import read_image
 from sdstudio.eval.interrogate import MODES, Captioner, phrase_lists
 from sdstudio.io.files import write_text_atomic
-
-log = logging.getLogger(__name__)
-
-# kohya's caption tools' image types
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+from sdstudio.training.datasets import IMAGE_EXTENSIONS  # kohya's image types, as training reads them
 
 
 @dataclass(frozen=True)
@@ -122,15 +117,6 @@ def _merge_tags(old: str, new: str) -> str:
     return ", ".join([old.strip().rstrip(","), *extra]) if old.strip() else new
 
 
-def _read(path: Path) -> np.ndarray | None:
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        log.warning("%s: cannot read the image, skipped (%s: %s)", path, type(e).__name__, e)
-        return None
-
-
 def caption_folder(
     request: CaptionFolderRequest,
     captioner: Captioner,
@@ -159,7 +145,7 @@ def caption_folder(
     for i in range(0, len(todo), request.batch_size):
         batch: list[tuple[Path, np.ndarray]] = []
         for path in todo[i : i + request.batch_size]:
-            image = _read(path)
+            image = read_image(path)
             if image is None:
                 unreadable.append(path.name)
             else:
@@ -176,8 +162,3 @@ def caption_folder(
         if progress:
             progress(done, len(images))
     return CaptionFolderResult(tuple(written), tuple(kept), tuple(unreadable))
-
-
-def caption_images(captioner: Captioner, images: Sequence[np.ndarray], mode: str = "best") -> list[str]:
-    """The caption texts of uint8 HxWx3 images (what ``/sdapi/v1/interrogate`` answers)."""
-    return [c.text for c in captioner.caption(list(images), mode)]  # type: ignore[arg-type]

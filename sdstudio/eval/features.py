@@ -53,19 +53,28 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
+def read_image(path: Path) -> np.ndarray | None:
+    """The image at ``path`` as uint8 RGB (``convert("RGB")``); None, with a warning, if it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        log.warning("%s: cannot read the image, skipped (%s: %s)", path, type(e).__name__, e)
+        return None
+
+
 def read_folder(folder: str | os.PathLike) -> ImageFolder:
     """Read every image of ``folder`` as RGB (``convert("RGB")``, as torch-fidelity reads them); files that
     cannot be read are skipped with a warning each; a folder with no readable image is an error."""
     folder = Path(folder)
     paths, images, skipped = [], [], []
     for path in image_files(folder):
-        try:
-            with Image.open(path) as im:
-                images.append(np.asarray(im.convert("RGB")))
-            paths.append(path)
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            log.warning("%s: cannot read the image, skipped (%s: %s)", path, type(e).__name__, e)
+        image = read_image(path)
+        if image is None:
             skipped.append(path)
+        else:
+            images.append(image)
+            paths.append(path)
     if not images:
         what = f"none of its {len(skipped)} image files could be read" if skipped else "no image files"
         raise SdStudioError(f"{folder}: {what} ({', '.join(IMAGE_EXTENSIONS)})")

@@ -23,7 +23,6 @@ Two ways to rank text against an image, both with any model that has ``encode_im
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,13 +35,14 @@ from torch import Tensor
 
 from sdstudio.errors import SdStudioError
 
-log = logging.getLogger(__name__)
-
 Mode = Literal["fast", "classic", "best"]
 MODES: tuple[str, ...] = ("fast", "classic", "best")
 PHRASES_DIR = Path(__file__).resolve().parent / "phrases"
 FLAVOUR_LISTS = ("flavors", "flavours")
 MAX_TOKENS = 75  # CLIP's context without BOS / EOS
+# text embeddings a captioner keeps: the lists' phrases and the grammar's sentences, which recur from image
+# to image (a whole toy one-object grammar is 3456); whole captions, one-off per image, are never kept
+MAX_KEPT_TEXTS = 20_000
 
 
 class ImageTextModel(Protocol):
@@ -179,13 +179,17 @@ class Captioner:
         self.count_tokens = count_tokens or (lambda text: len(text.replace(",", " , ").split()))
         self._embeddings: dict[str, Tensor] = {}
 
-    def embed(self, texts: Sequence[str]) -> Tensor:
-        """[len(texts), dim] text embeddings, each text encoded once per captioner."""
+    def embed(self, texts: Sequence[str], keep: bool = True) -> Tensor:
+        """[len(texts), dim] text embeddings; ``keep``: texts that recur (phrases, grammar sentences), kept
+        for later images while fewer than ``MAX_KEPT_TEXTS`` are (a server captions without end)."""
         new = [t for t in dict.fromkeys(texts) if t not in self._embeddings]
-        if new:
-            for t, e in zip(new, self.model.encode_texts(new).float().cpu()):
+        fresh = dict(zip(new, self.model.encode_texts(new).float().cpu())) if new else {}
+        if keep:
+            for t, e in fresh.items():
+                if len(self._embeddings) >= MAX_KEPT_TEXTS:
+                    break
                 self._embeddings[t] = e
-        return torch.stack([self._embeddings[t] for t in texts])
+        return torch.stack([fresh[t] if t in fresh else self._embeddings[t] for t in texts])
 
     # -- grammar ------------------------------------------------------------------------------------
 
@@ -256,7 +260,7 @@ class Captioner:
                 text = longer
             return out
         chosen: list[RankedPhrase] = []
-        current = float(_similarity(image, self.embed([base]))[0]) if base else -2.0
+        current = float(_similarity(image, self.embed([base], keep=False))[0]) if base else -2.0
         for _ in range(self.max_chain):
             used = {r.phrase for r in chosen}
             candidates = [r for r in pool[: self.chain_candidates] if r.phrase not in used]
@@ -264,7 +268,7 @@ class Captioner:
             texts_ok = [(r, t) for r, t in zip(candidates, texts) if self.count_tokens(t) <= MAX_TOKENS]
             if not texts_ok:
                 break
-            sims = _similarity(image, self.embed([t for _, t in texts_ok]))
+            sims = _similarity(image, self.embed([t for _, t in texts_ok], keep=False))
             i = int(sims.argmax())
             if float(sims[i]) <= current:
                 break
@@ -293,6 +297,6 @@ class Captioner:
                 base = ""
             phrases = self._phrases(base, image, mode)
             text = self._join(base, [p.phrase for p in phrases])
-            similarity = float(_similarity(image, self.embed([text]))[0]) if text else 0.0
+            similarity = float(_similarity(image, self.embed([text], keep=False))[0]) if text else 0.0
             out.append(Caption(text, base, values, tuple(phrases), similarity))
         return out

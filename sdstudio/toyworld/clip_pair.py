@@ -35,7 +35,6 @@ from sdstudio.errors import SdStudioError
 from sdstudio.eval.interrogate import Grammar
 from sdstudio.models.configs import ModelConfig
 from sdstudio.models.tokenizer import ClipTokenizer
-from sdstudio.prompt.conditioning import chunk_tokens
 from sdstudio.toyworld import world
 from sdstudio.training.contrastive import ContrastiveHead, ImageEncoder, pooled_text
 from sdstudio.training.trainer import TrainConfig, train
@@ -50,7 +49,9 @@ IMAGE_SIZE = world.IMAGE_SIZE
 def _text_tokens(texts: Sequence[str], config: ModelConfig, tokenizer: ClipTokenizer) -> Tensor:
     """[N, length] ids framed as inference frames a one-chunk prompt (longer texts: the first chunk), cut
     after the last EOS: the text encoder is causal, so the cut changes no EOS state."""
-    tokens = torch.tensor([chunk_tokens(tokenizer.encode(t), config.text)[0] for t in texts])
+    from sdstudio.toyworld.recipe import _tokens
+
+    tokens = _tokens(list(texts), config, tokenizer)
     length = int((tokens == ClipTokenizer.EOS).int().argmax(dim=1).max()) + 1
     return tokens[:, :length]
 

@@ -119,7 +119,10 @@ def test_classic_takes_the_best_of_each_list_and_three_flavours() -> None:
 
 def test_best_chains_phrases_while_they_raise_the_similarity() -> None:
     model = BagOfWords(["photo, bright"])
-    caption = Captioner(model, lists=LISTS).caption([image(0)], "best")[0]
+    captioner = Captioner(model, lists=LISTS)
+    caption = captioner.caption([image(0)], "best")[0]
+    # the lists' phrases are kept for the next image; the chain's whole captions are not
+    assert set(captioner._embeddings) == {p for lst in LISTS for p in lst.phrases}
     assert sorted(p.phrase for p in caption.phrases) == ["bright", "photo"]
     assert caption.similarity == pytest.approx(1.0)
     # a broken chain that took every phrase would lower the similarity: the stop matters
