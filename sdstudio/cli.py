@@ -340,6 +340,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         lora_dirs=args.lora_dir or (),
         hypernetwork_dirs=args.hypernetwork_dir or (),
         strict_networks=args.strict_networks,
+        refiner=args.refiner,
     )
     if args.from_png:
         png_hash = png_params.get("Model hash")
@@ -829,6 +830,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "error (default: a warning, and the image is made without it)")
     gen.add_argument("--vae", metavar="FILE", help="VAE file (.safetensors, .ckpt, .pt, or a diffusers folder) to "
                      "use instead of the checkpoint's, e.g. vae-ft-mse-840000-ema-pruned.safetensors")
+    gen.add_argument("--refiner", metavar="FILE", help="SDXL refiner checkpoint that takes over the last steps "
+                     "(AUTOMATIC1111's Refiner), e.g. sd_xl_refiner_1.0.safetensors")
+    gen.add_argument("--refiner-switch-at", type=float, metavar="X", help="share of the noise schedule after which "
+                     "the refiner takes over (default 0.8; needs --refiner)")
     gen.add_argument(
         "--threads", type=int, metavar="N",
         help="CPU threads (default: the cores this process may use, fewer when other processes keep some busy)",

@@ -18,7 +18,7 @@ from sdstudio.errors import SdStudioError
 from sdstudio.models.cuda_graphs import CudaGraphRunner
 from sdstudio.models.loading import DTYPES, LoadedModel, load_model
 from sdstudio.models.tokenizer import ClipTokenizer
-from sdstudio.pipelines.generate import generate
+from sdstudio.pipelines.generate import check_refiner, generate
 from sdstudio.pipelines.validate import DEFAULT_LIMITS, Limits, check_request
 from sdstudio.prompt.embeddings import EmbeddingDatabase, load_embeddings
 from sdstudio.types import GenerationRequest, GenerationResult
@@ -117,8 +117,10 @@ class Pipeline:
         loras: NetworkLibrary | None = None,
         hypernetworks: NetworkLibrary | None = None,
         strict_networks: bool = False,
+        refiner: LoadedModel | None = None,
     ) -> None:
         self.model = model
+        self.refiner = refiner  # SDXL's refiner, for requests with refiner_switch_at
         self.tokenizer = tokenizer or ClipTokenizer()
         self.embeddings = embeddings
         self.networks = ModelNetworks(model, loras, hypernetworks, strict=strict_networks)
@@ -140,6 +142,7 @@ class Pipeline:
         lora_dirs: Sequence[str | os.PathLike] = (),
         hypernetwork_dirs: Sequence[str | os.PathLike] = (),
         strict_networks: bool = False,
+        refiner: str | os.PathLike | None = None,
     ) -> Pipeline:
         """Load a checkpoint onto ``device`` and, from ``embeddings_dir``, the textual inversion embeddings
         prompts may use; ``vae``: a VAE file to use instead of the checkpoint's (``--vae``); the network
@@ -148,7 +151,8 @@ class Pipeline:
         ``compile``: run the UNet through ``torch.compile`` (inductor; the first image pays the compile).
         ``cuda_graphs`` (None: on for CUDA devices): replay the UNet from CUDA graphs, one capture per
         shape (:mod:`sdstudio.models.cuda_graphs`). A bad embedding file raises ``SdStudioError`` unless
-        ``skip_bad_embeddings``; then it is left out and every result warns about it.
+        ``skip_bad_embeddings``; then it is left out and every result warns about it. ``refiner``: an SDXL
+        refiner checkpoint loaded beside the model (``--refiner``), for requests with ``refiner_switch_at``.
         """
         device = choose_device(str(device))
         if cuda_graphs and not device.startswith("cuda"):
@@ -159,7 +163,17 @@ class Pipeline:
         )
         if vae is not None and not Path(vae).exists():
             raise SdStudioError(f"{vae}: no such VAE file or folder (--vae)")
+        if refiner is not None and not Path(refiner).exists():
+            raise SdStudioError(f"{refiner}: no such refiner checkpoint (--refiner)")
         model = load_model(path, dtype=dtype, use_ema=use_ema, prediction=prediction)
+        refiner_model = None
+        if refiner is not None:
+            refiner_model = load_model(refiner, dtype=dtype)
+            if device != "cpu":
+                refiner_model.model.to(device)
+            if prefer_channels_last(dtype, device):
+                refiner_model.model.unet.to(memory_format=torch.channels_last)
+                refiner_model.model.vae.to(memory_format=torch.channels_last)
         if vae is not None:
             from sdstudio.models.vae_file import load_vae_into
 
@@ -187,6 +201,7 @@ class Pipeline:
             loras=loras,
             hypernetworks=hypernets,
             strict_networks=strict_networks,
+            refiner=refiner_model,
         )
 
     def __call__(
@@ -200,7 +215,9 @@ class Pipeline:
 
         The request is checked before its networks are merged, so that a refused request changes nothing."""
         check_request(request, limits)
+        check_refiner(self.model, self.refiner, request)
         active = self.networks.activate(request)
         return generate(
-            self.model, self.tokenizer, request, callback, self.embeddings, limits=limits, networks=active
-        )
+            self.model, self.tokenizer, request, callback, self.embeddings, limits=limits, networks=active,
+            refiner=self.refiner,
+        )  # fmt: skip

@@ -127,6 +127,9 @@ class GenerationRequest:
     vae_tiling: bool | None = None  # None: tile the VAE above a size (see pipelines.vae_tiling)
     # Networks applied besides those the prompt's <lora:...> / <hypernet:...> tags ask for.
     networks: tuple[NetworkSpec, ...] = ()
+    # SDXL's refiner (A1111's "Refiner switch at"): the share of the noise schedule after which the
+    # refiner loaded beside the model (``--refiner FILE``) takes over; None: no refiner.
+    refiner_switch_at: float | None = None
 
 
 @dataclass(frozen=True)

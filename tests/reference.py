@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sdstudio.models.configs import ModelConfig, UNetConfig, VAEConfig
+from sdstudio.models.configs import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 
 
 def randomise_(model: nn.Module, seed: int) -> None:
@@ -84,6 +84,9 @@ def ldm_yaml(unet: UNetConfig, vae: VAEConfig) -> dict[str, Any]:
         "context_dim": unet.context_dim,
         "use_linear_in_transformer": unet.use_linear_in_transformer,
     }
+    if unet.adm_in_channels:  # SDXL
+        params["num_classes"] = "sequential"
+        params["adm_in_channels"] = unet.adm_in_channels
     if unet.num_head_channels == -1:  # the real yamls name exactly one of these
         params["num_heads"] = unet.num_heads
     else:
@@ -122,6 +125,8 @@ def diffusers_unet(config: ModelConfig, state: dict[str, torch.Tensor]):
         warnings.simplefilter("ignore")
         dconfig = create_unet_diffusers_config_from_ldm(ldm_yaml(config.unet, config.vae), {}, image_size=512)
     dconfig["norm_num_groups"] = config.unet.norm_groups  # LDM hard-codes 32; our tiny presets do not
+    if config.unet.adm_in_channels:  # diffusers tells SDXL by its context width (2048 / 1280); tiny ones too
+        dconfig.update(addition_embed_type="text_time", addition_time_embed_dim=256, class_embed_type=None)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**dconfig)
     result = unet.load_state_dict(convert_ldm_unet_checkpoint(state, dconfig), strict=True, assign=True)
@@ -148,14 +153,11 @@ def diffusers_vae(config: ModelConfig, state: dict[str, torch.Tensor]):
     return vae.eval()
 
 
-def transformers_clip(config: ModelConfig, state: dict[str, torch.Tensor]):
-    """SD 1.x text encoder as transformers' CLIPTextModel."""
-    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
-    from transformers import CLIPTextConfig, CLIPTextModel
+def hf_text_config(text: TextEncoderConfig, **extra: Any):
+    """transformers' CLIPTextConfig of one of our text encoder configs."""
+    from transformers import CLIPTextConfig
 
-    text = config.text
-    assert text.kind == "clip"
-    hf = CLIPTextConfig(
+    return CLIPTextConfig(
         vocab_size=text.vocab_size,
         hidden_size=text.width,
         intermediate_size=text.width * text.mlp_ratio,
@@ -163,7 +165,18 @@ def transformers_clip(config: ModelConfig, state: dict[str, torch.Tensor]):
         num_attention_heads=text.heads,
         max_position_embeddings=text.max_positions,
         hidden_act=text.activation,
+        **extra,
     )
+
+
+def transformers_clip(config: ModelConfig, state: dict[str, torch.Tensor]):
+    """SD 1.x text encoder as transformers' CLIPTextModel."""
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+    from transformers import CLIPTextModel
+
+    text = config.text
+    assert text.kind == "clip"
+    hf = hf_text_config(text)
     model = CLIPTextModel(hf)
     converted = convert_ldm_clip_checkpoint(state)
     converted = {k: v for k, v in converted.items() if not k.endswith("position_ids")}
@@ -172,6 +185,61 @@ def transformers_clip(config: ModelConfig, state: dict[str, torch.Tensor]):
     result = model.load_state_dict(converted, strict=False)
     assert not result.unexpected_keys and all("position_ids" in k for k in result.missing_keys), result
     return model.eval()
+
+
+def transformers_open_clip(text: TextEncoderConfig, state: dict[str, torch.Tensor], prefix: str):
+    """An OpenCLIP text tower (SDXL's bigG) as transformers' CLIPTextModelWithProjection, through diffusers'
+    single-file converter."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextModelWithProjection
+
+    assert text.kind == "open_clip"
+    hf = hf_text_config(text, projection_dim=text.projection_dim)
+    model = CLIPTextModelWithProjection(hf)
+    converted = convert_open_clip_checkpoint(model, state, prefix=prefix)
+    if not hasattr(model, "text_model"):
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    result = model.load_state_dict(converted, strict=False)
+    assert not result.unexpected_keys and all("position_ids" in k for k in result.missing_keys), result
+    return model.eval()
+
+
+def transformers_sdxl_text(config: ModelConfig, state: dict[str, torch.Tensor]):
+    """SDXL's two text encoders as transformers models: (CLIPTextModel, CLIPTextModelWithProjection)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+    from transformers import CLIPTextModel
+
+    text = config.text
+    hf = hf_text_config(text)
+    clip_l = CLIPTextModel(hf)
+    converted = convert_ldm_clip_checkpoint(state)  # strips conditioner.embedders.0.transformer.
+    converted = {k: v for k, v in converted.items() if k.startswith("text_model.") and "position_ids" not in k}
+    if not hasattr(clip_l, "text_model"):
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    result = clip_l.load_state_dict(converted, strict=False)
+    assert not result.unexpected_keys and all("position_ids" in k for k in result.missing_keys), result
+    assert config.text2 is not None
+    big_g = transformers_open_clip(config.text2, state, "conditioner.embedders.1.model.")
+    return clip_l.eval(), big_g
+
+
+def diffusers_sdxl_pipeline(config: ModelConfig, state: dict[str, torch.Tensor], scheduler):
+    """diffusers' StableDiffusionXLPipeline on these weights (no tokenizers: callers pass embeddings);
+    returns (pipeline, CLIP-L, bigG) with the transformers text encoders."""
+    import diffusers
+
+    clip_l, big_g = transformers_sdxl_text(config, state)
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=diffusers_vae(config, state),
+        text_encoder=clip_l,
+        text_encoder_2=big_g,
+        tokenizer=None,
+        tokenizer_2=None,
+        unet=diffusers_unet(config, state),
+        scheduler=scheduler,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, clip_l, big_g
 
 
 def diffusers_pipeline(config: ModelConfig, state: dict[str, torch.Tensor], scheduler):

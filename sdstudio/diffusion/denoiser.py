@@ -39,8 +39,12 @@ class Denoiser:
             return 1 / (sigma**2 + 1), -sigma * c_in, c_in
         return torch.ones_like(sigma), -sigma, c_in
 
-    def raw(self, x: Tensor, sigma: Tensor, context: Tensor, extra: Tensor | None = None) -> Tensor:
-        """The network's own output F (eps or v) for the VE latent ``x`` at ``sigma``. [B, C, h, w]"""
+    def raw(
+        self, x: Tensor, sigma: Tensor, context: Tensor, extra: Tensor | None = None, vector: Tensor | None = None
+    ) -> Tensor:
+        """The network's own output F (eps or v) for the VE latent ``x`` at ``sigma``. [B, C, h, w]
+
+        ``vector``: SDXL's ``y`` [B, adm_in_channels] (pooled text and micro-conditioning); None otherwise."""
         sigma = to_device(sigma, x.device)  # samplers keep sigma on the CPU: read there without a sync
         _, _, c_in = self.scalings(sigma)
         t = self.schedule.sigma_to_t(sigma.float(), quantize=self.quantize)
@@ -54,13 +58,18 @@ class Denoiser:
             options["token_merging"] = self.token_merging
         if self.hypernetworks is not None:
             options["hypernetworks"] = self.hypernetworks
+        if vector is not None:
+            options["y"] = vector.to(x.device, dtype)
         return self.unet(inp.to(dtype), t, context.to(dtype), **options).float()
 
-    def __call__(self, x: Tensor, sigma: Tensor, context: Tensor, extra: Tensor | None = None) -> Tensor:
-        """The x0 estimate, float32. x [B, C, h, w], sigma [B] (any device), context [B, tokens, width]."""
+    def __call__(
+        self, x: Tensor, sigma: Tensor, context: Tensor, extra: Tensor | None = None, vector: Tensor | None = None
+    ) -> Tensor:
+        """The x0 estimate, float32. x [B, C, h, w], sigma [B] (any device), context [B, tokens, width],
+        vector [B, adm_in_channels] for SDXL."""
         sigma = to_device(sigma, x.device)
         c_skip, c_out, _ = self.scalings(sigma)
-        return x.float() * c_skip + self.raw(x, sigma, context, extra) * c_out
+        return x.float() * c_skip + self.raw(x, sigma, context, extra, vector) * c_out
 
     def loss(
         self,

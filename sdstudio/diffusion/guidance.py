@@ -12,6 +12,16 @@ from sdstudio.diffusion.denoiser import Denoiser
 from sdstudio.types import CondSchedule, WeightedCond
 
 
+def _call(
+    denoiser: Denoiser, x: Tensor, sigma: Tensor, context: Tensor, extra: Tensor | None, vector: Tensor | None
+) -> Tensor:
+    """``denoiser(x, sigma, context, extra)``, with SDXL's ``vector`` only where there is one: any callable
+    of the first four arguments stands for a denoiser of a model without it."""
+    if vector is None:
+        return denoiser(x, sigma, context, extra)
+    return denoiser(x, sigma, context, extra, vector=vector)
+
+
 @dataclass(frozen=True)
 class CFGDenoiser:
     """``D(x) = D_u(x) + scale (D_c(x) - D_u(x))``; cond and uncond go through the UNet as one batch.
@@ -24,12 +34,19 @@ class CFGDenoiser:
     uncond: Tensor  # [B, tokens, width], same token count as cond
     scale: float
     extra: Tensor | None = None  # [B, extra_channels, h, w] for inpainting models
+    cond_vector: Tensor | None = None  # SDXL: [B, adm_in_channels] for cond and uncond
+    uncond_vector: Tensor | None = None
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         if self.scale == 1.0:
-            return self.denoiser(x, sigma, self.cond, self.extra)
+            return _call(self.denoiser, x, sigma, self.cond, self.extra, self.cond_vector)
         extra = None if self.extra is None else torch.cat([self.extra, self.extra])
-        out = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([self.cond, self.uncond]), extra)
+        vector = None
+        if self.cond_vector is not None and self.uncond_vector is not None:
+            vector = torch.cat([self.cond_vector, self.uncond_vector])
+        out = _call(
+            self.denoiser, torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([self.cond, self.uncond]), extra, vector
+        )
         cond, uncond = out.chunk(2)
         return uncond + (cond - uncond) * self.scale
 
@@ -71,6 +88,7 @@ class PromptGuidedDenoiser:
     extra: Tensor | None = None  # [B, extra_channels, h, w] for inpainting models
     ngms: float = 0.0  # 0: off
     ngms_all_steps: bool = False
+    vectors: Tensor | None = None  # SDXL: [n_texts, adm_in_channels], the rows of ``conds``' vectors
 
     def skips_negative(self, sigma: float, step: int) -> bool:
         """Whether the evaluation at ``sigma`` (of ``step``) leaves out the negative (NGMS)."""
@@ -100,17 +118,41 @@ class PromptGuidedDenoiser:
         # one sub-prompt without CFG (scale 1, or NGMS: uncond + w scale (cond - cond) = cond)
         if len(positive) == 1 and (skip or (self.scale == 1.0 and positive[0][0] == 1.0)):
             context = self.conds[positive[0][1]].expand(batch, -1, -1)
-            return self.denoiser(x, sigma, context, self.extra)
+            vector = None if self.vectors is None else self.vectors[positive[0][1]].expand(batch, -1)
+            return _call(self.denoiser, x, sigma, context, self.extra, vector)
         rows = list(dict.fromkeys([row for _, row in positive] + [negative]))  # distinct, in order
         n = len(rows)
         # rows by slicing and expanding: an index list or repeat_interleave would wait for a GPU
         picked = torch.cat([self.conds[r : r + 1] for r in rows])  # [n, tokens, width]
         context = picked[:, None].expand(n, batch, *picked.shape[1:]).reshape(n * batch, *picked.shape[1:])
         extra = None if self.extra is None else self.extra.repeat(n, *([1] * (self.extra.ndim - 1)))
-        out = self.denoiser(x.repeat(n, 1, 1, 1), sigma.repeat(n), context, extra)
+        vector = None
+        if self.vectors is not None:
+            vectors = torch.cat([self.vectors[r : r + 1] for r in rows])  # [n, adm]
+            vector = vectors[:, None].expand(n, batch, vectors.shape[-1]).reshape(n * batch, -1)
+        out = _call(self.denoiser, x.repeat(n, 1, 1, 1), sigma.repeat(n), context, extra, vector)
         out = out.view(n, batch, *out.shape[1:])  # [n, B, C, h, w]
         uncond = out[rows.index(negative)]
         denoised = uncond
         for weight, row in positive:
             denoised = denoised + (out[rows.index(row)] - uncond) * (weight * self.scale)
         return denoised
+
+
+@dataclass(frozen=True)
+class SwitchedDenoiser:
+    """SDXL's refiner as AUTOMATIC1111 switches to it (``refiner_switch_at``, by timestep, its default) and as
+    diffusers' ``denoising_end`` / ``denoising_start`` split a run: evaluations whose nearest training
+    timestep is below ``cutoff`` = round(timesteps * (1 - switch_at)) go to ``second``, the rest to ``first``.
+    Derived from sigma, so any sampler calls it in any order."""
+
+    first: DenoiserFn
+    second: DenoiserFn
+    sigma_to_t: Callable[[Tensor], Tensor]  # the schedule's quantized sigma -> timestep
+    cutoff: int
+
+    def uses_second(self, sigma: Tensor) -> bool:
+        return int(self.sigma_to_t(sigma.float().max()[None])[0]) < self.cutoff
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        return self.second(x, sigma) if self.uses_second(sigma) else self.first(x, sigma)

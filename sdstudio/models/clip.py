@@ -190,7 +190,7 @@ class FrozenCLIPEmbedder(nn.Module):
         )
         for layer in text.encoder.layers[: len(text.encoder.layers) - clip_skip + 1]:
             x = layer(x)  # [batch, tokens, width]
-        return text.final_layer_norm(x)
+        return text.final_layer_norm(x) if self.config.final_layer_norm else x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,15 +290,37 @@ class FrozenOpenCLIPEmbedder(nn.Module):
     def forward(self, tokens: Tensor, clip_skip: int, token_embeds: Tensor | None = None) -> Tensor:
         """Hidden states [batch, tokens, width] of ``tokens`` [batch, tokens] (ids, BOS and EOS included).
 
-        The output of layer ``layers - clip_skip + 1``, then the final LayerNorm (SD 2.x: clip_skip 2).
+        The output of layer ``layers - clip_skip + 1``, then the final LayerNorm (SD 2.x: clip_skip 2;
+        SDXL: no LayerNorm, ``final_layer_norm=False``).
         """
+        return self.encode(tokens, clip_skip, token_embeds, pooled=False)[0]
+
+    def encode(
+        self, tokens: Tensor, clip_skip: int, token_embeds: Tensor | None = None, pooled: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        """(hidden states as :meth:`forward` gives them, pooled text [batch, projection_dim] or None).
+
+        The pooled text is OpenCLIP's ``encode_text``: the last layer's output, final LayerNorm, the
+        state at the end-of-text token (the largest id: ``argmax``), times ``text_projection``; SDXL adds
+        it to the UNet's vector."""
         model = self.model
         blocks = model.transformer.resblocks
         _check_clip_skip(clip_skip, len(blocks))
         x = _embed(model.token_embedding, model.positional_embedding, tokens, token_embeds)
-        for block in blocks[: len(blocks) - clip_skip + 1]:
+        taken = len(blocks) - clip_skip + 1
+        hidden = None
+        for i, block in enumerate(blocks[: len(blocks) if pooled else taken]):
             x = block(x)  # [batch, tokens, width]
-        return model.ln_final(x)
+            if i + 1 == taken:
+                hidden = model.ln_final(x) if self.config.final_layer_norm else x
+        assert hidden is not None
+        if not pooled:
+            return hidden, None
+        if self.config.projection_dim <= 0:
+            raise ValueError("this text encoder has no text_projection: it gives no pooled text")
+        ends = tokens.argmax(dim=-1)  # [batch]
+        last = model.ln_final(x)[torch.arange(x.shape[0], device=x.device), ends]  # [batch, width]
+        return hidden, last @ model.text_projection
 
 
 TextEncoder = FrozenCLIPEmbedder | FrozenOpenCLIPEmbedder

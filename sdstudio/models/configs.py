@@ -16,6 +16,10 @@ from typing import Any, Literal
 
 Prediction = Literal["epsilon", "v"]
 TextEncoderKind = Literal["clip", "open_clip"]
+# How text becomes the UNet's conditioning: one text encoder (SD 1.x / 2.x), or SDXL's conditioner (two
+# encoders' penultimate layers side by side, and a vector of the pooled text and the image's sizes), or
+# the SDXL refiner's (the OpenCLIP bigG encoder alone, and an aesthetic score in the vector).
+Conditioner = Literal["text", "sdxl", "sdxl_refiner"]
 
 
 @dataclass(frozen=True)
@@ -31,10 +35,25 @@ class UNetConfig:
     attention_resolutions: tuple[int, ...] = (4, 2, 1)
     num_heads: int = 8  # used when num_head_channels == -1 (SD 1.x)
     num_head_channels: int = -1  # SD 2.x: 64, with num_heads = -1
-    transformer_depth: int = 1
+    # Transformer blocks per SpatialTransformer: one number, or one per level (SDXL: (0, 2, 10)); the
+    # middle block takes the last level's (sgm's ``transformer_depth_middle`` default).
+    transformer_depth: int | tuple[int, ...] = 1
     context_dim: int = 768
     use_linear_in_transformer: bool = False  # SD 2.x: proj_in / proj_out are Linear, not 1x1 Conv
     norm_groups: int = 32
+    # SDXL's ``num_classes: sequential``: width of the vector ``y`` (pooled text and size embeddings)
+    # added to the timestep embedding through ``label_emb``; 0: none (SD 1.x / 2.x).
+    adm_in_channels: int = 0
+
+    def depth_at(self, level: int) -> int:
+        """Transformer blocks per SpatialTransformer at ``level`` (0 = full resolution)."""
+        if isinstance(self.transformer_depth, int):
+            return self.transformer_depth
+        return self.transformer_depth[level]
+
+    @property
+    def middle_depth(self) -> int:
+        return self.depth_at(len(self.channel_mult) - 1)
 
     def heads_at(self, channels: int) -> tuple[int, int]:
         """(heads, head_dim) of the attention layers at a level with ``channels`` channels."""
@@ -80,7 +99,10 @@ class TextEncoderConfig:
     default_clip_skip: int = 1
     # Token id used to pad a 77-token chunk after EOS: EOS for SD 1.x, 0 ("!") for SD 2.x.
     pad_with_eos: bool = True
-    projection_dim: int = 0  # OpenCLIP's text_projection (unused by SD, kept for round trips)
+    projection_dim: int = 0  # OpenCLIP's text_projection (SD 2.x: unused, kept; SDXL: projects the pooled text)
+    # Whether the final LayerNorm follows the layer taken (SD 1.x / 2.x); SDXL feeds the penultimate
+    # layer's output as it is (sgm's ``layer: hidden`` / ``penultimate``).
+    final_layer_norm: bool = True
 
 
 @dataclass(frozen=True)
@@ -161,6 +183,9 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    # SDXL's second text encoder (OpenCLIP bigG, ``conditioner.embedders.1``); None for one encoder.
+    text2: TextEncoderConfig | None = None
+    conditioner: Conditioner = "text"
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     prediction: Prediction = "epsilon"
     default_size: int = 512
@@ -170,6 +195,10 @@ class ModelConfig:
     @property
     def is_inpainting(self) -> bool:
         return self.unet.in_channels == 9
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.conditioner != "text"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -214,6 +243,8 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
     for key, kind in parts.items():
         if key in data:
             data[key] = _build(kind, data[key])
+    if data.get("text2") is not None:
+        data["text2"] = _build(TextEncoderConfig, data["text2"])
     return _build(ModelConfig, data)
 
 
@@ -233,6 +264,24 @@ SD2_TEXT = TextEncoderConfig(
 SD2_UNET = UNetConfig(
     num_heads=-1, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True
 )
+
+# SDXL (Podell et al. 2023, "SDXL: Improving Latent Diffusion Models for High-Resolution Image Synthesis"),
+# as sgm's ``sd_xl_base.yaml`` / ``sd_xl_refiner.yaml`` describe it.
+SDXL_CLIP_L = TextEncoderConfig(default_clip_skip=2, final_layer_norm=False)
+SDXL_BIG_G = TextEncoderConfig(
+    kind="open_clip", width=1280, layers=32, heads=20, activation="gelu", default_clip_skip=2,
+    pad_with_eos=False, projection_dim=1280, final_layer_norm=False,
+)  # fmt: skip
+SDXL_UNET = UNetConfig(
+    channel_mult=(1, 2, 4), attention_resolutions=(4, 2), num_heads=-1, num_head_channels=64,
+    transformer_depth=(0, 2, 10), context_dim=2048, use_linear_in_transformer=True, adm_in_channels=2816,
+)  # fmt: skip
+SDXL_REFINER_UNET = UNetConfig(
+    model_channels=384, channel_mult=(1, 2, 4, 4), attention_resolutions=(4, 2), num_heads=-1,
+    num_head_channels=64, transformer_depth=4, context_dim=1280, use_linear_in_transformer=True,
+    adm_in_channels=2560,
+)  # fmt: skip
+SDXL_VAE = VAEConfig(scale_factor=0.13025)
 
 PRESETS: dict[str, ModelConfig] = {
     "sd15": ModelConfig(name="sd15"),
@@ -307,6 +356,44 @@ PRESETS: dict[str, ModelConfig] = {
         default_size=64,
     ),
 }
+
+
+PRESETS["sdxl"] = ModelConfig(
+    name="sdxl", unet=SDXL_UNET, vae=SDXL_VAE, text=SDXL_CLIP_L, text2=SDXL_BIG_G, conditioner="sdxl",
+    default_size=1024,
+)  # fmt: skip
+PRESETS["sdxl-refiner"] = ModelConfig(
+    name="sdxl-refiner", unet=SDXL_REFINER_UNET, vae=SDXL_VAE, text=SDXL_BIG_G, conditioner="sdxl_refiner",
+    default_size=1024,
+)  # fmt: skip
+# SDXL's shape at test size: levels without attention, deeper ones with 1 and 2 blocks, two encoders.
+PRESETS["tiny-sdxl"] = ModelConfig(
+    name="tiny-sdxl",
+    unet=UNetConfig(
+        model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(4, 2),
+        num_heads=-1, num_head_channels=8, transformer_depth=(0, 1, 2), context_dim=64,
+        use_linear_in_transformer=True, norm_groups=8, adm_in_channels=32 + 6 * 256,
+    ),
+    vae=VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8, scale_factor=0.13025),
+    text=TextEncoderConfig(width=32, layers=2, heads=2, default_clip_skip=2, final_layer_norm=False),
+    text2=TextEncoderConfig(
+        kind="open_clip", width=32, layers=3, heads=2, activation="gelu", default_clip_skip=2,
+        pad_with_eos=False, projection_dim=32, final_layer_norm=False,
+    ),
+    conditioner="sdxl",
+    default_size=64,
+)  # fmt: skip
+
+PRESETS["tiny-sdxl-refiner"] = ModelConfig(
+    name="tiny-sdxl-refiner",
+    unet=dataclasses.replace(
+        PRESETS["tiny-sdxl"].unet, transformer_depth=1, context_dim=32, adm_in_channels=32 + 5 * 256
+    ),
+    vae=PRESETS["tiny-sdxl"].vae,
+    text=PRESETS["tiny-sdxl"].text2,  # type: ignore[arg-type]
+    conditioner="sdxl_refiner",
+    default_size=64,
+)
 
 
 def preset(name: str) -> ModelConfig:

@@ -66,7 +66,18 @@ def detect_unet(shapes: Shapes) -> UNetConfig:
     )
     context_dim = shapes[first_attn][1] if first_attn else 768
     linear = any(len(s) == 2 for k, s in shapes.items() if k.startswith(UNET) and k.endswith("proj_in.weight"))
-    depth = _count(shapes, re.escape(UNET) + r"middle_block\.1\.transformer_blocks\.(\d+)\.") or 1
+    middle = _count(shapes, re.escape(UNET) + r"middle_block\.1\.transformer_blocks\.(\d+)\.") or 1
+    per_level = [
+        _count(shapes, re.escape(UNET) + rf"input_blocks\.{lvl[0]}\.1\.transformer_blocks\.(\d+)\.") for lvl in levels
+    ]
+    used = {d for d in per_level if d}
+    depth: int | tuple[int, ...]
+    if used <= {middle}:
+        depth = middle  # one depth everywhere (SD 1.x / 2.x, the SDXL refiner)
+    else:  # SDXL: per level; the middle block takes the last level's
+        per_level[-1] = per_level[-1] or middle
+        depth = tuple(per_level)
+    adm = shapes.get(UNET + "label_emb.0.0.weight", (0, 0))[1]
     heads = {"num_heads": -1, "num_head_channels": 64} if linear else {"num_heads": 8, "num_head_channels": -1}
     return UNetConfig(
         in_channels=in_channels,
@@ -78,6 +89,7 @@ def detect_unet(shapes: Shapes) -> UNetConfig:
         transformer_depth=depth,
         context_dim=context_dim,
         use_linear_in_transformer=linear,
+        adm_in_channels=adm,
         **heads,
     )
 
@@ -98,42 +110,71 @@ def detect_vae(shapes: Shapes) -> VAEConfig:
     )
 
 
-def detect_text(shapes: Shapes) -> TextEncoderConfig:
-    if CLIP + "embeddings.token_embedding.weight" in shapes:
-        vocab, width = shapes[CLIP + "embeddings.token_embedding.weight"]
+def detect_text(shapes: Shapes, clip: str = CLIP, open_clip: str = OPEN_CLIP) -> TextEncoderConfig:
+    """The text encoder under ``clip`` (HF layout) or ``open_clip`` (OpenCLIP layout), SD 1.x / 2.x's
+    prefixes unless given."""
+    if clip + "embeddings.token_embedding.weight" in shapes:
+        vocab, width = shapes[clip + "embeddings.token_embedding.weight"]
         return TextEncoderConfig(
             kind="clip",
             vocab_size=vocab,
             width=width,
-            layers=_count(shapes, re.escape(CLIP) + r"encoder\.layers\.(\d+)\."),
+            layers=_count(shapes, re.escape(clip) + r"encoder\.layers\.(\d+)\."),
             heads=max(1, width // 64),
-            max_positions=shapes[CLIP + "embeddings.position_embedding.weight"][0],
-            mlp_ratio=shapes[CLIP + "encoder.layers.0.mlp.fc1.weight"][0] // width,
+            max_positions=shapes[clip + "embeddings.position_embedding.weight"][0],
+            mlp_ratio=shapes[clip + "encoder.layers.0.mlp.fc1.weight"][0] // width,
         )
-    if OPEN_CLIP + "token_embedding.weight" in shapes:
-        vocab, width = shapes[OPEN_CLIP + "token_embedding.weight"]
-        projection = shapes.get(OPEN_CLIP + "text_projection", (width, 0))
+    if open_clip + "token_embedding.weight" in shapes:
+        vocab, width = shapes[open_clip + "token_embedding.weight"]
+        projection = shapes.get(open_clip + "text_projection", (width, 0))
         return dataclasses.replace(
             SD2_TEXT,
             vocab_size=vocab,
             width=width,
-            layers=_count(shapes, re.escape(OPEN_CLIP) + r"transformer\.resblocks\.(\d+)\."),
+            layers=_count(shapes, re.escape(open_clip) + r"transformer\.resblocks\.(\d+)\."),
             heads=max(1, width // 64),
-            max_positions=shapes[OPEN_CLIP + "positional_embedding"][0],
-            mlp_ratio=shapes[OPEN_CLIP + "transformer.resblocks.0.mlp.c_fc.weight"][0] // width,
+            max_positions=shapes[open_clip + "positional_embedding"][0],
+            mlp_ratio=shapes[open_clip + "transformer.resblocks.0.mlp.c_fc.weight"][0] // width,
             projection_dim=projection[1],
         )
     raise CheckpointError(
         "not a Stable Diffusion checkpoint: no text encoder (expected keys under "
-        f"'{CLIP}' (SD 1.x) or '{OPEN_CLIP}' (SD 2.x))"
+        f"'{clip}' (SD 1.x) or '{open_clip}' (SD 2.x))"
     )
+
+
+SDXL_CLIP = "conditioner.embedders.0.transformer.text_model."
+SDXL_BIG_G = "conditioner.embedders.1.model."
+SDXL_REFINER_BIG_G = "conditioner.embedders.0.model."
+
+
+def detect_sdxl_text(shapes: Shapes) -> tuple[TextEncoderConfig, TextEncoderConfig | None, str]:
+    """SDXL's text encoders: (first, second or None, conditioner kind). Penultimate layers without the final
+    LayerNorm, as sgm's conditioner takes them."""
+    sdxl = {"default_clip_skip": 2, "final_layer_norm": False}
+    if SDXL_BIG_G + "token_embedding.weight" in shapes:
+        clip_l = dataclasses.replace(detect_text(shapes, clip=SDXL_CLIP, open_clip="-"), **sdxl)
+        big_g = dataclasses.replace(detect_text(shapes, clip="-", open_clip=SDXL_BIG_G), **sdxl)
+        return clip_l, big_g, "sdxl"
+    big_g = dataclasses.replace(detect_text(shapes, clip="-", open_clip=SDXL_REFINER_BIG_G), **sdxl)
+    return big_g, None, "sdxl_refiner"
 
 
 def detect_config(shapes: Shapes, prediction: str | None = None) -> ModelConfig:
     """The architecture of a single-file state dict, named after the preset it equals ('custom' if none)."""
-    unet, vae, text = detect_unet(shapes), detect_vae(shapes), detect_text(shapes)
+    unet, vae = detect_unet(shapes), detect_vae(shapes)
     pred = prediction or "epsilon"
-    config = ModelConfig(name="custom", unet=unet, vae=vae, text=text, prediction=pred)
+    if any(k.startswith("conditioner.embedders.") for k in shapes):
+        text, text2, kind = detect_sdxl_text(shapes)
+        if text2 is None and (text.projection_dim <= 0):
+            raise CheckpointError("an SDXL refiner without bigG's text_projection: its pooled text cannot be made")
+        config = ModelConfig(
+            name="custom", unet=unet, vae=dataclasses.replace(vae, scale_factor=0.13025), text=text, text2=text2,
+            conditioner=kind, prediction=pred, default_size=1024,  # type: ignore[arg-type]
+        )  # fmt: skip
+    else:
+        config = ModelConfig(name="custom", unet=unet, vae=vae, text=detect_text(shapes), prediction=pred)
+    text = config.text
     for name, candidate in PRESETS.items():
         if same_architecture(candidate, config):
             return dataclasses.replace(

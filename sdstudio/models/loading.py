@@ -29,7 +29,14 @@ from sdstudio.errors import CheckpointError
 from sdstudio.io.files import atomic_write
 from sdstudio.models.configs import METADATA_KEY, ModelConfig
 from sdstudio.models.detect import detect_config
-from sdstudio.models.stablediffusion import EMA_PREFIX, UNET_PREFIX, StableDiffusion, ema_key
+from sdstudio.models.stablediffusion import (
+    EMA_PREFIX,
+    SDXL_TEXT_PREFIX,
+    TEXT_PREFIX,
+    UNET_PREFIX,
+    StableDiffusion,
+    ema_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +67,7 @@ _DAMAGED = "it is damaged or incomplete: download or convert it again"
 _IGNORED_PREFIXES = (EMA_PREFIX, "model_ema.", "lora_", "control_model.", "embedding_manager.")
 _IGNORED_KEYS = {
     "cond_stage_model.transformer.text_model.embeddings.position_ids",
+    "conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
     "betas",
     "alphas_cumprod",
     "alphas_cumprod_prev",
@@ -76,8 +84,14 @@ _IGNORED_KEYS = {
     "model_ema.decay",
     "model_ema.num_updates",
 }
-# Present in the model, absent from some real SD 2.x files; unused by Stable Diffusion.
-_OPTIONAL_KEYS = {"cond_stage_model.model.text_projection", "cond_stage_model.model.logit_scale"}
+# Present in the model, absent from some real SD 2.x / SDXL files; unused by Stable Diffusion (SDXL's pooled
+# text needs bigG's text_projection: that one is required).
+_OPTIONAL_KEYS = {
+    "cond_stage_model.model.text_projection",
+    "cond_stage_model.model.logit_scale",
+    "conditioner.embedders.0.model.logit_scale",
+    "conditioner.embedders.1.model.logit_scale",
+}
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -562,7 +576,7 @@ def load_model(
             if param.is_meta:  # an optional key absent from the file
                 setattr(module, pname, torch.nn.Parameter(torch.zeros(param.shape, dtype=dtype), requires_grad=False))
     model.eval().requires_grad_(False)
-    sd2 = config.text.kind == "open_clip"
+    sd2 = config.text.kind == "open_clip" and not config.is_sdxl
     if detected and prediction is None and sd2 and looks_like_v_prediction(model.unet, config.unet.context_dim):
         log.info("%s: SD 2.x weights behave as v-prediction; sampling with v (override: --prediction)", path)
         config = dataclasses.replace(config, prediction="v", default_size=768)
@@ -603,7 +617,8 @@ def checkpoint_info(path: str | os.PathLike) -> dict:
     stored, state, _ = load_state(path)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     config = stored or _detect(path, shapes)
-    prefixes = {"unet": UNET_PREFIX, "vae": "first_stage_model.", "text_encoder": "cond_stage_model."}
+    text_prefix = SDXL_TEXT_PREFIX if config.is_sdxl else TEXT_PREFIX
+    prefixes = {"unet": UNET_PREFIX, "vae": "first_stage_model.", "text_encoder": text_prefix}
     counts = {
         part: sum(v.numel() for k, v in state.items() if k.startswith(prefix)) for part, prefix in prefixes.items()
     }

@@ -11,12 +11,14 @@ from torch import nn
 
 from sdstudio.models.clip import build_text_encoder
 from sdstudio.models.configs import ModelConfig, UNetConfig
+from sdstudio.models.sdxl import GeneralConditioner
 from sdstudio.models.unet import UNetModel
 from sdstudio.models.vae import AutoencoderKL
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model."
+SDXL_TEXT_PREFIX = "conditioner."  # SDXL: conditioner.embedders.N.*
 EMA_PREFIX = "model_ema."
 
 
@@ -34,7 +36,11 @@ class StableDiffusion(nn.Module):
         self.config = config
         self.model = DiffusionWrapper(config.unet)
         self.first_stage_model = AutoencoderKL(config.vae)
-        self.cond_stage_model = build_text_encoder(config.text)
+        # The text side under the checkpoint's own prefix: one encoder, or SDXL's conditioner.
+        if config.is_sdxl:
+            self.conditioner = GeneralConditioner(config)
+        else:
+            self.cond_stage_model = build_text_encoder(config.text)
 
     @property
     def unet(self) -> UNetModel:
@@ -46,7 +52,12 @@ class StableDiffusion(nn.Module):
 
     @property
     def text_encoder(self) -> nn.Module:
-        return self.cond_stage_model
+        """The text side: a ``TextEncoder``, or SDXL's ``GeneralConditioner``."""
+        return self.conditioner if self.config.is_sdxl else self.cond_stage_model
+
+    @property
+    def text_prefix(self) -> str:
+        return SDXL_TEXT_PREFIX if self.config.is_sdxl else TEXT_PREFIX
 
     def parameter_counts(self) -> dict[str, int]:
         return {

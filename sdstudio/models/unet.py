@@ -174,7 +174,7 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Transformer over the pixels of a feature map; projections are 1x1 convs (SD 1.x) or Linear (2.x)."""
 
-    def __init__(self, channels: int, heads: int, head_dim: int, config: UNetConfig) -> None:
+    def __init__(self, channels: int, heads: int, head_dim: int, config: UNetConfig, depth: int) -> None:
         super().__init__()
         inner = heads * head_dim
         self.use_linear = config.use_linear_in_transformer
@@ -187,7 +187,7 @@ class SpatialTransformer(nn.Module):
             self.proj_in = Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, head_dim, config.context_dim)
-            for _ in range(config.transformer_depth)
+            for _ in range(depth)
         )
         if self.use_linear:
             self.proj_out = Linear(inner, channels)
@@ -287,11 +287,15 @@ class UNetModel(nn.Module):
         emb_dim = mc * 4
         groups = config.norm_groups
 
-        def transformer(channels: int) -> SpatialTransformer:
+        def transformer(channels: int, depth: int) -> SpatialTransformer:
             heads, head_dim = config.heads_at(channels)
-            return SpatialTransformer(channels, heads, head_dim, config)
+            return SpatialTransformer(channels, heads, head_dim, config, depth)
 
         self.time_embed = nn.Sequential(Linear(mc, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
+        if config.adm_in_channels:  # SDXL: the vector y joins the timestep embedding (sgm's "sequential")
+            self.label_emb = nn.Sequential(
+                nn.Sequential(Linear(config.adm_in_channels, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
+            )
 
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(Conv2d(config.in_channels, mc, 3, padding=1))]
@@ -305,7 +309,7 @@ class UNetModel(nn.Module):
                 layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, groups)]
                 ch = mult * mc
                 if ds in config.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, config.depth_at(level)))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != levels - 1:
@@ -314,7 +318,9 @@ class UNetModel(nn.Module):
                 ds *= 2
 
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, ch, groups), transformer(ch), ResBlock(ch, emb_dim, ch, groups)
+            ResBlock(ch, emb_dim, ch, groups),
+            transformer(ch, config.middle_depth),
+            ResBlock(ch, emb_dim, ch, groups),
         )
 
         self.output_blocks = nn.ModuleList()
@@ -323,7 +329,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, groups)]
                 ch = mc * mult
                 if ds in config.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, config.depth_at(level)))
                 if level and i == config.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -360,9 +366,12 @@ class UNetModel(nn.Module):
         context: Tensor,
         token_merging: float = 0.0,
         hypernetworks: HypernetworkStack | None = None,
+        y: Tensor | None = None,
     ) -> Tensor:
         """x: [batch, in_channels, h, w] latents; timesteps: [batch] (fractional allowed);
-        context: [batch, tokens, context_dim] text features. Returns [batch, out_channels, h, w].
+        context: [batch, tokens, context_dim] text features; y: [batch, adm_in_channels] SDXL's vector
+        (pooled text and size embeddings), required exactly when the config has ``adm_in_channels``.
+        Returns [batch, out_channels, h, w].
 
         ``token_merging``: ToMe ratio for the full-resolution self-attention (0: exact; see ``tome``).
         ``hypernetworks``: AUTOMATIC1111 hypernetworks for every attention layer, prepared for the UNet's
@@ -371,6 +380,13 @@ class UNetModel(nn.Module):
         merging = TokenMerging(token_merging, x.shape[-2] * x.shape[-1]) if token_merging > 0 else None
         t_emb = timestep_embedding(timesteps, self.config.model_channels).to(dtype)  # [batch, mc]
         emb = self.time_embed(t_emb)  # [batch, 4 * mc]
+        if self.config.adm_in_channels:
+            if y is None or y.shape != (x.shape[0], self.config.adm_in_channels):
+                got = None if y is None else tuple(y.shape)
+                raise ValueError(f"this UNet needs y [{x.shape[0]}, {self.config.adm_in_channels}] (got {got})")
+            emb = emb + self.label_emb(y.to(dtype))
+        elif y is not None:
+            raise ValueError("this UNet takes no vector y (only SDXL UNets have label_emb)")
         context = context.to(dtype)
         h = x.to(dtype)
 

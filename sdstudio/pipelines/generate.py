@@ -20,16 +20,19 @@ from torch import Tensor
 from sdstudio import __version__
 from sdstudio.diffusion.noise import ImageNoise
 from sdstudio.diffusion.samplers import SamplerStep
+from sdstudio.diffusion.schedule import DiscreteSchedule
+from sdstudio.errors import SdStudioError
 from sdstudio.io.images import from_pil, to_pil
 from sdstudio.io.infotext import format_infotext, format_number, format_outpaint
 from sdstudio.models.loading import LoadedModel
+from sdstudio.models.sdxl import SizeConditioning
 from sdstudio.models.tokenizer import ClipTokenizer
 from sdstudio.pipelines import vae_tiling
 from sdstudio.pipelines.hires import LATENT_UPSCALERS, upscale_images, upscale_latents
 from sdstudio.pipelines.img2img import SourceImage, prepare_source
 from sdstudio.pipelines.inpaint import conditioning_mask, inpaint_extra, latent_keep, paste_back
 from sdstudio.pipelines.memory import check_memory, guidance_rows
-from sdstudio.pipelines.sampling import LatentSource, Plan, pass_sigmas, plan, sample_latents
+from sdstudio.pipelines.sampling import LatentSource, Plan, RefinerPass, pass_sigmas, plan, sample_latents
 from sdstudio.pipelines.validate import DEFAULT_LIMITS, Limits
 from sdstudio.prompt.conditioning import Conditioning, encode_conditioning, prompt_warnings
 from sdstudio.prompt.embeddings import EmbeddingDatabase
@@ -83,7 +86,7 @@ def infotext(
         "Variation seed": p.subseeds[index] if p.subseeds else None,
         "Variation seed strength": format_number(p.subseed_strength) if p.subseeds else None,
         "Denoising strength": format_number(strength) if strength is not None else None,
-        "Clip skip": p.clip_skip if p.clip_skip != 1 else None,
+        "Clip skip": p.clip_skip if p.clip_skip != 1 and not model.config.is_sdxl else None,
         "ENSD": p.ensd or None,
         "Resize mode": init.resize_mode if init is not None and init.resize_mode != "just resize" else None,
     }
@@ -196,6 +199,58 @@ def _steps(sigmas: Tensor | None) -> int:
     return 0 if sigmas is None else len(sigmas) - 1
 
 
+def check_refiner(model: LoadedModel, refiner: LoadedModel | None, request: GenerationRequest) -> None:
+    """A refiner asked for must be loaded, and must share the model's latent space."""
+    if request.refiner_switch_at is None:
+        return
+    if refiner is None:
+        raise SdStudioError(
+            "the request asks for a refiner (refiner_switch_at) but none is loaded: load one with --refiner FILE"
+        )
+    a, b = model.config.vae, refiner.config.vae
+    if (a.z_channels, a.downsample, a.scale_factor) != (b.z_channels, b.downsample, b.scale_factor):
+        raise SdStudioError(
+            f"refiner {refiner.name!r} works in another latent space than {model.name!r} (VAE latents "
+            f"{b.z_channels} x /{b.downsample}, scale {b.scale_factor} against {a.z_channels} x /{a.downsample}, "
+            f"scale {a.scale_factor}): pick a refiner of the same family (SDXL's for SDXL)"
+        )
+    if refiner.config.unet.in_channels != model.config.unet.in_channels:
+        raise SdStudioError(f"refiner {refiner.name!r}: an inpainting model cannot refine a normal one (or back)")
+
+
+def refiner_conditioning(
+    refiner: LoadedModel, tokenizer: ClipTokenizer, positive: ParsedPrompt, negative: ParsedPrompt, width: int,
+    height: int,
+) -> Conditioning:  # fmt: skip
+    """The prompt as the refiner's own text encoder(s) read it, at its default clip skip (no embeddings:
+    their vectors belong to the base model's text encoder)."""
+    size = SizeConditioning.of_image(width, height)
+    text = refiner.config.text
+    return encode_conditioning(
+        refiner.model.text_encoder, tokenizer, text, positive, negative, text.default_clip_skip, None, size=size
+    )
+
+
+def refiner_takes_over(model: LoadedModel, sigmas: Tensor | None, switch_at: float) -> bool:
+    """Whether a pass over ``sigmas`` reaches the refiner's steps (an evaluation below its cutoff)."""
+    if sigmas is None or len(sigmas) < 2:
+        return False
+    schedule = DiscreteSchedule.from_config(model.config.schedule)
+    cutoff = round(model.config.schedule.timesteps * (1 - switch_at))
+    evaluated = sigmas[:-1].float().cpu()
+    return bool((schedule.sigma_to_t(evaluated[evaluated > 0]) < cutoff).any())
+
+
+def hires_refined(model: LoadedModel, request: GenerationRequest, p: Plan, refine: RefinerPass) -> bool:
+    """Whether the hires pass reached the refiner (it runs on it throughout once the first pass did)."""
+    if refine.whole_pass:
+        return True
+    assert request.hires is not None
+    hp = dataclasses.replace(p, width=p.hires_size[0], height=p.hires_size[1]) if p.hires_size else p
+    source = LatentSource(torch.empty(0), request.hires.strength, fixed_steps=request.hires.steps > 0)
+    return refiner_takes_over(model, pass_sigmas(model, hp, request.hires.steps or request.steps, source), refine.switch_at)
+
+
 def hires_pass(
     model: LoadedModel,
     request: GenerationRequest,
@@ -203,9 +258,10 @@ def hires_pass(
     cond: Conditioning,
     latents: Tensor,
     callback: Callback | None,
+    refiner: RefinerPass | None = None,
 ) -> Tensor:
     """AUTOMATIC1111's hires fix second pass: upscale, then img2img at the hires strength with fresh
-    noise from the same seeds at the new size."""
+    noise from the same seeds at the new size (``refiner``: SDXL's refiner in this pass)."""
     hires = request.hires
     assert hires is not None and p.hires_size is not None
     width, height = p.hires_size
@@ -219,8 +275,9 @@ def hires_pass(
     source = LatentSource(up, hires.strength, fixed_steps=hires.steps > 0)
     extra = unmasked_extra(model, len(p.seeds), height, width, request.vae_tiling)
     return sample_latents(
-        model, hp, cond, hires.steps or request.steps, request.cfg_scale, callback, source=source, extra=extra
-    )
+        model, hp, cond, hires.steps or request.steps, request.cfg_scale, callback, source=source, extra=extra,
+        refiner=refiner,
+    )  # fmt: skip
 
 
 def generate(
@@ -233,6 +290,7 @@ def generate(
     limits: Limits = DEFAULT_LIMITS,
     memory_budget: int | None = None,
     networks: ActiveNetworks | None = None,
+    refiner: LoadedModel | None = None,
 ) -> GenerationResult:
     """txt2img, img2img, inpainting, outpainting, hires fix: whichever ``request`` asks for.
 
@@ -245,8 +303,13 @@ def generate(
     ``networks``: the request's LoRAs (already merged into the weights) and hypernetworks, as
     :meth:`sdstudio.adapters.activate.ModelNetworks.activate` made them for this request; without them the
     prompt's ``<lora:...>`` / ``<hypernet:...>`` tags are ignored with a warning.
+
+    ``refiner``: SDXL's refiner, used when the request gives ``refiner_switch_at`` (AUTOMATIC1111's
+    semantics: it takes every step whose timestep is below that share of the schedule, keeps the rest of the
+    run, hires pass included, and decodes with its own VAE).
     """
     p = plan(model, request, limits)
+    check_refiner(model, refiner, request)
     if networks is not None and networks.hypernetworks:
         from sdstudio.adapters.hypernetwork import prepare_hypernetworks
 
@@ -276,13 +339,21 @@ def generate(
     warnings += src.warnings if src is not None else ()
     with torch.inference_mode():
         cond = encode_conditioning(
-            sd.text_encoder, tokenizer, model.config.text, positive, negative, p.clip_skip, embeddings
-        )
+            sd.text_encoder, tokenizer, model.config.text, positive, negative, p.clip_skip, embeddings,
+            size=SizeConditioning.of_image(p.width, p.height),
+        )  # fmt: skip
         if src is not None:
             source, extra = source_latents(model, request, p, src)
         else:
             source, extra = None, unmasked_extra(model, len(p.seeds), p.height, p.width, request.vae_tiling)
-        first = _steps(pass_sigmas(model, p, request.steps, source))
+        first_sigmas = pass_sigmas(model, p, request.steps, source)
+        first = _steps(first_sigmas)
+        refine = None
+        if refiner is not None and request.refiner_switch_at is not None:
+            refine = RefinerPass(
+                refiner, refiner_conditioning(refiner, tokenizer, positive, negative, p.width, p.height),
+                request.refiner_switch_at,
+            )  # fmt: skip
         second = 0
         if request.hires is not None:
             hires_source = LatentSource(
@@ -299,7 +370,9 @@ def generate(
             _offset(callback, 0, total),
             source=source,
             extra=extra,
+            refiner=refine,
         )
+        refined = refine is not None and refiner_takes_over(model, first_sigmas, refine.switch_at)
         if request.hires is not None:
             assert positive.hires is not None and negative.hires is not None
             hires_cond = encode_conditioning(
@@ -310,14 +383,31 @@ def generate(
                 negative.hires,
                 p.clip_skip,
                 embeddings,
+                size=SizeConditioning.of_image(*p.hires_size) if p.hires_size else None,
             )
-            latents = hires_pass(model, request, p, hires_cond, latents, _offset(callback, first, total))
-        decoded, decode_warnings = decode_images(model, latents, request.vae_tiling)
+            hires_refine = None
+            if refine is not None:
+                assert p.hires_size is not None and positive.hires is not None and negative.hires is not None
+                hires_refine = RefinerPass(
+                    refine.model,
+                    refiner_conditioning(refine.model, tokenizer, positive.hires, negative.hires, *p.hires_size),
+                    refine.switch_at,
+                    whole_pass=refined,
+                )
+            latents = hires_pass(
+                model, request, p, hires_cond, latents, _offset(callback, first, total), hires_refine
+            )
+            refined = refined or (hires_refine is not None and hires_refined(model, request, p, hires_refine))
+        decoder = refiner if refined and refiner is not None else model
+        decoded, decode_warnings = decode_images(decoder, latents, request.vae_tiling)
         images = to_pil(decoded)
     warnings += decode_warnings
     if src is not None and src.overlay is not None:
         images = [paste_back(im, src.overlay, src.base, src.box) for im in images]
     extra = list(networks.params if networks is not None else ())
+    if refine is not None and refiner is not None:  # A1111's entries, written whenever a refiner is asked for
+        hashed = f"{refiner.name} [{refiner.short_hash}]" if refiner.short_hash else refiner.name
+        extra += [("Refiner", hashed), ("Refiner switch at", format_number(refine.switch_at))]
     if embeddings is not None:
         extra += ti_hashes(embeddings, tokenizer, [positive, negative])
     tags = networks.tags if networks is not None else ""

@@ -518,7 +518,15 @@ def _resblock(t: _Tracker, p: _Policy, cin: float, cout: float, group_norm32: bo
 
 
 def _unet_transformer(
-    t: _Tracker, p: _Policy, u: UNetConfig, x: float, channels: int, tokens: int, batch: int, fused_ff: bool
+    t: _Tracker,
+    p: _Policy,
+    u: UNetConfig,
+    x: float,
+    channels: int,
+    tokens: int,
+    batch: int,
+    fused_ff: bool,
+    depth: int = 1,
 ) -> float:
     """``SpatialTransformer`` over ``x`` bytes ([batch, channels, tokens] maps, held by the caller)."""
     heads, head_dim = u.heads_at(channels)
@@ -529,7 +537,7 @@ def _unet_transformer(
     p.group_norm(t, x)
     h = p.conv(t, n, inner * unit) if not u.use_linear_in_transformer else t.alloc(inner * unit)  # proj_in
     t.free(n)
-    for _ in range(u.transformer_depth):
+    for _ in range(depth):
         # attn1: norm1, q, k, v, attention, output, to_out
         n1, qkv = t.alloc(inner * unit), t.alloc(3 * inner * unit)
         t.scratch(p.attention(batch, heads, tokens, tokens, head_dim, contiguous=True))
@@ -592,7 +600,7 @@ def unet_activations(u: UNetConfig, batch: int, height: int, width: int, p: _Pol
             ch = mult * mc
             if ds in u.attention_resolutions:
                 res = out
-                out = _unet_transformer(t, p, u, res, ch, h * w, batch, fused_ff)
+                out = _unet_transformer(t, p, u, res, ch, h * w, batch, fused_ff, u.depth_at(level))
                 t.free(res)
             cur = out
             skips.append((cur, ch))
@@ -605,7 +613,7 @@ def unet_activations(u: UNetConfig, batch: int, height: int, width: int, p: _Pol
     # middle block
     out = _resblock(t, p, cur, size(ch))
     res = out
-    out = _unet_transformer(t, p, u, res, ch, h * w, batch, fused_ff)
+    out = _unet_transformer(t, p, u, res, ch, h * w, batch, fused_ff, u.middle_depth)
     t.free(res)
     res = out
     cur = _resblock(t, p, res, size(ch))
@@ -619,7 +627,7 @@ def unet_activations(u: UNetConfig, batch: int, height: int, width: int, p: _Pol
             ch = mc * mult
             if ds in u.attention_resolutions:
                 res = out
-                out = _unet_transformer(t, p, u, res, ch, h * w, batch, fused_ff)
+                out = _unet_transformer(t, p, u, res, ch, h * w, batch, fused_ff, u.depth_at(level))
                 t.free(res)
             if level and i == u.num_res_blocks:
                 before = out

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from sdstudio.diffusion.denoiser import Denoiser
-from sdstudio.diffusion.guidance import DenoiserFn, PromptGuidedDenoiser
+from sdstudio.diffusion.guidance import DenoiserFn, PromptGuidedDenoiser, SwitchedDenoiser
 from sdstudio.diffusion.noise import ImageNoise, to_device
 from sdstudio.diffusion.samplers import BrownianTreeNoiseSampler, NoiseSampler, SamplerInfo, SamplerStep
 from sdstudio.diffusion.schedule import DiscreteSchedule
@@ -93,6 +93,10 @@ def plan(model: LoadedModel, request: GenerationRequest, limits: Limits = DEFAUL
     clip_skip = request.clip_skip if request.clip_skip is not None else config.text.default_clip_skip
     if not 1 <= clip_skip <= config.text.layers:
         raise SdStudioError(f"clip skip must be between 1 and {config.text.layers} (got {clip_skip})")
+    if config.is_sdxl and clip_skip != config.text.default_clip_skip:
+        # as AUTOMATIC1111 (without its sdxl_clip_l_skip option): SDXL was trained on the penultimate layers
+        warnings.append(f"clip skip {clip_skip} ignored: SDXL always takes its text encoders' penultimate layers")
+        clip_skip = config.text.default_clip_skip
     sampling = config.sampling.overridden(request.ngms, request.ngms_all_steps)
     ensd = request.ensd
     if ensd and sampler.brownian_noise:
@@ -224,6 +228,19 @@ class PacedCallback:
         self.callback(step)
 
 
+@dataclass(frozen=True)
+class RefinerPass:
+    """SDXL's refiner in a sampling pass: its model and its own conditioning; it takes the steps below
+    ``switch_at`` of the noise schedule's timesteps (A1111's "Refiner switch at", diffusers'
+    ``denoising_end``), or the whole pass (``whole_pass``: a hires pass after the switch, as in A1111 where
+    the refiner stays loaded once switched to)."""
+
+    model: LoadedModel
+    cond: Conditioning
+    switch_at: float
+    whole_pass: bool = False
+
+
 def sample_latents(
     model: LoadedModel,
     p: Plan,
@@ -234,27 +251,40 @@ def sample_latents(
     *,
     source: LatentSource | None = None,
     extra: Tensor | None = None,
+    refiner: RefinerPass | None = None,
 ) -> Tensor:
     """Run the sampler from the seeds' noise (txt2img) or from ``source`` noised to its strength; the clean
-    latents (scaled, as the UNet sees them). ``extra``: inpainting models' mask + masked-image latents.
-    [B, 4, h, w]"""
+    latents (scaled, as the UNet sees them). ``extra``: inpainting models' mask + masked-image latents;
+    ``refiner``: SDXL's refiner takes over the pass's low-noise steps (or all of it). [B, 4, h, w]"""
     config = model.config
     device = model.device
     schedule = DiscreteSchedule.from_config(config.schedule).to(device)
-    # a compiled or CUDA-graph runner takes the UNet's plain arguments only: hypernetworks run it directly
-    runner = model.unet_runner if p.hypernetworks is None else None
-    unet = runner if runner is not None else model.model.unet
-    denoiser = Denoiser(
-        unet, schedule, config.prediction, token_merging=p.token_merging, hypernetworks=p.hypernetworks
-    )
     sigmas = pass_sigmas(model, p, steps, source)
     if sigmas is None:
         assert source is not None
         return source.latents
-    guided: DenoiserFn = PromptGuidedDenoiser(
-        denoiser, cond.tensors, cond.positive, cond.negative, cfg_scale, tuple(sigmas.tolist()), extra,
-        ngms=p.ngms, ngms_all_steps=p.ngms_all_steps,
-    )  # fmt: skip
+
+    def guided_by(loaded: LoadedModel, c: Conditioning) -> DenoiserFn:
+        # a compiled or CUDA-graph runner takes the UNet's plain arguments only: hypernetworks run it directly
+        # (and SDXL's vector y, which they were not captured with)
+        runner = loaded.unet_runner if p.hypernetworks is None and c.vectors is None else None
+        unet = runner if runner is not None else loaded.model.unet
+        denoiser = Denoiser(
+            unet, schedule, loaded.config.prediction, token_merging=p.token_merging, hypernetworks=p.hypernetworks
+        )
+        return PromptGuidedDenoiser(
+            denoiser, c.tensors, c.positive, c.negative, cfg_scale, tuple(sigmas.tolist()), extra,
+            ngms=p.ngms, ngms_all_steps=p.ngms_all_steps, vectors=c.vectors,
+        )  # fmt: skip
+
+    guided = guided_by(model, cond)
+    if refiner is not None:
+        second = guided_by(refiner.model, refiner.cond)
+        if refiner.whole_pass:
+            guided = second
+        else:
+            cutoff = round(config.schedule.timesteps * (1 - refiner.switch_at))
+            guided = SwitchedDenoiser(guided, second, schedule.sigma_to_t, cutoff)
     down = config.vae.downsample
     shape = (config.unet.out_channels, p.height // down, p.width // down)
     if source is not None:

@@ -167,6 +167,8 @@ def check_request(request: GenerationRequest, limits: Limits = DEFAULT_LIMITS) -
     check_int("batch size", request.batch_size, 1, limits.max_batch)
     if request.clip_skip is not None:
         check_int("clip skip", request.clip_skip, 1)
+    if request.refiner_switch_at is not None:
+        check_number("refiner switch at (--refiner-switch-at)", request.refiner_switch_at, 0.0, 1.0)
     if request.eta is not None:
         check_number("eta", request.eta, 0.0, 1.0)
         if not sampler.uses_eta:

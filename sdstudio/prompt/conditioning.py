@@ -27,13 +27,16 @@ repeats the last vector); an embedding moved to the next chunk by the comma rule
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from sdstudio.errors import SdStudioError
 from sdstudio.models.configs import TextEncoderConfig
+from sdstudio.models.sdxl import NEGATIVE_AESTHETIC_SCORE, GeneralConditioner, SizeConditioning, size_vector
 from sdstudio.models.tokenizer import ClipTokenizer
 from sdstudio.prompt.embeddings import Embedding, EmbeddingDatabase
 from sdstudio.prompt.parser import ParsedPrompt, ScheduleEntry, parse_prompt_attention
@@ -156,27 +159,96 @@ def tokenize_attention(
     return tuple(chunks)
 
 
-def encode_chunks(text_encoder: nn.Module, chunks: Sequence[PromptChunk], clip_skip: int) -> Tensor:
-    """Hidden states of each chunk with its embeddings and emphasis applied, float32. [n_chunks, 77, width]"""
-    device = next(text_encoder.parameters()).device
-    tokens = torch.tensor([c.tokens for c in chunks], dtype=torch.long, device=device)  # [n, 77]
-    token_embeds = None
-    if any(c.fixes for c in chunks):
-        token_embeds = text_encoder.token_embedding(tokens).clone()  # [n, 77, width]
-        for row, chunk in enumerate(chunks):
-            for offset, embedding in chunk.fixes:
-                count = min(embedding.n_vectors, WINDOW - offset)
-                token_embeds[row, offset : offset + count] = embedding.vectors[:count].to(token_embeds)
-    hidden = text_encoder(tokens, clip_skip, token_embeds=token_embeds).float()  # [n, 77, width]
+def _token_embeds(embedding_table: nn.Embedding, tokens: Tensor, chunks: Sequence[PromptChunk]) -> Tensor | None:
+    """The token vectors of ``tokens`` [n, 77] with each chunk's embeddings spliced in; None without any."""
+    if not any(c.fixes for c in chunks):
+        return None
+    token_embeds = embedding_table(tokens).clone()  # [n, 77, width]
+    for row, chunk in enumerate(chunks):
+        for offset, embedding in chunk.fixes:
+            count = min(embedding.n_vectors, WINDOW - offset)
+            token_embeds[row, offset : offset + count] = embedding.vectors[:count].to(token_embeds)
+    return token_embeds
+
+
+def _emphasis(hidden: Tensor, chunks: Sequence[PromptChunk]) -> Tensor:
+    """A1111's "Original" emphasis on each chunk's hidden states [n, 77, width]: weight each token's state,
+    then restore the chunk's mean."""
     rows = []
     for row, chunk in zip(hidden, chunks):
         if any(m != 1.0 for m in chunk.multipliers):
-            # A1111's "Original" emphasis: weight each token's state, then restore the chunk's mean
             original_mean = row.mean()
             row = row * torch.tensor(chunk.multipliers, dtype=row.dtype, device=row.device)[:, None]
             row = row * (original_mean / row.mean())
         rows.append(row)
     return torch.stack(rows)
+
+
+def repad(tokens: Sequence[int], pad_with_eos: bool) -> list[int]:
+    """A framed chunk's ids padded as another encoder pads: EOS to the end, or 0 after the first EOS."""
+    ids = list(tokens)
+    end = ids.index(EOS)
+    ids[end + 1 :] = [EOS if pad_with_eos else 0] * (len(ids) - end - 1)
+    return ids
+
+
+def encode_chunks_pooled(
+    text_encoder: nn.Module, chunks: Sequence[PromptChunk], clip_skip: int
+) -> tuple[Tensor, Tensor | None]:
+    """Hidden states of each chunk with its embeddings and emphasis applied, float32 [n_chunks, 77, width],
+    and SDXL's pooled text of each chunk [n_chunks, projection] (None for one text encoder).
+
+    SDXL (``GeneralConditioner``): each encoder reads the chunk padded its own way, emphasis applies to
+    each encoder's states apart (A1111 runs one ``process_tokens`` per embedder), and the states are joined
+    on the width axis, CLIP-L's first."""
+    device = next(text_encoder.parameters()).device
+    if not isinstance(text_encoder, GeneralConditioner):
+        tokens = torch.tensor([c.tokens for c in chunks], dtype=torch.long, device=device)  # [n, 77]
+        token_embeds = _token_embeds(text_encoder.token_embedding, tokens, chunks)
+        hidden = text_encoder(tokens, clip_skip, token_embeds=token_embeds).float()  # [n, 77, width]
+        return _emphasis(hidden, chunks), None
+    if any(c.fixes for c in chunks):
+        raise SdStudioError("textual inversion embeddings are not supported for SDXL yet")
+    per_encoder = [
+        torch.tensor([repad(c.tokens, config.pad_with_eos) for c in chunks], dtype=torch.long, device=device)
+        for config in text_encoder.configs
+    ]
+    states, pooled = text_encoder.encode(per_encoder, clip_skip)
+    hidden = torch.cat([_emphasis(h.float(), chunks) for h in states], dim=-1)  # [n, 77, sum of widths]
+    return hidden, pooled.float()
+
+
+def encode_chunks(text_encoder: nn.Module, chunks: Sequence[PromptChunk], clip_skip: int) -> Tensor:
+    """Hidden states of each chunk with its embeddings and emphasis applied, float32. [n_chunks, 77, width]"""
+    return encode_chunks_pooled(text_encoder, chunks, clip_skip)[0]
+
+
+def encode_padded_pooled(
+    text_encoder: nn.Module,
+    tokenizer: ClipTokenizer,
+    config: TextEncoderConfig,
+    per_text: Sequence[Sequence[PromptChunk]],
+    clip_skip: int,
+) -> tuple[Tensor, Tensor | None]:
+    """Each text's chunks encoded in one text-encoder call, shorter texts padded with an encoded empty chunk
+    (A1111's ``pad_cond``), float32 [n_texts, 77 * most chunks, width]; and SDXL's pooled text of each
+    text's first chunk [n_texts, projection] (A1111's ``zs[0].pooled``), None for one text encoder."""
+    n_chunks = max(len(chunks) for chunks in per_text)
+    flat = [chunk for chunks in per_text for chunk in chunks]
+    needs_padding = any(len(chunks) < n_chunks for chunks in per_text)
+    if needs_padding:
+        flat.append(tokenize_attention([("", 1.0)], tokenizer, config)[0])
+    hidden, pooled = encode_chunks_pooled(text_encoder, flat, clip_skip)  # [total_chunks (+1), 77, width]
+    empty = hidden[-1:] if needs_padding else None
+    stacked, firsts, start = [], [], 0
+    for chunks in per_text:
+        parts = [hidden[start : start + len(chunks)]]
+        if len(chunks) < n_chunks:
+            parts.append(empty.expand(n_chunks - len(chunks), -1, -1))  # type: ignore[union-attr]
+        firsts.append(start)
+        start += len(chunks)
+        stacked.append(torch.cat(parts).reshape(-1, hidden.shape[-1]))  # [77 * n_chunks, width]
+    return torch.stack(stacked), None if pooled is None else pooled[firsts]
 
 
 def encode_padded(
@@ -186,23 +258,8 @@ def encode_padded(
     per_text: Sequence[Sequence[PromptChunk]],
     clip_skip: int,
 ) -> Tensor:
-    """Each text's chunks encoded in one text-encoder call, shorter texts padded with an encoded empty chunk
-    (A1111's ``pad_cond``), float32. [n_texts, 77 * most chunks, width]"""
-    n_chunks = max(len(chunks) for chunks in per_text)
-    flat = [chunk for chunks in per_text for chunk in chunks]
-    needs_padding = any(len(chunks) < n_chunks for chunks in per_text)
-    if needs_padding:
-        flat.append(tokenize_attention([("", 1.0)], tokenizer, config)[0])
-    hidden = encode_chunks(text_encoder, flat, clip_skip)  # [total_chunks (+1), 77, width]
-    empty = hidden[-1:] if needs_padding else None
-    stacked, start = [], 0
-    for chunks in per_text:
-        parts = [hidden[start : start + len(chunks)]]
-        if len(chunks) < n_chunks:
-            parts.append(empty.expand(n_chunks - len(chunks), -1, -1))  # type: ignore[union-attr]
-        start += len(chunks)
-        stacked.append(torch.cat(parts).reshape(-1, hidden.shape[-1]))  # [77 * n_chunks, width]
-    return torch.stack(stacked)
+    """:func:`encode_padded_pooled` without the pooled text. [n_texts, 77 * most chunks, width]"""
+    return encode_padded_pooled(text_encoder, tokenizer, config, per_text, clip_skip)[0]
 
 
 def encode_captions(
@@ -235,6 +292,8 @@ class Conditioning:
     chunk_lengths: tuple[tuple[int, ...], ...]  # per text, the prompt tokens in each of its chunks
     positive: tuple[WeightedCond, ...]  # one per AND sub-prompt
     negative: CondSchedule
+    # SDXL: each row's vector y (pooled text and micro-conditioning) [n_texts, adm_in_channels]; else None
+    vectors: Tensor | None = None
 
     @property
     def tokens(self) -> int:
@@ -250,20 +309,29 @@ def encode_conditioning(
     clip_skip: int,
     embeddings: EmbeddingDatabase | None = None,
     comma_backtrack: int = COMMA_BACKTRACK,
+    size: SizeConditioning | None = None,
 ) -> Conditioning:
     """Conditioning for a parsed prompt and its parsed negative (``parse(..., composable=False)``).
 
     One text-encoder call for all chunks of all distinct texts, each text counted once however many
     sub-prompts or steps use it.
+
+    SDXL (``text_encoder`` a ``GeneralConditioner``) needs ``size``, the image's micro-conditioning, and
+    gets each row's vector. Its negative rows are its own: an empty negative prompt is all zeros, text and
+    pooled text alike (A1111's ``force_zero_negative_prompt``, diffusers' ``force_zeros_for_empty_prompt``),
+    and the refiner's negative vector carries the low aesthetic score.
     """
     if len(negative.subprompts) != 1:
         raise ValueError("the negative prompt must be parsed with composable=False (one sub-prompt)")
+    sdxl = isinstance(text_encoder, GeneralConditioner)
+    if sdxl and size is None:
+        raise ValueError("SDXL conditioning needs the image's sizes (size=SizeConditioning...)")
     by_text: dict[str, tuple[PromptChunk, ...]] = {}
-    # Texts that tokenize the same (" cat" and "cat") share one row: chunks -> row, first-use order.
-    rows: dict[tuple[PromptChunk, ...], int] = {}
+    # Texts that tokenize the same (" cat" and "cat") share one row: (side, chunks) -> row, first-use order.
+    rows: dict[tuple[bool, tuple[PromptChunk, ...]], int] = {}
     texts: list[str] = []
 
-    def schedule_of(entries: Sequence[ScheduleEntry]) -> CondSchedule:
+    def schedule_of(entries: Sequence[ScheduleEntry], is_negative: bool = False) -> CondSchedule:
         indices = []
         for entry in entries:
             chunks = by_text.get(entry.text)
@@ -271,21 +339,36 @@ def encode_conditioning(
                 chunks = by_text[entry.text] = tokenize_attention(
                     entry.attention, tokenizer, config, embeddings, comma_backtrack
                 )
-            if chunks not in rows:
-                rows[chunks] = len(rows)
+            key = (sdxl and is_negative, chunks)  # SDXL: negative rows apart
+            if key not in rows:
+                rows[key] = len(rows)
                 texts.append(entry.text)
-            indices.append(rows[chunks])
+            indices.append(rows[key])
         return CondSchedule(tuple(e.end_at_step for e in entries), tuple(indices))
 
     weighted = tuple(WeightedCond(sub.weight, schedule_of(sub.schedule)) for sub in positive.subprompts)
-    uncond = schedule_of(negative.subprompts[0].schedule)
-    per_text = list(rows)
+    negative_entries = negative.subprompts[0].schedule
+    uncond = schedule_of(negative_entries, is_negative=True)
+    per_text = [chunks for _, chunks in rows]
+    tensors, pooled = encode_padded_pooled(text_encoder, tokenizer, config, per_text, clip_skip)
+    vectors = None
+    if sdxl:
+        assert pooled is not None and size is not None
+        negative_rows = [row for (is_negative, _), row in rows.items() if is_negative]
+        if all(entry.text == "" for entry in negative_entries):
+            tensors[negative_rows] = 0.0
+            pooled[negative_rows] = 0.0
+        vectors = size_vector(pooled, size, refiner=text_encoder.refiner)
+        if text_encoder.refiner:
+            low = dataclasses.replace(size, aesthetic=NEGATIVE_AESTHETIC_SCORE)
+            vectors[negative_rows] = size_vector(pooled[negative_rows], low, refiner=True)
     return Conditioning(
-        tensors=encode_padded(text_encoder, tokenizer, config, per_text, clip_skip),
+        tensors=tensors,
         texts=tuple(texts),
         chunk_lengths=tuple(tuple(c.length for c in chunks) for chunks in per_text),
         positive=weighted,
         negative=uncond,
+        vectors=vectors,
     )
 
 
