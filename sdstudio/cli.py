@@ -212,8 +212,21 @@ def build_request(args: argparse.Namespace) -> tuple[GenerationRequest, list[str
         inpaint=inpaint,
         hires=hires,
         vae_tiling={"auto": None, "on": True, "off": False}[args.vae_tiling],
+        refiner_switch_at=_refiner_switch_at(args),
     )
     return request, warnings
+
+
+def _refiner_switch_at(args: argparse.Namespace) -> float | None:
+    """The request's refiner switch (A1111's default 0.8 with --refiner), None without a refiner."""
+    refiner, switch_at = getattr(args, "refiner", None), getattr(args, "refiner_switch_at", None)
+    if switch_at is not None and not refiner:
+        raise SdStudioError("--refiner-switch-at needs a refiner: --refiner FILE")
+    if refiner and not Path(refiner).exists():
+        raise SdStudioError(f"{refiner}: no such refiner checkpoint (--refiner)")
+    if not refiner:
+        return None
+    return 0.8 if switch_at is None else switch_at
 
 
 def _preview_path(args: argparse.Namespace) -> Path:
@@ -405,15 +418,16 @@ def _add_token_counts(args: argparse.Namespace, parsed: ParsedPrompt, out: dict)
     from sdstudio.models.loading import load_state
     from sdstudio.models.tokenizer import ClipTokenizer
     from sdstudio.prompt.conditioning import prompt_warnings, tokenize_attention
-    from sdstudio.prompt.embeddings import load_embeddings
+    from sdstudio.prompt.embeddings import load_embeddings_for
 
     stored, state, _ = load_state(args.model)
-    text = (stored or detect_config({k: tuple(v.shape) for k, v in state.items()})).text
+    config = stored or detect_config({k: tuple(v.shape) for k, v in state.items()})
+    text = config.text
     del state
     tokenizer = ClipTokenizer()
     embeddings = None
     if args.embeddings:
-        embeddings = load_embeddings(args.embeddings, text.width, tokenizer, skip_bad=args.skip_bad_embeddings)
+        embeddings = load_embeddings_for(args.embeddings, config, tokenizer, skip_bad=args.skip_bad_embeddings)
     for part, part_json in ((parsed, out), (parsed.hires, out.get("hires"))):
         if part is None:
             continue
@@ -540,7 +554,13 @@ def _training_setup(args: argparse.Namespace) -> tuple[object, object, dict]:
         raise SdStudioError("no --model given and the embedded model is not shipped")
     if not Path(model_path).exists():
         raise SdStudioError(f"{model_path}: no such file or folder (--model)")
-    return load_model(model_path), run, options
+    loaded = load_model(model_path)
+    if loaded.config.is_sdxl:
+        raise SdStudioError(
+            f"{model_path}: an SDXL model; sdstudio trains SD 1.x / 2.x models so far (SDXL generates, with LoRAs "
+            "and embeddings made elsewhere)"
+        )
+    return loaded, run, options
 
 
 def _preview(args: argparse.Namespace):  # type: ignore[no-untyped-def]

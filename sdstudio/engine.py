@@ -18,9 +18,9 @@ from sdstudio.errors import SdStudioError
 from sdstudio.models.cuda_graphs import CudaGraphRunner
 from sdstudio.models.loading import DTYPES, LoadedModel, load_model
 from sdstudio.models.tokenizer import ClipTokenizer
-from sdstudio.pipelines.generate import check_refiner, generate
+from sdstudio.pipelines.generate import check_refiner, check_refiner_fits, generate
 from sdstudio.pipelines.validate import DEFAULT_LIMITS, Limits, check_request
-from sdstudio.prompt.embeddings import EmbeddingDatabase, load_embeddings
+from sdstudio.prompt.embeddings import EmbeddingDatabase, load_embeddings_for
 from sdstudio.types import GenerationRequest, GenerationResult
 
 log = logging.getLogger(__name__)
@@ -169,6 +169,7 @@ class Pipeline:
         refiner_model = None
         if refiner is not None:
             refiner_model = load_model(refiner, dtype=dtype)
+            check_refiner_fits(model, refiner_model)
             if device != "cpu":
                 refiner_model.model.to(device)
             if prefer_channels_last(dtype, device):
@@ -191,9 +192,7 @@ class Pipeline:
         tokenizer = ClipTokenizer()
         embeddings = None
         if embeddings_dir is not None:
-            embeddings = load_embeddings(
-                embeddings_dir, model.config.text.width, tokenizer, skip_bad=skip_bad_embeddings
-            )
+            embeddings = load_embeddings_for(embeddings_dir, model.config, tokenizer, skip_bad=skip_bad_embeddings)
         return cls(
             model,
             embeddings,

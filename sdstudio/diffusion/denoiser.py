@@ -7,6 +7,7 @@ One object serves both directions so the trainer cannot drift from the sampler.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,11 @@ from sdstudio.models.configs import Prediction
 if TYPE_CHECKING:  # the types only: diffusion imports neither adapters nor training at run time
     from sdstudio.adapters.hypernetwork import HypernetworkStack
     from sdstudio.training.distributed import Rows
+
+
+# ControlNet residuals of one UNet evaluation: (UNet input [B, 4, h, w], timesteps [B], context, SDXL vector or
+# None) -> one residual per input block and the middle block's, or None where no control applies.
+ControlFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], "list[Tensor] | None"]
 
 
 @dataclass(frozen=True)
@@ -40,11 +46,19 @@ class Denoiser:
         return torch.ones_like(sigma), -sigma, c_in
 
     def raw(
-        self, x: Tensor, sigma: Tensor, context: Tensor, extra: Tensor | None = None, vector: Tensor | None = None
+        self,
+        x: Tensor,
+        sigma: Tensor,
+        context: Tensor,
+        extra: Tensor | None = None,
+        vector: Tensor | None = None,
+        control: ControlFn | None = None,
     ) -> Tensor:
         """The network's own output F (eps or v) for the VE latent ``x`` at ``sigma``. [B, C, h, w]
 
-        ``vector``: SDXL's ``y`` [B, adm_in_channels] (pooled text and micro-conditioning); None otherwise."""
+        ``vector``: SDXL's ``y`` [B, adm_in_channels] (pooled text and micro-conditioning); None otherwise.
+        ``control``: ControlNet residuals for the UNet's input (``c_in x``, the latent channels only), its
+        timesteps, context and vector; None, or a call that returns None: no control at this evaluation."""
         sigma = to_device(sigma, x.device)  # samplers keep sigma on the CPU: read there without a sync
         _, _, c_in = self.scalings(sigma)
         t = self.schedule.sigma_to_t(sigma.float(), quantize=self.quantize)
@@ -60,16 +74,27 @@ class Denoiser:
             options["hypernetworks"] = self.hypernetworks
         if vector is not None:
             options["y"] = vector.to(x.device, dtype)
+        if control is not None:
+            y = options.get("y")
+            residuals = control(inp[:, : x.shape[1]].to(dtype), t, context.to(dtype), y)
+            if residuals is not None:
+                options["control"] = residuals
         return self.unet(inp.to(dtype), t, context.to(dtype), **options).float()
 
     def __call__(
-        self, x: Tensor, sigma: Tensor, context: Tensor, extra: Tensor | None = None, vector: Tensor | None = None
+        self,
+        x: Tensor,
+        sigma: Tensor,
+        context: Tensor,
+        extra: Tensor | None = None,
+        vector: Tensor | None = None,
+        control: ControlFn | None = None,
     ) -> Tensor:
         """The x0 estimate, float32. x [B, C, h, w], sigma [B] (any device), context [B, tokens, width],
-        vector [B, adm_in_channels] for SDXL."""
+        vector [B, adm_in_channels] for SDXL, control as for :meth:`raw`."""
         sigma = to_device(sigma, x.device)
         c_skip, c_out, _ = self.scalings(sigma)
-        return x.float() * c_skip + self.raw(x, sigma, context, extra, vector) * c_out
+        return x.float() * c_skip + self.raw(x, sigma, context, extra, vector, control) * c_out
 
     def loss(
         self,

@@ -2,24 +2,42 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from sdstudio.diffusion.denoiser import Denoiser
+from sdstudio.diffusion.denoiser import ControlFn, Denoiser
 from sdstudio.types import CondSchedule, WeightedCond
 
 
 def _call(
-    denoiser: Denoiser, x: Tensor, sigma: Tensor, context: Tensor, extra: Tensor | None, vector: Tensor | None
+    denoiser: Denoiser,
+    x: Tensor,
+    sigma: Tensor,
+    context: Tensor,
+    extra: Tensor | None,
+    vector: Tensor | None,
+    control: ControlFn | None = None,
 ) -> Tensor:
-    """``denoiser(x, sigma, context, extra)``, with SDXL's ``vector`` only where there is one: any callable
-    of the first four arguments stands for a denoiser of a model without it."""
-    if vector is None:
+    """``denoiser(x, sigma, context, extra)``, with SDXL's ``vector`` and ControlNet's ``control`` only where
+    there are some: any callable of the first four arguments stands for a denoiser of a model without them."""
+    if vector is None and control is None:
         return denoiser(x, sigma, context, extra)
-    return denoiser(x, sigma, context, extra, vector=vector)
+    return denoiser(x, sigma, context, extra, vector=vector, control=control)
+
+
+class Control(Protocol):
+    """ControlNets over a sampling pass (``sdstudio.control.apply.ControlStack``): their residuals for a batch
+    whose rows ``cond_mask`` marks 1 (prompt) or 0 (negative prompt), at ``progress`` (the step's share of the
+    pass, for each network's guidance start / end)."""
+
+    def residuals(
+        self, x: Tensor, t: Tensor, context: Tensor, vector: Tensor | None, *, cond_mask: Tensor, progress: float
+    ) -> list[Tensor] | None: ...
 
 
 @dataclass(frozen=True)
@@ -89,6 +107,16 @@ class PromptGuidedDenoiser:
     ngms: float = 0.0  # 0: off
     ngms_all_steps: bool = False
     vectors: Tensor | None = None  # SDXL: [n_texts, adm_in_channels], the rows of ``conds``' vectors
+    control: Control | None = None  # ControlNets applied at each evaluation
+
+    def _control(self, rows: int, negative_from: int, step: int) -> ControlFn | None:
+        """The ControlNets' call for a batch whose rows from ``negative_from`` on are the negative prompt's."""
+        if self.control is None:
+            return None
+        mask = torch.ones(rows)
+        mask[negative_from:] = 0.0
+        progress = step / max(1, len(self.sigmas) - 1)
+        return functools.partial(self.control.residuals, cond_mask=mask, progress=progress)
 
     def skips_negative(self, sigma: float, step: int) -> bool:
         """Whether the evaluation at ``sigma`` (of ``step``) leaves out the negative (NGMS)."""
@@ -119,7 +147,7 @@ class PromptGuidedDenoiser:
         if len(positive) == 1 and (skip or (self.scale == 1.0 and positive[0][0] == 1.0)):
             context = self.conds[positive[0][1]].expand(batch, -1, -1)
             vector = None if self.vectors is None else self.vectors[positive[0][1]].expand(batch, -1)
-            return _call(self.denoiser, x, sigma, context, self.extra, vector)
+            return _call(self.denoiser, x, sigma, context, self.extra, vector, self._control(batch, batch, step))
         rows = list(dict.fromkeys([row for _, row in positive] + [negative]))  # distinct, in order
         n = len(rows)
         # rows by slicing and expanding: an index list or repeat_interleave would wait for a GPU
@@ -130,7 +158,10 @@ class PromptGuidedDenoiser:
         if self.vectors is not None:
             vectors = torch.cat([self.vectors[r : r + 1] for r in rows])  # [n, adm]
             vector = vectors[:, None].expand(n, batch, vectors.shape[-1]).reshape(n * batch, -1)
-        out = _call(self.denoiser, x.repeat(n, 1, 1, 1), sigma.repeat(n), context, extra, vector)
+        # rows: the distinct positives, then the negative unless a positive has its text (or NGMS skips it)
+        own_negative = all(row != negative for _, row in positive)
+        control = self._control(n * batch, (n - 1) * batch if own_negative else n * batch, step)
+        out = _call(self.denoiser, x.repeat(n, 1, 1, 1), sigma.repeat(n), context, extra, vector, control)
         out = out.view(n, batch, *out.shape[1:])  # [n, B, C, h, w]
         uncond = out[rows.index(negative)]
         denoised = uncond

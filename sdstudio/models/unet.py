@@ -13,6 +13,7 @@ fine-tuning of SD use 0).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -367,10 +368,14 @@ class UNetModel(nn.Module):
         token_merging: float = 0.0,
         hypernetworks: HypernetworkStack | None = None,
         y: Tensor | None = None,
+        control: Sequence[Tensor] | None = None,
     ) -> Tensor:
         """x: [batch, in_channels, h, w] latents; timesteps: [batch] (fractional allowed);
         context: [batch, tokens, context_dim] text features; y: [batch, adm_in_channels] SDXL's vector
         (pooled text and size embeddings), required exactly when the config has ``adm_in_channels``.
+        ``control``: ControlNet residuals (summed over the networks applied), one per input block and the
+        middle block's last; each is added to that block's skip connection, the last to the middle block's
+        output (lllyasviel's ``ControlledUnetModel``, diffusers' ``down_block_additional_residuals``).
         Returns [batch, out_channels, h, w].
 
         ``token_merging``: ToMe ratio for the full-resolution self-attention (0: exact; see ``tome``).
@@ -395,6 +400,11 @@ class UNetModel(nn.Module):
             h = block(h, emb, context, merging=merging, hypernetworks=hypernetworks)
             skips.append(h)
         h = self.middle_block(h, emb, context, merging=merging, hypernetworks=hypernetworks)
+        if control is not None:
+            if len(control) != len(skips) + 1:
+                raise ValueError(f"{len(control)} ControlNet residuals for a UNet of {len(skips)} input blocks + 1")
+            skips = [s + c.to(s.dtype) for s, c in zip(skips, control)]
+            h = h + control[-1].to(h.dtype)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # [batch, ch + skip_ch, h, w]
             # An upsampling block resizes to the next skip connection's size.

@@ -207,6 +207,11 @@ def check_refiner(model: LoadedModel, refiner: LoadedModel | None, request: Gene
         raise SdStudioError(
             "the request asks for a refiner (refiner_switch_at) but none is loaded: load one with --refiner FILE"
         )
+    check_refiner_fits(model, refiner)
+
+
+def check_refiner_fits(model: LoadedModel, refiner: LoadedModel) -> None:
+    """A refiner must share the model's latent space (and its kind of UNet input)."""
     a, b = model.config.vae, refiner.config.vae
     if (a.z_channels, a.downsample, a.scale_factor) != (b.z_channels, b.downsample, b.scale_factor):
         raise SdStudioError(

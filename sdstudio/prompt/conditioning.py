@@ -34,7 +34,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sdstudio.errors import SdStudioError
 from sdstudio.models.configs import TextEncoderConfig
 from sdstudio.models.sdxl import NEGATIVE_AESTHETIC_SCORE, GeneralConditioner, SizeConditioning, size_vector
 from sdstudio.models.tokenizer import ClipTokenizer
@@ -159,15 +158,18 @@ def tokenize_attention(
     return tuple(chunks)
 
 
-def _token_embeds(embedding_table: nn.Embedding, tokens: Tensor, chunks: Sequence[PromptChunk]) -> Tensor | None:
-    """The token vectors of ``tokens`` [n, 77] with each chunk's embeddings spliced in; None without any."""
+def _token_embeds(
+    embedding_table: nn.Embedding, tokens: Tensor, chunks: Sequence[PromptChunk], encoder: int = 0
+) -> Tensor | None:
+    """The token vectors of ``tokens`` [n, 77] with each chunk's embeddings spliced in (their vectors for
+    text encoder number ``encoder``); None without any."""
     if not any(c.fixes for c in chunks):
         return None
     token_embeds = embedding_table(tokens).clone()  # [n, 77, width]
     for row, chunk in enumerate(chunks):
         for offset, embedding in chunk.fixes:
             count = min(embedding.n_vectors, WINDOW - offset)
-            token_embeds[row, offset : offset + count] = embedding.vectors[:count].to(token_embeds)
+            token_embeds[row, offset : offset + count] = embedding.vectors_for(encoder)[:count].to(token_embeds)
     return token_embeds
 
 
@@ -207,13 +209,15 @@ def encode_chunks_pooled(
         token_embeds = _token_embeds(text_encoder.token_embedding, tokens, chunks)
         hidden = text_encoder(tokens, clip_skip, token_embeds=token_embeds).float()  # [n, 77, width]
         return _emphasis(hidden, chunks), None
-    if any(c.fixes for c in chunks):
-        raise SdStudioError("textual inversion embeddings are not supported for SDXL yet")
     per_encoder = [
         torch.tensor([repad(c.tokens, config.pad_with_eos) for c in chunks], dtype=torch.long, device=device)
         for config in text_encoder.configs
     ]
-    states, pooled = text_encoder.encode(per_encoder, clip_skip)
+    embeds = [
+        _token_embeds(encoder.token_embedding, ids, chunks, i)
+        for i, (encoder, ids) in enumerate(zip(text_encoder.encoders, per_encoder))
+    ]
+    states, pooled = text_encoder.encode(per_encoder, clip_skip, embeds)
     hidden = torch.cat([_emphasis(h.float(), chunks) for h in states], dim=-1)  # [n, 77, sum of widths]
     return hidden, pooled.float()
 

@@ -26,11 +26,12 @@ import torch
 from torch import Tensor
 
 from sdstudio.errors import SdStudioError
+from sdstudio.models.configs import ModelConfig
 from sdstudio.models.tokenizer import CHUNK, ClipTokenizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Embedding", "EmbeddingDatabase", "load_embedding", "load_embeddings"]
+__all__ = ["Embedding", "EmbeddingDatabase", "load_embedding", "load_embeddings", "load_embeddings_for"]
 
 SUFFIXES = (".pt", ".bin", ".safetensors")
 
@@ -40,6 +41,13 @@ class Embedding:
     name: str
     vectors: Tensor  # [n_vectors, width], float32, CPU
     path: Path | None = None
+    # SDXL: the vectors of each text encoder in the model's order (``clip_l``, ``clip_g``; the refiner's
+    # ``clip_g`` alone), ``vectors`` being the first; () for one text encoder
+    per_encoder: tuple[Tensor, ...] = ()
+
+    def vectors_for(self, encoder: int) -> Tensor:
+        """The vectors for the model's text encoder number ``encoder``."""
+        return self.per_encoder[encoder] if self.per_encoder else self.vectors
 
     @property
     def n_vectors(self) -> int:
@@ -157,7 +165,10 @@ def _vectors(path: Path, data: object) -> Tensor:
             raise SdStudioError(f"{path}: 'string_to_param' must hold exactly one tensor")
         tensor = next(iter(params.values()))
     elif isinstance(data, dict) and "clip_g" in data and "clip_l" in data:
-        raise SdStudioError(f"{path}: an SDXL embedding (clip_g/clip_l); SDXL is not supported")
+        raise SdStudioError(
+            f"{path}: an SDXL embedding (clip_g/clip_l), and this model is not SDXL (an embedding made for another "
+            "model family)"
+        )
     elif isinstance(data, dict) and len(data) == 1:
         tensor = next(iter(data.values()))
     else:
@@ -169,30 +180,69 @@ def _vectors(path: Path, data: object) -> Tensor:
     return tensor
 
 
-def load_embedding(path: str | Path, width: int, name: str | None = None) -> Embedding:
-    """One embedding file for a text encoder of ``width``; ``SdStudioError`` naming the file if unusable."""
-    path = Path(path)
-    tensor = _vectors(path, _read(path)).detach()
+SDXL_ENCODERS = {"sdxl": ("clip_l", "clip_g"), "sdxl_refiner": ("clip_g",)}
+
+
+def _sdxl_embedding(path: Path, widths: Sequence[int], keys: Sequence[str], name: str | None) -> Embedding:
+    """An SDXL embedding file: one tensor per text encoder, ``clip_l`` [n, 768] and ``clip_g`` [n, 1280]."""
+    data = _read(path)
+    if not isinstance(data, dict) or not all(k in data for k in ("clip_l", "clip_g")):
+        raise SdStudioError(
+            f"{path}: not an SDXL embedding (SDXL's hold 'clip_l' and 'clip_g' tensors; an SD 1.x / 2.x embedding "
+            "does not fit an SDXL model)"
+        )
+    tensors = [_checked(path, data[key], width, key) for key, width in zip(keys, widths)]
+    if len({t.shape[0] for t in tensors}) != 1:
+        raise SdStudioError(f"{path}: clip_l and clip_g hold different numbers of vectors")
+    return Embedding(name or path.stem, tensors[0], path, tuple(tensors))
+
+
+def _checked(path: Path, tensor: object, width: int, part: str = "") -> Tensor:
+    """``tensor`` as [n_vectors, width] float32, or ``SdStudioError`` naming what is wrong with it."""
+    where = f" ({part})" if part else ""
+    if not isinstance(tensor, Tensor):
+        raise SdStudioError(f"{path}: the embedding's value{where} is not a tensor")
+    tensor = tensor.detach()
     if tensor.ndim == 1:  # diffusers stores a single vector as [width]
         tensor = tensor[None]
     if tensor.ndim != 2 or tensor.shape[0] == 0:
         raise SdStudioError(
-            f"{path}: embedding tensor has shape {tuple(tensor.shape)}; expected [vectors, {width}]"
+            f"{path}: embedding tensor{where} has shape {tuple(tensor.shape)}; expected [vectors, {width}]"
         )
     if tensor.shape[1] != width:
         raise SdStudioError(
-            f"{path}: embedding vectors are {tensor.shape[1]} wide, this model's text encoder expects {width} "
+            f"{path}: embedding vectors{where} are {tensor.shape[1]} wide, this model's text encoder expects {width} "
             "(an embedding made for another model family)"
         )
     if tensor.shape[0] > CHUNK:
         raise SdStudioError(f"{path}: {tensor.shape[0]} vectors do not fit in one {CHUNK}-token chunk")
     if not torch.isfinite(tensor).all():
         raise SdStudioError(f"{path}: embedding contains NaN or infinite values")
-    return Embedding(name or path.stem, tensor.to(torch.float32).contiguous(), path)
+    return tensor.to(torch.float32).contiguous()
+
+
+def load_embedding(
+    path: str | Path, width: int, name: str | None = None, *, widths: Sequence[int] = (), conditioner: str = "text"
+) -> Embedding:
+    """One embedding file for a text encoder of ``width``; ``SdStudioError`` naming the file if unusable.
+
+    SDXL (``conditioner`` "sdxl" / "sdxl_refiner", ``widths`` its encoders' widths): AUTOMATIC1111's SDXL
+    files, a ``clip_l`` and a ``clip_g`` tensor."""
+    path = Path(path)
+    if conditioner in SDXL_ENCODERS:
+        return _sdxl_embedding(path, widths or (width,), SDXL_ENCODERS[conditioner], name)
+    tensor = _checked(path, _vectors(path, _read(path)), width)
+    return Embedding(name or path.stem, tensor, path)
 
 
 def load_embeddings(
-    folder: str | Path, width: int, tokenizer: ClipTokenizer, *, skip_bad: bool = False
+    folder: str | Path,
+    width: int,
+    tokenizer: ClipTokenizer,
+    *,
+    skip_bad: bool = False,
+    widths: Sequence[int] = (),
+    conditioner: str = "text",
 ) -> EmbeddingDatabase:
     """Every embedding file under ``folder`` (recursively; name = file stem), for a text encoder of ``width``.
 
@@ -207,7 +257,7 @@ def load_embeddings(
     notes: list[str] = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES):
         try:
-            loaded.append(load_embedding(path, width))
+            loaded.append(load_embedding(path, width, widths=widths, conditioner=conditioner))
         except SdStudioError as e:
             if not skip_bad:
                 raise
@@ -216,3 +266,13 @@ def load_embeddings(
             notes.append(f"embedding skipped: {e}")
     log.info("loaded %d embeddings from %s", len(loaded), folder)
     return EmbeddingDatabase.build(loaded, tokenizer, skipped, notes)
+
+
+def load_embeddings_for(
+    folder: str | Path, config: ModelConfig, tokenizer: ClipTokenizer, *, skip_bad: bool = False
+) -> EmbeddingDatabase:
+    """:func:`load_embeddings` for the text encoder(s) of a model with ``config`` (SDXL's two included)."""
+    widths = tuple(c.width for c in (config.text, config.text2) if c is not None)
+    return load_embeddings(
+        folder, config.text.width, tokenizer, skip_bad=skip_bad, widths=widths, conditioner=config.conditioner
+    )
