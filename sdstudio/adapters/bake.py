@@ -51,7 +51,7 @@ from sdstudio.adapters.network import ModuleDelta, Network, load_network
 from sdstudio.errors import SdStudioError
 from sdstudio.io.files import atomic_write, check_writable
 from sdstudio.models.loading import DTYPES, LoadedModel, file_sha256, load_model, read_safetensors, save_model
-from sdstudio.models.stablediffusion import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+from sdstudio.models.stablediffusion import SDXL_TEXT_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,8 @@ __all__ = [
 
 BAKE_METADATA = "sdstudio_lora_bake"
 EXTRACT_METADATA = "sdstudio_lora_extract"
-_PART_PREFIX: dict[Part, str] = {"unet": UNET_PREFIX, "te": TEXT_PREFIX}
+# SDXL keeps its text encoders under "conditioner."
+_PART_PREFIX: dict[Part, tuple[str, ...]] = {"unet": (UNET_PREFIX,), "te": (TEXT_PREFIX, SDXL_TEXT_PREFIX)}
 _PART_NAME: dict[Part, str] = {"unet": "UNet", "te": "text encoder"}
 _QUANTILE_LIMIT = 1 << 24
 
@@ -79,7 +80,7 @@ def stored_dtype(path: str | Path) -> torch.dtype | None:
     if path.suffix != ".safetensors" or not path.is_file():
         return None
     state, _ = read_safetensors(path)
-    prefixes = (UNET_PREFIX, TEXT_PREFIX)
+    prefixes = (UNET_PREFIX, TEXT_PREFIX, SDXL_TEXT_PREFIX)
     dtypes = {t.dtype for k, t in state.items() if k.startswith(prefixes) and t.is_floating_point()}
     return dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in DTYPES.values() else None
 
@@ -610,6 +611,8 @@ def extract(
     _check_output(output, overwrite, [tuned, base])
     models = [load_model(p, dtype=stored_dtype(p) or torch.float32) for p in (tuned, base)]
     _check_same_architecture(*models)
+    if models[1].config.is_sdxl:
+        raise SdStudioError(f"{base}: an SDXL model; LoRA extraction handles SD 1.x / 2.x models so far")
     tuned_state, base_state = (m.model.state_dict() for m in models)
     targets = _extracted(kohya_modules(key_table(models[1].model)), conv_rank is not None)
     device = torch.device(device)

@@ -150,7 +150,7 @@ def _peft_scale(module: str, rank: int, config: Mapping[str, Any]) -> float | No
 
     ``alpha_pattern`` keys match a suffix of the module path, as PEFT's ``get_pattern_key`` matches them."""
     component, _, path = module.partition(".")
-    if component not in ("unet", "text_encoder"):
+    if component not in ("unet", "text_encoder", "text_encoder_2"):  # SDXL's second encoder: its own entries
         return None
     alpha = config.get(f"{component}.lora_alpha")
     patterns = config.get(f"{component}.alpha_pattern") or {}

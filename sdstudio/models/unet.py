@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,7 +29,7 @@ from sdstudio.models.tome import TokenMerging, merge, plan_merge, unmerge
 if TYPE_CHECKING:  # adapters import models: the type only, no import at run time
     from sdstudio.adapters.hypernetwork import HypernetworkStack
 
-__all__ = ["UNetModel", "timestep_embedding"]
+__all__ = ["Encoder", "UNetModel", "build_encoder", "timestep_embedding"]
 
 
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -275,6 +276,61 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
+def transformer(config: UNetConfig, channels: int, depth: int) -> SpatialTransformer:
+    """The SpatialTransformer of ``depth`` blocks at a level of ``channels`` channels."""
+    heads, head_dim = config.heads_at(channels)
+    return SpatialTransformer(channels, heads, head_dim, config, depth)
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """The UNet's encoder half, as modules not yet attached: what the UNet and ControlNet (a copy of it) share.
+    ``skip_channels``: the channels of each input block's output."""
+
+    time_embed: nn.Sequential
+    label_emb: nn.Sequential | None
+    input_blocks: nn.ModuleList
+    middle_block: TimestepEmbedSequential
+    skip_channels: tuple[int, ...]
+
+
+def build_encoder(config: UNetConfig) -> Encoder:
+    """``time_embed`` (and SDXL's ``label_emb``), ``input_blocks`` and ``middle_block`` of ``config``, in LDM's
+    layout (so that their keys are the checkpoints')."""
+    mc = config.model_channels
+    emb_dim = mc * 4
+    groups = config.norm_groups
+    time_embed = nn.Sequential(Linear(mc, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
+    label_emb = None
+    if config.adm_in_channels:  # sgm's "sequential" class embedding
+        label_emb = nn.Sequential(
+            nn.Sequential(Linear(config.adm_in_channels, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
+        )
+    input_blocks = nn.ModuleList([TimestepEmbedSequential(Conv2d(config.in_channels, mc, 3, padding=1))])
+    skip_channels = [mc]
+    ch = mc
+    ds = 1  # downsampling factor of the current level
+    levels = len(config.channel_mult)
+    for level, mult in enumerate(config.channel_mult):
+        for _ in range(config.num_res_blocks):
+            layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, groups)]
+            ch = mult * mc
+            if ds in config.attention_resolutions:
+                layers.append(transformer(config, ch, config.depth_at(level)))
+            input_blocks.append(TimestepEmbedSequential(*layers))
+            skip_channels.append(ch)
+        if level != levels - 1:
+            input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+            skip_channels.append(ch)
+            ds *= 2
+    middle_block = TimestepEmbedSequential(
+        ResBlock(ch, emb_dim, ch, groups),
+        transformer(config, ch, config.middle_depth),
+        ResBlock(ch, emb_dim, ch, groups),
+    )
+    return Encoder(time_embed, label_emb, input_blocks, middle_block, tuple(skip_channels))
+
+
 class UNetModel(nn.Module):
     """The noise (or v) predictor: ``forward(x, timesteps, context)`` returns a tensor shaped as ``x``.
 
@@ -287,50 +343,23 @@ class UNetModel(nn.Module):
         mc = config.model_channels
         emb_dim = mc * 4
         groups = config.norm_groups
-
-        def transformer(channels: int, depth: int) -> SpatialTransformer:
-            heads, head_dim = config.heads_at(channels)
-            return SpatialTransformer(channels, heads, head_dim, config, depth)
-
-        self.time_embed = nn.Sequential(Linear(mc, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
-        if config.adm_in_channels:  # SDXL: the vector y joins the timestep embedding (sgm's "sequential")
-            self.label_emb = nn.Sequential(
-                nn.Sequential(Linear(config.adm_in_channels, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
-            )
-
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(Conv2d(config.in_channels, mc, 3, padding=1))]
-        )
-        skip_channels = [mc]  # channels of each input block's output, consumed by the output blocks
-        ch = mc
-        ds = 1  # downsampling factor of the current level
-        levels = len(config.channel_mult)
-        for level, mult in enumerate(config.channel_mult):
-            for _ in range(config.num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, groups)]
-                ch = mult * mc
-                if ds in config.attention_resolutions:
-                    layers.append(transformer(ch, config.depth_at(level)))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_channels.append(ch)
-            if level != levels - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                skip_channels.append(ch)
-                ds *= 2
-
-        self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, ch, groups),
-            transformer(ch, config.middle_depth),
-            ResBlock(ch, emb_dim, ch, groups),
-        )
+        encoder = build_encoder(config)
+        self.time_embed = encoder.time_embed
+        if encoder.label_emb is not None:  # SDXL: the vector y joins the timestep embedding
+            self.label_emb = encoder.label_emb
+        self.input_blocks = encoder.input_blocks
+        self.middle_block = encoder.middle_block
+        skip_channels = list(encoder.skip_channels)  # consumed by the output blocks
+        ch = skip_channels[-1]
+        ds = 2 ** (len(config.channel_mult) - 1)
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(config.channel_mult))):
             for i in range(config.num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, groups)]
+                layers: list[nn.Module] = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, groups)]
                 ch = mc * mult
                 if ds in config.attention_resolutions:
-                    layers.append(transformer(ch, config.depth_at(level)))
+                    layers.append(transformer(config, ch, config.depth_at(level)))
                 if level and i == config.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
