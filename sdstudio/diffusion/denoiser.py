@@ -104,8 +104,13 @@ class Denoiser:
         context: Tensor,
         extra: Tensor | None = None,
         snr_gamma: float = 0.0,
+        vector: Tensor | None = None,
+        control: ControlFn | None = None,
     ) -> Tensor:
         """Per-sample MSE between F and its target (eps, or v), the DDPM objective. [B]
+
+        ``vector`` / ``control``: SDXL's y and ControlNet residuals, as for :meth:`raw` (training a
+        ControlNet passes its residuals here, the UNet frozen).
 
         ``snr_gamma > 0`` weights it by Min-SNR-gamma (Hang et al. 2023, as diffusers' ``--snr_gamma``):
         ``min(SNR, gamma) / SNR`` for eps, ``min(SNR, gamma) / (SNR + 1)`` for v, with SNR = 1 / sigma^2.
@@ -115,7 +120,7 @@ class Denoiser:
         c_skip, c_out, _ = self.scalings(sigma)
         noised = x0.float() + noise.float() * sigma.float()[:, None, None, None]
         target = (x0.float() - c_skip * noised) / c_out
-        mse = (self.raw(noised, sigma, context, extra) - target).pow(2).flatten(1).mean(1)
+        mse = (self.raw(noised, sigma, context, extra, vector, control) - target).pow(2).flatten(1).mean(1)
         if snr_gamma <= 0:
             return mse
         snr = sigma.float().pow(-2)
@@ -131,6 +136,8 @@ class Denoiser:
         snr_gamma: float = 0.0,
         noise_offset: float = 0.0,
         rows: Rows | None = None,
+        vector: Tensor | None = None,
+        control: ControlFn | None = None,
     ) -> Tensor:
         """:meth:`loss` at random training timesteps, what every fine-tuning method minimises. [B]
 
@@ -156,5 +163,7 @@ class Denoiser:
         if rows is not None:
             t, noise = rows.take(t), rows.take(noise)
         sigma = sigmas.cpu()[t].to(x0.device)
-        losses = self.loss(x0, noise.to(x0), sigma, context, extra, snr_gamma=snr_gamma)
+        losses = self.loss(
+            x0, noise.to(x0), sigma, context, extra, snr_gamma=snr_gamma, vector=vector, control=control
+        )
         return losses if rows is None else rows.weigh(losses)

@@ -1,7 +1,8 @@
 """Diffusers folders -> the original single-file Stable Diffusion layout, and their configs -> ``ModelConfig``.
 
 This is the one place where keys are renamed (the project style guide): everything else in sdstudio
-speaks the LDM layout (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*``).
+speaks the LDM layout (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*``, and for
+SDXL ``conditioner.embedders.N.*``).
 
 Each converter is a table of rules ``(regex over the diffusers module path, LDM module path)``, applied to
 the module part of a key (the part before ``.weight`` / ``.bias``). Every key must match exactly one rule:
@@ -13,6 +14,14 @@ SD 2.x note: diffusers' SD 2 folders keep only 23 of OpenCLIP ViT-H's 24 text la
 because SD 2 takes the penultimate layer) and their pipelines use the text encoder's *last* layer. The config
 built here therefore says ``layers=23, default_clip_skip=1``, which computes exactly what the 24-layer model
 does with clip skip 2.
+
+SDXL note: a ``StableDiffusionXLPipeline`` folder holds CLIP ViT-L as ``text_encoder/`` (a ``CLIPTextModel``,
+single-file ``conditioner.embedders.0.transformer.*``) and OpenCLIP ViT-bigG as ``text_encoder_2/`` (a
+``CLIPTextModelWithProjection``, single-file ``conditioner.embedders.1.model.*``); a refiner folder
+(``StableDiffusionXLImg2ImgPipeline``, ``text_encoder`` null) has bigG alone, as ``conditioner.embedders.0``.
+Both encoders keep all their layers: diffusers' SDXL pipelines take ``hidden_states[-2]`` without the final
+LayerNorm, as sgm's conditioner does, so the configs say ``default_clip_skip=2, final_layer_norm=False``.
+The UNet's ``add_embedding`` (the vector of pooled text and sizes) is LDM's ``label_emb.0``.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,20 +43,28 @@ from torch import Tensor
 from sdstudio.errors import CheckpointError
 from sdstudio.models.configs import (
     PRESETS,
+    SDXL_VAE,
+    Conditioner,
     ModelConfig,
     Prediction,
     ScheduleConfig,
     TextEncoderConfig,
+    TextEncoderKind,
     UNetConfig,
     VAEConfig,
     same_architecture,
 )
+from sdstudio.models.sdxl import SIZE_EMBEDDING
 
 log = logging.getLogger(__name__)
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model."
+EMBEDDERS_PREFIX = "conditioner.embedders."  # SDXL's text encoders: conditioner.embedders.N.*
+# Where diffusers' SDXL pipelines read the UNet's context: hidden_states[-2], no final LayerNorm (sgm's
+# ``layer: penultimate``); the single-file presets say the same.
+_SDXL_TEXT = {"default_clip_skip": 2, "final_layer_norm": False}
 
 # A rule maps a regex match over a diffusers module path to the LDM module path.
 Rule = tuple[re.Pattern[str], Callable[[re.Match[str]], str]]
@@ -70,7 +88,7 @@ def _apply_rules(rules: list[Rule], module: str, part: str) -> str:
         m = pattern.fullmatch(module)
         if m:
             return target(m)
-    raise CheckpointError(f"{part}: unexpected weight {module!r}: not a Stable Diffusion 1.x/2.x {part}")
+    raise CheckpointError(f"{part}: unexpected weight {module!r}: not a Stable Diffusion 1.x/2.x/XL {part}")
 
 
 # --------------------------------------------------------------------------------------------------- UNet
@@ -89,6 +107,9 @@ _UNET_TOP = {
     "conv_in": "input_blocks.0.0",
     "time_embedding.linear_1": "time_embed.0",
     "time_embedding.linear_2": "time_embed.2",
+    # SDXL's vector y (pooled text, sizes): LDM's ``label_emb = Sequential(Sequential(linear, SiLU, linear))``
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
 }
@@ -281,8 +302,8 @@ def clip_to_ldm(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for key, tensor in _hf_text_keys(state_dict).items():
         if key == _TEXT_PROJECTION:
-            # Only CLIPTextModelWithProjection has it; SD 1.x never uses it and its layout has no slot for it.
-            log.warning("text encoder: dropping text_projection.weight (SD 1.x has no text projection)")
+            # Only CLIPTextModelWithProjection has it; SD 1.x / SDXL never use CLIP-L's, and the layout has no slot.
+            log.warning("text encoder: dropping text_projection.weight (CLIP ViT-L's is unused by SD)")
             continue
         out["transformer." + key] = tensor
     return out
@@ -363,7 +384,7 @@ def _check_fixed(config: Mapping[str, Any], fixed: Mapping[str, Any], where: str
             value = value[0]  # e.g. only_cross_attention given per block
         if value != expected:
             raise CheckpointError(
-                f"{where}: {name}={value!r} is not supported (Stable Diffusion 1.x/2.x use {expected!r})"
+                f"{where}: {name}={value!r} is not supported (Stable Diffusion 1.x/2.x/XL use {expected!r})"
             )
 
 
@@ -372,7 +393,6 @@ _UNET_FIXED: dict[str, Any] = {
     "only_cross_attention": False,
     "dual_cross_attention": False,
     "class_embed_type": None,
-    "addition_embed_type": None,
     "num_class_embeds": None,
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
@@ -413,7 +433,8 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
 
     diffusers' ``attention_head_dim`` is, for these UNets, the number of *heads* (SD 1.x: ``8``; SD 2.x:
     ``[5, 10, 20, 20]``, i.e. 64 channels per head at every level), a historical misnomer kept for
-    compatibility; ``num_attention_heads``, when set, means the same.
+    compatibility; ``num_attention_heads``, when set, means the same. SDXL's ``addition_embed_type:
+    text_time`` is LDM's ``label_emb`` over a vector of ``projection_class_embeddings_input_dim`` values.
     """
     where = "unet/config.json"
     _check_fixed(config, _UNET_FIXED, where)
@@ -443,10 +464,15 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
     attention.append((channels[-1], int(heads_per_level[-1])))
     if any(c % h for c, h in attention):
         raise CheckpointError(f"{where}: attention heads {heads} do not divide block_out_channels {channels}")
-    if len({h for _, h in attention}) == 1:
-        num_heads, num_head_channels = attention[0][1], -1
-    elif len({c // h for c, h in attention}) == 1:
+    fixed_heads = len({h for _, h in attention}) == 1
+    fixed_size = len({c // h for c, h in attention}) == 1
+    linear = bool(config.get("use_linear_projection", False))
+    # When both fit (every attention layer has one width) they compute the same; then follow detect.py's
+    # convention so the config equals the preset's: linear projections (SD 2.x, SDXL) count head channels.
+    if fixed_size and (linear or not fixed_heads):
         num_heads, num_head_channels = -1, attention[0][0] // attention[0][1]
+    elif fixed_heads:
+        num_heads, num_head_channels = attention[0][1], -1
     else:
         raise CheckpointError(
             f"{where}: attention_head_dim {heads} gives neither a fixed head count nor head size"
@@ -469,13 +495,55 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
         attention_resolutions=tuple(2**i for i in reversed(attention_levels)),
         num_heads=num_heads,
         num_head_channels=num_head_channels,
-        transformer_depth=_uniform(
-            config.get("transformer_layers_per_block", 1), f"{where}: transformer_layers_per_block"
-        ),
+        transformer_depth=_transformer_depth(config, len(channels), attention_levels, where),
         context_dim=_uniform(context_dim, f"{where}: cross_attention_dim"),
-        use_linear_in_transformer=bool(config.get("use_linear_projection", False)),
+        use_linear_in_transformer=linear,
         norm_groups=int(config.get("norm_num_groups", 32)),
+        adm_in_channels=_adm_in_channels(config, where),
     )
+
+
+def _transformer_depth(
+    config: Mapping[str, Any], levels: int, attention_levels: list[int], where: str
+) -> int | tuple[int, ...]:
+    """diffusers' ``transformer_layers_per_block`` (one number, or one per level: SDXL ``[1, 2, 10]``) in
+    detect.py's form: a level without attention has depth 0, the middle block takes the last level's (as
+    diffusers' ``UNetMidBlock2DCrossAttn`` does), and one number stands for a depth used everywhere."""
+    value = config.get("transformer_layers_per_block", 1)
+    per_block = list(value) if isinstance(value, (list, tuple)) else [value] * levels
+    if len(per_block) != levels or not all(isinstance(d, int) and d >= 0 for d in per_block):
+        raise CheckpointError(
+            f"{where}: transformer_layers_per_block={value!r} is not supported (one depth per level)"
+        )
+    middle = per_block[-1]
+    per_level = [per_block[i] if i in attention_levels else 0 for i in range(levels)]
+    if {d for d in per_level if d} <= {middle}:
+        return middle
+    per_level[-1] = per_level[-1] or middle
+    return tuple(per_level)
+
+
+def _adm_in_channels(config: Mapping[str, Any], where: str) -> int:
+    """The width of SDXL's vector y (0: no ``add_embedding``, SD 1.x / 2.x)."""
+    kind = config.get("addition_embed_type")
+    if kind is None:
+        return 0
+    if kind != "text_time":
+        raise CheckpointError(
+            f"{where}: addition_embed_type={kind!r} is not supported (SDXL uses 'text_time')"
+        )
+    time_dim = config.get("addition_time_embed_dim")
+    if time_dim != SIZE_EMBEDDING:
+        raise CheckpointError(
+            f"{where}: addition_time_embed_dim={time_dim!r} is not supported (SDXL embeds each size in "
+            f"{SIZE_EMBEDDING} values)"
+        )
+    adm = config.get("projection_class_embeddings_input_dim")
+    if not isinstance(adm, int) or adm <= 0:
+        raise CheckpointError(
+            f"{where}: addition_embed_type 'text_time' needs projection_class_embeddings_input_dim"
+        )
+    return adm
 
 
 def vae_config_from_diffusers(config: Mapping[str, Any]) -> VAEConfig:
@@ -503,14 +571,20 @@ def vae_config_from_diffusers(config: Mapping[str, Any]) -> VAEConfig:
     )
 
 
-def text_config_from_diffusers(config: Mapping[str, Any], pad_token: str | None = None) -> TextEncoderConfig:
+def text_config_from_diffusers(
+    config: Mapping[str, Any],
+    pad_token: str | None = None,
+    *,
+    where: str = "text_encoder/config.json",
+    kind: TextEncoderKind | None = None,
+) -> TextEncoderConfig:
     """``text_encoder/config.json`` (and the tokenizer's pad token, if known) -> ``TextEncoderConfig``.
 
-    The layout follows the activation: OpenAI's CLIP (SD 1.x) uses QuickGELU, OpenCLIP's ViT-H (SD 2.x)
-    exact GELU. ``default_clip_skip`` is 1: diffusers pipelines take the last layer of whatever the folder
-    holds (see the module docstring for SD 2.x's 23 layers).
+    Unless ``kind`` says (SDXL: by the folder), the layout follows the activation: OpenAI's CLIP (SD 1.x)
+    uses QuickGELU, OpenCLIP's ViT-H (SD 2.x) exact GELU. ``default_clip_skip`` is 1: diffusers' SD 1.x/2.x
+    pipelines take the last layer of whatever the folder holds (see the module docstring for SD 2.x's 23
+    layers).
     """
-    where = "text_encoder/config.json"
     archs = set(config.get("architectures") or ["CLIPTextModel"])
     if not archs <= {"CLIPTextModel", "CLIPTextModelWithProjection"}:
         raise CheckpointError(
@@ -525,7 +599,7 @@ def text_config_from_diffusers(config: Mapping[str, Any], pad_token: str | None 
         raise CheckpointError(
             f"{where}: intermediate_size {intermediate} is not a multiple of hidden_size {width}"
         )
-    kind = "open_clip" if act == "gelu" else "clip"
+    kind = kind or ("open_clip" if act == "gelu" else "clip")
     # SD 1.x pads with EOS (<|endoftext|>), SD 2.x with "!" (id 0); the tokenizer folder says which.
     pad_with_eos = pad_token == "<|endoftext|>" if pad_token is not None else kind == "clip"
     has_projection = "CLIPTextModelWithProjection" in archs
@@ -586,27 +660,74 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-# Components a Stable Diffusion 1.x/2.x diffusers folder must have (tokenizer/ is optional: ours is built in).
-_COMPONENTS = ("unet", "vae", "text_encoder")
+@dataclass(frozen=True)
+class TextComponent:
+    """One text encoder of a diffusers folder and where it sits in the single-file layout."""
+
+    folder: str  # "text_encoder" or "text_encoder_2" (its tokenizer: "tokenizer" / "tokenizer_2")
+    prefix: str  # "cond_stage_model." (SD 1.x/2.x) or "conditioner.embedders.N." (SDXL)
+    config: TextEncoderConfig
+
+    @property
+    def tokenizer(self) -> str:
+        return self.folder.replace("text_encoder", "tokenizer")
+
+    def to_ldm(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """transformers keys -> single-file keys below ``prefix`` (HF layout kept, or OpenCLIP's)."""
+        return clip_to_ldm(state_dict) if self.config.kind == "clip" else open_clip_from_hf(state_dict)
 
 
-def _check_folder(path: Path) -> dict[str, Any]:
+def text_components(config: ModelConfig) -> tuple[TextComponent, ...]:
+    """The text encoder folders of a diffusers folder of this model: SD 1.x/2.x ``text_encoder``; SDXL
+    ``text_encoder`` (CLIP-L) and ``text_encoder_2`` (bigG); the refiner ``text_encoder_2`` (bigG) alone."""
+    if config.conditioner == "text":
+        return (TextComponent("text_encoder", TEXT_PREFIX, config.text),)
+    if config.conditioner == "sdxl_refiner":
+        return (TextComponent("text_encoder_2", f"{EMBEDDERS_PREFIX}0.", config.text),)
+    if config.text2 is None:
+        raise CheckpointError(f"{config.name}: an SDXL model without its second text encoder (text2)")
+    return (
+        TextComponent("text_encoder", f"{EMBEDDERS_PREFIX}0.", config.text),
+        TextComponent("text_encoder_2", f"{EMBEDDERS_PREFIX}1.", config.text2),
+    )
+
+
+def _listed(index: Mapping[str, Any], name: str) -> bool:
+    """Whether model_index.json names a component (``[library, class]``; absent or ``[null, null]``: none)."""
+    entry = index.get(name)
+    return isinstance(entry, list) and any(e is not None for e in entry)
+
+
+def _check_folder(path: Path) -> tuple[dict[str, Any], Conditioner]:
+    """model_index.json and which model it is: SD 1.x/2.x (``text``), SDXL base or refiner, told by the text
+    encoders it lists (a refiner's ``text_encoder`` is null); every component it needs must be a folder."""
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such folder")
     index = _read_json(path / "model_index.json")
-    if "text_encoder_2" in index or "transformer" in index:
-        raise CheckpointError(
-            f"{path}: {index.get('_class_name', 'this pipeline')} is not Stable Diffusion 1.x/2.x"
-        )
-    for name in _COMPONENTS:
+    pipeline = index.get("_class_name", "this pipeline")
+    if "transformer" in index:
+        raise CheckpointError(f"{path}: {pipeline} is not Stable Diffusion 1.x/2.x/XL")
+    conditioner: Conditioner = "text"
+    # tokenizer folders are optional: ours is built in
+    needed = ["unet", "vae", "text_encoder"]
+    kind = "Stable Diffusion"
+    if "text_encoder_2" in index or str(pipeline).startswith("StableDiffusionXL"):
+        kind = "SDXL"
+        if not _listed(index, "text_encoder_2"):
+            raise CheckpointError(
+                f"{path}: {pipeline} lists no text_encoder_2 (OpenCLIP ViT-bigG), which every SDXL model has"
+            )
+        conditioner = "sdxl" if _listed(index, "text_encoder") else "sdxl_refiner"
+        needed = ["unet", "vae", *(["text_encoder"] if conditioner == "sdxl" else []), "text_encoder_2"]
+    for name in needed:
         if not (path / name).is_dir():
-            raise CheckpointError(f"{path}: missing the {name}/ folder of a diffusers Stable Diffusion model")
-    return index
+            raise CheckpointError(f"{path}: missing the {name}/ folder of a diffusers {kind} model")
+    return index, conditioner
 
 
-def _pad_token(path: Path) -> str | None:
+def _pad_token(path: Path, tokenizer: str = "tokenizer") -> str | None:
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        file = path / "tokenizer" / name
+        file = path / tokenizer / name
         if file.is_file():
             token = _read_json(file).get("pad_token")
             if isinstance(token, dict):  # AddedToken serialised as {"content": ...}
@@ -624,19 +745,72 @@ def _matching_preset(config: ModelConfig) -> str:
     return "custom"
 
 
+def _sdxl_text(path: Path, conditioner: Conditioner) -> tuple[TextEncoderConfig, TextEncoderConfig | None]:
+    """(first, second) text encoder configs of an SDXL folder: (CLIP-L, bigG), or the refiner's (bigG, None).
+    The folder says which layout each is (``text_encoder_2`` is OpenCLIP's whatever its activation)."""
+    where = "text_encoder_2/config.json"
+    big_g = text_config_from_diffusers(
+        _read_json(path / "text_encoder_2" / "config.json"), _pad_token(path, "tokenizer_2"),
+        where=where, kind="open_clip",
+    )  # fmt: skip
+    if big_g.projection_dim <= 0:
+        raise CheckpointError(
+            f"{path / where}: SDXL's text_encoder_2 must be a CLIPTextModelWithProjection (its projected "
+            "pooled text feeds the UNet)"
+        )
+    big_g = dataclasses.replace(big_g, **_SDXL_TEXT)
+    if conditioner == "sdxl_refiner":
+        return big_g, None
+    clip_l = text_config_from_diffusers(
+        _read_json(path / "text_encoder" / "config.json"), _pad_token(path, "tokenizer"), kind="clip"
+    )
+    return dataclasses.replace(clip_l, **_SDXL_TEXT), big_g
+
+
+def _check_sdxl_widths(
+    path: Path, unet: UNetConfig, text: TextEncoderConfig, text2: TextEncoderConfig | None
+) -> None:
+    """The UNet's context is the encoders' hidden states side by side; its vector y is bigG's pooled text and
+    256 values per micro-conditioning number (sizes and crop; the refiner an aesthetic score, not a target
+    size)."""
+    context = text.width + (text2.width if text2 is not None else 0)
+    if unet.context_dim != context:
+        raise CheckpointError(
+            f"{path}: the UNet's cross_attention_dim {unet.context_dim} is not the text encoders' widths "
+            f"together ({context})"
+        )
+    pooled = text2 or text
+    values = 6 if text2 is not None else 5
+    adm = pooled.projection_dim + values * SIZE_EMBEDDING
+    if unet.adm_in_channels != adm:
+        raise CheckpointError(
+            f"{path}: unet/config.json projection_class_embeddings_input_dim is {unet.adm_in_channels or 'unset'}; "
+            f"SDXL's pooled text ({pooled.projection_dim}) and {values} size values make {adm}"
+        )
+
+
 def configs_from_diffusers_folder(path: str | Path) -> ModelConfig:
-    """The ``ModelConfig`` of a diffusers Stable Diffusion 1.x/2.x folder, read from its ``config.json`` files."""
+    """The ``ModelConfig`` of a diffusers Stable Diffusion 1.x/2.x/XL folder, read from its ``config.json``
+    files."""
     path = Path(path)
-    _check_folder(path)
+    _, conditioner = _check_folder(path)
     unet_json = _read_json(path / "unet" / "config.json")
     vae_json = _read_json(path / "vae" / "config.json")
     unet = unet_config_from_diffusers(unet_json)
     vae = vae_config_from_diffusers(vae_json)
-    text = text_config_from_diffusers(_read_json(path / "text_encoder" / "config.json"), _pad_token(path))
-    if text.width != unet.context_dim:
-        raise CheckpointError(
-            f"{path}: text encoder width {text.width} does not match the UNet's cross_attention_dim {unet.context_dim}"
-        )
+    text2: TextEncoderConfig | None = None
+    if conditioner == "text":
+        text = text_config_from_diffusers(_read_json(path / "text_encoder" / "config.json"), _pad_token(path))
+        if text.width != unet.context_dim:
+            raise CheckpointError(
+                f"{path}: text encoder width {text.width} does not match the UNet's cross_attention_dim "
+                f"{unet.context_dim}"
+            )
+    else:
+        text, text2 = _sdxl_text(path, conditioner)
+        _check_sdxl_widths(path, unet, text, text2)
+        if "scaling_factor" not in vae_json:
+            vae = dataclasses.replace(vae, scale_factor=SDXL_VAE.scale_factor)  # sgm's 0.13025
     scheduler_dir = path / "scheduler"
     scheduler_file = next(
         (f for f in (scheduler_dir / "scheduler_config.json", scheduler_dir / "config.json") if f.is_file()),
@@ -648,13 +822,15 @@ def configs_from_diffusers_folder(path: str | Path) -> ModelConfig:
         schedule, prediction = ScheduleConfig(), "epsilon"
     else:
         schedule, prediction = schedule_from_diffusers(_read_json(scheduler_file))
-    sample_size = unet_json.get("sample_size", 64)
+    sample_size = unet_json.get("sample_size", 128 if text2 is not None else 64)
     sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
     config = ModelConfig(
         name="custom",
         unet=unet,
         vae=vae,
         text=text,
+        text2=text2,
+        conditioner=conditioner,
         schedule=schedule,
         prediction=prediction,
         default_size=int(sample_size) * vae.downsample,
@@ -725,10 +901,10 @@ def _load_component(folder: Path, dtype: torch.dtype | None) -> dict[str, Tensor
 def load_diffusers_folder(
     path: str | Path, dtype: torch.dtype | None = None
 ) -> tuple[ModelConfig, dict[str, Tensor]]:
-    """A diffusers Stable Diffusion 1.x/2.x folder as (config, single-file-layout state dict).
+    """A diffusers Stable Diffusion 1.x/2.x/XL folder as (config, single-file-layout state dict).
 
     Keys carry the single-file prefixes (``model.diffusion_model.``, ``first_stage_model.``,
-    ``cond_stage_model.``). ``dtype=None`` keeps the stored dtypes.
+    ``cond_stage_model.`` or SDXL's ``conditioner.embedders.N.``). ``dtype=None`` keeps the stored dtypes.
     """
     path = Path(path)
     config = configs_from_diffusers_folder(path)
@@ -739,10 +915,14 @@ def load_diffusers_folder(
         state[UNET_PREFIX + key] = tensor
     for key, tensor in vae_to_ldm(_load_component(path / "vae", dtype), vae_json).items():
         state[VAE_PREFIX + key] = tensor
-    text_weights = _load_component(path / "text_encoder", dtype)
-    convert_text = open_clip_from_hf if config.text.kind == "open_clip" else clip_to_ldm
-    for key, tensor in convert_text(text_weights).items():
-        state[TEXT_PREFIX + key] = tensor
+    for part in text_components(config):
+        text = part.to_ldm(_load_component(path / part.folder, dtype))
+        if config.is_sdxl and part.config.kind == "open_clip" and "model.text_projection" not in text:
+            raise CheckpointError(
+                f"{path / part.folder}: no text_projection.weight; SDXL's pooled text is bigG's projection"
+            )
+        for key, tensor in text.items():
+            state[part.prefix + key] = tensor
     log.info("%s: diffusers folder, architecture %s, %d tensors", path, config.name, len(state))
     return config, state
 

@@ -17,6 +17,12 @@ what SD 2.x computes with its penultimate layer (see ``diffusers_convert``); lik
 ``default_clip_skip`` is n keeps ``layers - n + 1`` OpenCLIP layers. (diffusers' own
 ``convert_original_stable_diffusion_to_diffusers.py`` drops the same keys.)
 
+SDXL folders (``StableDiffusionXLPipeline``; the refiner ``StableDiffusionXLImg2ImgPipeline``) hold CLIP-L as
+``text_encoder/`` and bigG as ``text_encoder_2/`` (a ``CLIPTextModelWithProjection``: its ``text_projection``
+is the transpose of OpenCLIP's bare matrix), every layer of both (diffusers' SDXL pipelines take the penultimate
+one themselves); only OpenCLIP's ``logit_scale`` is dropped. Which folder holds which single-file prefix is
+``diffusers_convert.text_components``.
+
 The tensors are written by :class:`SafetensorsStream`, one at a time: a folder or file is written with about one
 tensor in memory, whatever the model's size.
 """
@@ -39,30 +45,44 @@ from torch import Tensor
 from sdstudio.errors import CheckpointError
 from sdstudio.models.configs import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from sdstudio.models.diffusers_convert import (
-    TEXT_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
+    TextComponent,
     clip_to_ldm,
     open_clip_from_hf,
+    text_components,
     trace_conversion,
     unet_to_ldm,
     vae_to_ldm,
 )
+from sdstudio.models.sdxl import SIZE_EMBEDDING
 
 log = logging.getLogger(__name__)
 
-Component = Literal["unet", "vae", "text_encoder"]
-PREFIXES: Mapping[Component, str] = MappingProxyType(
-    {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": TEXT_PREFIX}
-)
+Component = Literal["unet", "vae", "text_encoder", "text_encoder_2"]
 # The weights file of each component, as diffusers / transformers name it.
 WEIGHTS_FILE: Mapping[Component, str] = MappingProxyType(
     {
         "unet": "diffusion_pytorch_model.safetensors",
         "vae": "diffusion_pytorch_model.safetensors",
         "text_encoder": "model.safetensors",
+        "text_encoder_2": "model.safetensors",
     }
 )
+
+
+def component_prefixes(config: ModelConfig) -> dict[Component, str]:
+    """The single-file prefix each component folder of this model holds, in the order they are written."""
+    prefixes: dict[Component, str] = {"unet": UNET_PREFIX, "vae": VAE_PREFIX}
+    for part in text_components(config):
+        prefixes[_component(part)] = part.prefix
+    return prefixes
+
+
+def _component(part: TextComponent) -> Component:
+    return "text_encoder_2" if part.folder == "text_encoder_2" else "text_encoder"
+
+
 # The version whose config format the written configs follow (read by any diffusers >= 0.19).
 _DIFFUSERS_VERSION = "0.30.0"
 
@@ -186,10 +206,13 @@ class Placement:
     rows: tuple[int, int] | None = (
         None  # [start, stop) rows of the source (OpenCLIP's fused q/k/v); None: all
     )
+    transpose: bool = False  # OpenCLIP's text_projection [width, proj] -> Linear weight [proj, width]
 
     def take(self, tensor: Tensor) -> Tensor:
         if self.rows is not None:
             tensor = tensor[self.rows[0] : self.rows[1]]
+        if self.transpose:
+            tensor = tensor.T
         return tensor.reshape(self.shape)
 
 
@@ -199,7 +222,8 @@ class DiffusersLayout:
 
     placements: Mapping[str, tuple[Placement, ...]]  # single-file key -> its pieces (q/k/v: three)
     dropped: Mapping[str, str]  # single-file key -> why a diffusers folder has no place for it
-    text_layers: int  # text encoder layers written (SD 2.x: one fewer, see the module docstring)
+    # text encoder layers written, per text component (SD 2.x: one fewer, see the module docstring)
+    text_layers: Mapping[str, int]
 
     def specs(self, component: Component, dtypes: Mapping[str, torch.dtype]) -> dict[str, TensorSpec]:
         """The component file's header: every diffusers key with its shape and the dtype of its source."""
@@ -223,6 +247,8 @@ def _unet_modules(config: UNetConfig) -> list[str]:
     levels, layers = len(config.channel_mult), config.num_res_blocks
     attention = [2**b in config.attention_resolutions for b in range(levels)]  # per down level
     modules = list(_UNET_TOP)
+    if config.adm_in_channels:  # SDXL's vector y
+        modules += ["add_embedding.linear_1", "add_embedding.linear_2"]
 
     def block(prefix: str, count: int, with_attention: bool) -> None:
         for j in range(count):
@@ -274,20 +300,32 @@ _TEXT_LAYER = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
                "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2")  # fmt: skip
 
 
-def _text_keys(layers: int) -> list[str]:
-    """The keys of a transformers ``CLIPTextModel`` (classic ``text_model.*`` names, as on the Hub)."""
+_TEXT_PROJECTION = "text_projection.weight"
+
+
+def _text_keys(layers: int, projection: bool) -> list[str]:
+    """The keys of a transformers ``CLIPTextModel`` (classic ``text_model.*`` names, as on the Hub), or with
+    ``projection`` of a ``CLIPTextModelWithProjection``."""
     keys = ["text_model.embeddings.token_embedding.weight", "text_model.embeddings.position_embedding.weight"]
     for i in range(layers):
         keys += [f"text_model.encoder.layers.{i}.{m}.{p}" for m in _TEXT_LAYER for p in ("weight", "bias")]
     keys += ["text_model.final_layer_norm.weight", "text_model.final_layer_norm.bias"]
-    return keys
+    return keys + [_TEXT_PROJECTION] * projection
 
 
 def text_layers_written(text: TextEncoderConfig) -> int:
-    """OpenCLIP layers past the one SD uses by default are dropped, as diffusers' SD 2.x folders do."""
-    if text.kind == "open_clip":
+    """OpenCLIP layers past the one SD 2.x uses by default are dropped, as diffusers' SD 2.x folders do: their
+    pipelines take the last layer with the final LayerNorm, which is what SD 2.x takes. SDXL's encoders skip
+    the final LayerNorm and diffusers' SDXL pipelines pick the layer themselves, so every layer is kept."""
+    if text.kind == "open_clip" and text.final_layer_norm:
         return text.layers - max(text.default_clip_skip, 1) + 1
     return text.layers
+
+
+def _with_projection(config: ModelConfig, text: TextEncoderConfig) -> bool:
+    """Whether the encoder is written as a ``CLIPTextModelWithProjection``: SDXL's bigG, whose projected pooled
+    text feeds the UNet (SD 2.x's projection is unused, and its folders have a plain ``CLIPTextModel``)."""
+    return config.is_sdxl and text.kind == "open_clip"
 
 
 def _unet_sources(config: UNetConfig) -> tuple[dict[str, str], dict[str, str]]:
@@ -316,7 +354,7 @@ def _unet_placements(config: UNetConfig, shapes: Mapping[str, tuple[int, ...]]) 
             container = next((c for c in inside if key.startswith(c)), None)
             if container is None:
                 raise CheckpointError(
-                    f"{UNET_PREFIX}{key}: no place for it in a diffusers UNet; this is not a Stable Diffusion 1.x/2.x UNet"
+                    f"{UNET_PREFIX}{key}: no place for it in a diffusers UNet; this is not a Stable Diffusion 1.x/2.x/XL UNet"
                 )
             target = inside[container] + key[len(container) :]
         out[key] = Placement("unet", target, shape)
@@ -345,10 +383,12 @@ def _vae_placements(config: VAEConfig, shapes: Mapping[str, tuple[int, ...]]) ->
 
 
 def _text_placements(
-    text: TextEncoderConfig, shapes: Mapping[str, tuple[int, ...]]
+    config: ModelConfig, part: TextComponent, shapes: Mapping[str, tuple[int, ...]]
 ) -> tuple[dict[str, tuple[Placement, ...]], dict[str, str]]:
+    text, component, prefix = part.config, _component(part), part.prefix
     layers = text_layers_written(text)
-    keys = _text_keys(layers)
+    projection = _with_projection(config, text)
+    keys = _text_keys(layers, projection)
     if text.kind == "clip":
         placed = trace_conversion(clip_to_ldm, dict.fromkeys(keys, 1))
     else:  # OpenCLIP fuses q, k, v into one in_proj: trace with real row counts to find the blocks
@@ -357,18 +397,27 @@ def _text_placements(
     pieces: dict[str, list[Placement]] = {}
     for source, (ldm, block) in placed.items():
         if ldm not in shapes:
-            raise CheckpointError(f"{TEXT_PREFIX}{ldm}: missing; the text encoder does not match its config")
+            raise CheckpointError(f"{prefix}{ldm}: missing; the text encoder does not match its config")
         shape = shapes[ldm]
         if block is not None:
             shape = (block[1] - block[0], *shape[1:])
-        pieces.setdefault(ldm, []).append(Placement("text_encoder", source, shape, block))
+        # open_clip_from_hf transposes the Linear weight into OpenCLIP's bare matrix (applied as x @ P)
+        transpose = source == _TEXT_PROJECTION
+        if transpose:
+            shape = shape[::-1]
+        pieces.setdefault(ldm, []).append(Placement(component, source, shape, block, transpose))
+    model = "CLIPTextModelWithProjection" if projection else "CLIPTextModel"
     dropped = {}
     for key in shapes:
         if key in pieces:
             continue
         if key.endswith("position_ids"):
             dropped[key] = "a constant buffer, not a weight"
-        elif key in ("model.text_projection", "model.logit_scale"):
+        elif key == "model.logit_scale":
+            dropped[key] = (
+                f"OpenCLIP's contrastive temperature, unused by Stable Diffusion; a {model} has no place for it"
+            )
+        elif key == "model.text_projection":
             dropped[key] = (
                 "unused by Stable Diffusion; diffusers' SD 2.x text encoder is a CLIPTextModel without it"
             )
@@ -377,12 +426,13 @@ def _text_placements(
                 f"past the layer SD 2.x uses (clip skip {text.default_clip_skip}); diffusers keeps {layers} layers"
             )
         else:
-            raise CheckpointError(f"{TEXT_PREFIX}{key}: no place for it in a transformers CLIPTextModel")
+            raise CheckpointError(f"{prefix}{key}: no place for it in a transformers {model}")
     return {k: tuple(v) for k, v in pieces.items()}, dropped
 
 
 def _check_forward(
     component: Component,
+    prefix: str,
     pieces: Mapping[str, tuple[Placement, ...]],
     shapes: Mapping[str, tuple[int, ...]],
     convert: Callable[[dict[str, Tensor]], Mapping[str, Tensor]],
@@ -394,7 +444,7 @@ def _check_forward(
     if back != want:
         key = next(k for k in sorted(set(back) | set(want)) if back.get(k) != want.get(k))
         raise CheckpointError(
-            f"{PREFIXES[component]}{key}: the diffusers {component} layout does not convert back "
+            f"{prefix}{key}: the diffusers {component} layout does not convert back "
             f"({want.get(key)} -> {back.get(key)}); this architecture cannot be written as a diffusers folder"
         )
 
@@ -409,36 +459,43 @@ def diffusers_layout(config: ModelConfig, shapes: Mapping[str, tuple[int, ...]])
     dropped: dict[str, str] = {}
     unet = _strip(UNET_PREFIX, shapes)
     unet_pieces = {k: (p,) for k, p in _unet_placements(config.unet, unet).items()}
-    _check_forward(
-        "unet", unet_pieces, unet, lambda s: unet_to_ldm(s, {"layers_per_block": config.unet.num_res_blocks})
-    )
+    layers = {"layers_per_block": config.unet.num_res_blocks}
+    _check_forward("unet", UNET_PREFIX, unet_pieces, unet, lambda s: unet_to_ldm(s, layers))
     vae = _strip(VAE_PREFIX, shapes)
     vae_pieces = {k: (p,) for k, p in _vae_placements(config.vae, vae).items()}
     levels = {"block_out_channels": list(config.vae.ch_mult)}
-    _check_forward("vae", vae_pieces, vae, lambda s: vae_to_ldm(s, levels))
-    text = _strip(TEXT_PREFIX, shapes)
-    text_pieces, text_dropped = _text_placements(config.text, text)
-    _check_forward(
-        "text_encoder", text_pieces, text, clip_to_ldm if config.text.kind == "clip" else open_clip_from_hf
-    )
-    for prefix, pieces in ((UNET_PREFIX, unet_pieces), (VAE_PREFIX, vae_pieces), (TEXT_PREFIX, text_pieces)):
+    _check_forward("vae", VAE_PREFIX, vae_pieces, vae, lambda s: vae_to_ldm(s, levels))
+    parts: list[tuple[str, Mapping[str, tuple[Placement, ...]]]] = [
+        (UNET_PREFIX, unet_pieces),
+        (VAE_PREFIX, vae_pieces),
+    ]
+    text_layers = {}
+    for part in text_components(config):
+        text = _strip(part.prefix, shapes)
+        text_pieces, text_dropped = _text_placements(config, part, text)
+        _check_forward(_component(part), part.prefix, text_pieces, text, part.to_ldm)
+        parts.append((part.prefix, text_pieces))
+        dropped.update({part.prefix + k: why for k, why in text_dropped.items()})
+        text_layers[part.folder] = text_layers_written(part.config)
+    for prefix, pieces in parts:
         placements.update({prefix + k: v for k, v in pieces.items()})
-    dropped.update({TEXT_PREFIX + k: why for k, why in text_dropped.items()})
+    networks = tuple(prefix for prefix, _ in parts)
     for key in shapes:
-        if not key.startswith((UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX)):
+        if not key.startswith(networks):
             dropped[key] = (
                 "EMA weights: a diffusers folder holds one UNet (convert with --ema to write them as its weights)"
                 if key.startswith("model_ema.")
-                else "not a weight of the UNet, VAE or text encoder"
+                else "not a weight of the UNet, VAE or text encoders"
             )
     return DiffusersLayout(
-        MappingProxyType(placements), MappingProxyType(dropped), text_layers_written(config.text)
+        MappingProxyType(placements), MappingProxyType(dropped), MappingProxyType(text_layers)
     )
 
 
 # ---------------------------------------------------------------------------------------------- configs
 
 _PIPELINES = {9: "StableDiffusionInpaintPipeline", 8: "StableDiffusionInstructPix2PixPipeline"}
+_SDXL_PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "sdxl_refiner": "StableDiffusionXLImg2ImgPipeline"}
 
 
 def unet_config_json(config: ModelConfig) -> dict[str, Any]:
@@ -448,6 +505,22 @@ def unet_config_json(config: ModelConfig) -> dict[str, Any]:
     levels = len(channels)
     attention = [2**b in unet.attention_resolutions for b in range(levels)]
     heads = [unet.heads_at(c)[0] for c in channels]
+    # diffusers' mid block takes the last entry, as ours takes the last level's depth; a level without attention
+    # ignores its entry (diffusers' own SDXL config says 1 there: [1, 2, 10]).
+    depth = (
+        unet.transformer_depth
+        if isinstance(unet.transformer_depth, int)
+        else [unet.depth_at(b) or 1 for b in range(levels)]
+    )
+    sdxl = (
+        {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": SIZE_EMBEDDING,
+            "projection_class_embeddings_input_dim": unet.adm_in_channels,
+        }
+        if unet.adm_in_channels
+        else {}
+    )
     return {
         "_class_name": "UNet2DConditionModel",
         "_diffusers_version": _DIFFUSERS_VERSION,
@@ -467,11 +540,12 @@ def unet_config_json(config: ModelConfig) -> dict[str, Any]:
         "norm_num_groups": unet.norm_groups,
         "out_channels": unet.out_channels,
         "sample_size": config.default_size // config.vae.downsample,
-        "transformer_layers_per_block": unet.transformer_depth,
+        "transformer_layers_per_block": depth,
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
         # fp32 softmax: what SD 2.1 768-v needs in fp16 (diffusers sets it for v models); numerics only
         "upcast_attention": config.prediction == "v",
         "use_linear_projection": unet.use_linear_in_transformer,
+        **sdxl,
     }
 
 
@@ -500,12 +574,14 @@ def vae_config_json(config: ModelConfig) -> dict[str, Any]:
     }
 
 
-def text_config_json(config: ModelConfig, layers: int, dtype: torch.dtype) -> dict[str, Any]:
+def text_config_json(
+    text: TextEncoderConfig, layers: int, dtype: torch.dtype, *, projection: bool = False
+) -> dict[str, Any]:
     """transformers' ``CLIPTextConfig`` as the Hub's SD folders have it (``eos_token_id`` 2 selects transformers'
-    original pooling; SD uses the hidden states, not the pooled output)."""
-    text = config.text
+    original pooling, at the highest token id, EOS: as OpenCLIP pools SDXL's bigG; SD 1.x/2.x use the hidden
+    states, not the pooled output). ``projection``: a ``CLIPTextModelWithProjection`` (SDXL's bigG)."""
     return {
-        "architectures": ["CLIPTextModel"],
+        "architectures": ["CLIPTextModelWithProjection" if projection else "CLIPTextModel"],
         "model_type": "clip_text_model",
         "attention_dropout": 0.0,
         "bos_token_id": 0,
@@ -528,7 +604,23 @@ def text_config_json(config: ModelConfig, layers: int, dtype: torch.dtype) -> di
 
 
 def scheduler_config_json(config: ModelConfig) -> dict[str, Any]:
-    """DDIM with SD's training schedule; ``prediction_type`` is what tells an epsilon model from a v model."""
+    """DDIM with SD's training schedule (SDXL: Euler, as its Hub folders); ``prediction_type`` is what tells an
+    epsilon model from a v model."""
+    if config.is_sdxl:
+        return {
+            "_class_name": "EulerDiscreteScheduler",
+            "_diffusers_version": _DIFFUSERS_VERSION,
+            "beta_end": config.schedule.linear_end,
+            "beta_schedule": "scaled_linear",
+            "beta_start": config.schedule.linear_start,
+            "interpolation_type": "linear",
+            "num_train_timesteps": config.schedule.timesteps,
+            "prediction_type": "v_prediction" if config.prediction == "v" else "epsilon",
+            "steps_offset": 1,
+            "timestep_spacing": "leading",
+            "trained_betas": None,
+            "use_karras_sigmas": False,
+        }
     return {
         "_class_name": "DDIMScheduler",
         "_diffusers_version": _DIFFUSERS_VERSION,
@@ -550,7 +642,10 @@ def model_index_json(config: ModelConfig) -> dict[str, Any]:
     ``StableDiffusionPipeline.from_pretrained(folder, tokenizer=...)`` needs one passed, e.g.
     ``CLIPTokenizer.from_pretrained("openai/clip-vit-large-patch14")`` (SD 1.x), or ``tokenizer=None`` and
     ``prompt_embeds``. The components themselves load on their own (``UNet2DConditionModel.from_pretrained(
-    folder, subfolder="unet")``, ``AutoencoderKL``, transformers' ``CLIPTextModel``)."""
+    folder, subfolder="unet")``, ``AutoencoderKL``, transformers' ``CLIPTextModel``). SDXL folders likewise
+    list ``tokenizer`` / ``tokenizer_2`` as null."""
+    if config.is_sdxl:
+        return _sdxl_model_index(config)
     return {
         "_class_name": _PIPELINES.get(config.unet.in_channels, "StableDiffusionPipeline"),
         "_diffusers_version": _DIFFUSERS_VERSION,
@@ -565,17 +660,59 @@ def model_index_json(config: ModelConfig) -> dict[str, Any]:
     }
 
 
+def _sdxl_model_index(config: ModelConfig) -> dict[str, Any]:
+    """As diffusers' own SDXL folders: the base gives an empty negative prompt as zeros (as sdstudio does);
+    the refiner has no CLIP-L and conditions on an aesthetic score."""
+    refiner = config.conditioner == "sdxl_refiner"
+    pipeline = _SDXL_PIPELINES[config.conditioner]
+    if config.unet.in_channels == 9:
+        pipeline = "StableDiffusionXLInpaintPipeline"
+    index: dict[str, Any] = {
+        "_class_name": pipeline,
+        "_diffusers_version": _DIFFUSERS_VERSION,
+        "feature_extractor": [None, None],
+        "force_zeros_for_empty_prompt": not refiner,
+        "image_encoder": [None, None],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": [None, None] if refiner else ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": [None, None],
+        "tokenizer_2": [None, None],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    if pipeline != "StableDiffusionXLPipeline":  # the img2img / inpaint pipelines take the option
+        index["requires_aesthetics_score"] = refiner
+    return index
+
+
 def folder_configs(
-    config: ModelConfig, text_layers: int, text_dtype: torch.dtype
+    config: ModelConfig,
+    text_layers: int | Mapping[str, int],
+    text_dtype: torch.dtype | Mapping[str, torch.dtype],
 ) -> dict[str, dict[str, Any]]:
-    """Every JSON file of the folder, by relative path."""
-    return {
+    """Every JSON file of the folder, by relative path. ``text_layers`` / ``text_dtype``: per text encoder
+    folder (``text_encoder``, ``text_encoder_2``), or one value for every one (SD 1.x/2.x have one); a folder
+    missing from the mapping gets ``text_layers_written`` / float32."""
+    files = {
         "model_index.json": model_index_json(config),
         "unet/config.json": unet_config_json(config),
         "vae/config.json": vae_config_json(config),
-        "text_encoder/config.json": text_config_json(config, text_layers, text_dtype),
-        "scheduler/scheduler_config.json": scheduler_config_json(config),
     }
+    for part in text_components(config):
+        layers = (
+            text_layers
+            if isinstance(text_layers, int)
+            else text_layers.get(part.folder, text_layers_written(part.config))
+        )
+        dtype = (
+            text_dtype if isinstance(text_dtype, torch.dtype) else text_dtype.get(part.folder, torch.float32)
+        )
+        files[f"{part.folder}/config.json"] = text_config_json(
+            part.config, layers, dtype, projection=_with_projection(config, part.config)
+        )
+    files["scheduler/scheduler_config.json"] = scheduler_config_json(config)
+    return files
 
 
 # ---------------------------------------------------------------------------------------------- writer
@@ -590,15 +727,20 @@ class DiffusersFolderWriter:
     def __init__(self, folder: Path, config: ModelConfig, specs: Mapping[str, TensorSpec]) -> None:
         self.layout = diffusers_layout(config, {k: s.shape for k, s in specs.items()})
         dtypes = {k: s.dtype for k, s in specs.items()}
-        text_dtype = next(
-            (dtypes[k] for k in self.layout.placements if k.startswith(TEXT_PREFIX)), torch.float32
-        )
-        for name, data in folder_configs(config, self.layout.text_layers, text_dtype).items():
+        prefixes = component_prefixes(config)
+        text_dtypes = {
+            component: next(
+                (dtypes[k] for k in self.layout.placements if k.startswith(prefix)), torch.float32
+            )
+            for component, prefix in prefixes.items()
+            if component.startswith("text_encoder")
+        }
+        for name, data in folder_configs(config, self.layout.text_layers, text_dtypes).items():
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             (folder / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         self._streams: dict[Component, SafetensorsStream] = {}
         try:
-            for component in PREFIXES:
+            for component in prefixes:
                 self._streams[component] = SafetensorsStream(
                     folder / component / WEIGHTS_FILE[component],
                     self.layout.specs(component, dtypes),

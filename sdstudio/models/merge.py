@@ -271,7 +271,7 @@ def source_config(source: Source, prediction: Prediction | None = None) -> Model
     config = source.config
     if config is None:
         config = _detect(source, prediction)
-        if prediction is None and config.text.kind == "open_clip" and _predicts_v(source, config):
+        if prediction is None and config.text.kind == "open_clip" and not config.is_sdxl and _predicts_v(source, config):
             log.info("%s: SD 2.x weights behave as v-prediction (override: --prediction)", source.path)
             config = _detect(source, "v")
     if prediction is not None and prediction != config.prediction:
