@@ -21,7 +21,7 @@ from sdstudio.io.files import check_writable
 if TYPE_CHECKING:
     from sdstudio.pipelines.validate import Limits
     from sdstudio.prompt.parser import ParsedPrompt
-    from sdstudio.types import GenerationRequest
+    from sdstudio.types import ControlSpec, GenerationRequest
 
 log = logging.getLogger("sdstudio")
 
@@ -213,8 +213,84 @@ def build_request(args: argparse.Namespace) -> tuple[GenerationRequest, list[str
         hires=hires,
         vae_tiling={"auto": None, "on": True, "off": False}[args.vae_tiling],
         refiner_switch_at=_refiner_switch_at(args),
+        controls=_controls(args),
     )
     return request, warnings
+
+
+def parse_control(text: str) -> tuple[str, str | None, float, float, float]:
+    """``MODEL:IMAGE[:WEIGHT[:START:END]]`` -> (model, image or None, weight, start, end); an empty IMAGE
+    (``MODEL:``) or none (``MODEL``) takes the init image."""
+    parts = text.split(":")
+    if not parts[0] or len(parts) > 5 or len(parts) == 4:
+        raise SdStudioError(
+            f"--control {text!r}: expected MODEL:IMAGE[:WEIGHT[:START:END]] (e.g. control_canny:edges.png:0.8:0:1)"
+        )
+    try:
+        numbers = [float(v) for v in parts[2:]]
+    except ValueError:
+        raise SdStudioError(f"--control {text!r}: WEIGHT, START and END must be numbers") from None
+    weight, start, end = (numbers + [1.0, 0.0, 1.0][len(numbers) :])[:3] if numbers else (1.0, 0.0, 1.0)
+    image = parts[1] if len(parts) > 1 and parts[1] else None
+    return parts[0], image, weight, start, end
+
+
+def _controls(args: argparse.Namespace) -> tuple[ControlSpec, ...]:
+    """``--control`` units with ``--control-preprocess`` / ``--control-mode`` / ``--control-resize`` /
+    ``--control-threshold-a|b`` (one value for every unit, or one per unit in order)."""
+    from sdstudio.io.images import load_image
+    from sdstudio.types import ControlSpec
+
+    texts = getattr(args, "control", None) or []
+    options = {
+        "--control-preprocess": getattr(args, "control_preprocess", None) or [],
+        "--control-mode": getattr(args, "control_mode", None) or [],
+        "--control-resize": getattr(args, "control_resize", None) or [],
+        "--control-threshold-a": getattr(args, "control_threshold_a", None) or [],
+        "--control-threshold-b": getattr(args, "control_threshold_b", None) or [],
+    }
+    if not texts:
+        given = [flag for flag, values in options.items() if values]
+        if given:
+            raise SdStudioError(f"{given[0]} needs a ControlNet: --control MODEL:IMAGE")
+        return ()
+    for flag, values in options.items():
+        if len(values) not in (0, 1, len(texts)):
+            raise SdStudioError(f"{flag}: give it once for every --control, or once for all ({len(texts)} units)")
+
+    def pick(flag: str, i: int, default: object) -> object:
+        values = options[flag]
+        return default if not values else values[i if len(values) > 1 else 0]
+
+    units = []
+    for i, text in enumerate(texts):
+        model, image, weight, start, end = parse_control(text)
+        units.append(ControlSpec(
+            model=model, image=load_image(image, f"control image {i}") if image else None,
+            preprocessor=str(pick("--control-preprocess", i, "none")), weight=weight, start=start, end=end,
+            mode=pick("--control-mode", i, "Balanced"),  # type: ignore[arg-type]
+            resize_mode=pick("--control-resize", i, "Crop and Resize"),  # type: ignore[arg-type]
+            threshold_a=pick("--control-threshold-a", i, None),  # type: ignore[arg-type]
+            threshold_b=pick("--control-threshold-b", i, None),  # type: ignore[arg-type]
+        ))  # fmt: skip
+    return tuple(units)
+
+
+def _learned_upscaler(args: argparse.Namespace, request: GenerationRequest) -> tuple[str, ...]:
+    """The hires upscaler's name when it is a learned one found in ``--upscaler-dir`` (or a path): found
+    before the model loads, so that a wrong name costs nothing."""
+    from sdstudio.pipelines.hires import UPSCALERS
+
+    if request.hires is None or request.hires.upscaler in UPSCALERS:
+        return ()
+    from sdstudio.upscale import find_upscaler, upscaler_library
+
+    folders = getattr(args, "upscaler_dir", None) or ()
+    name = request.hires.upscaler
+    if not folders and not Path(name).is_file():
+        return ()  # check_request names the built-in ones
+    found = find_upscaler(name, upscaler_library(folders))
+    return (name,) if found.path is not None else ()
 
 
 def _refiner_switch_at(args: argparse.Namespace) -> float | None:
@@ -330,7 +406,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         styles = find_styles(load_styles(args.styles), args.style, source=args.styles)
         prompt, negative = apply_styles(request.prompt, request.negative_prompt, styles)
         request = dataclasses.replace(request, prompt=prompt, negative_prompt=negative)
-    check_request(request, limits)
+    learned = _learned_upscaler(args, request)
+    check_request(request, limits, learned)
+    if request.controls:  # every ControlNet named is found before the model loads
+        from sdstudio.adapters.library import NetworkLibrary
+        from sdstudio.engine import CONTROLNET_SUFFIXES
+
+        library = NetworkLibrary(args.controlnet_dir or (), kind="ControlNet", flag="--controlnet-dir",
+                                 suffixes=CONTROLNET_SUFFIXES)  # fmt: skip
+        for spec in request.controls:
+            if not Path(spec.model).exists():
+                library.find(spec.model)
     png_params = options_from_png(args.from_png)[1] if args.from_png else {}
     warnings += check_png_files(args, png_params)
     paths = _output_paths(args, request.batch_size)
@@ -354,6 +440,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         hypernetwork_dirs=args.hypernetwork_dir or (),
         strict_networks=args.strict_networks,
         refiner=args.refiner,
+        controlnet_dirs=args.controlnet_dir or (),
+        upscaler_dirs=args.upscaler_dir or (),
     )
     if args.from_png:
         png_hash = png_params.get("Model hash")
@@ -755,6 +843,8 @@ def cmd_eval_toyworld(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sdstudio.types import CONTROL_MODES, CONTROL_RESIZE_MODES
+
     parser = argparse.ArgumentParser(prog="sdstudio", description="Stable Diffusion: generate, edit, train, evaluate.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -813,7 +903,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--hires-scale", type=float, help="hires fix: upscale the first pass by this factor and denoise again")
     gen.add_argument("--hires-steps", type=int, help="hires fix second-pass steps (default 0: as --steps)")
     gen.add_argument("--hires-strength", type=float, help="hires fix denoising strength (default 0.7)")
-    gen.add_argument("--hires-upscaler", help="Latent (default), Latent (nearest), Latent (bicubic), ..., Lanczos, Nearest")
+    gen.add_argument("--hires-upscaler", help="Latent (default), Latent (nearest), Latent (bicubic), ..., Lanczos, "
+                     "Nearest, or a learned upscaler: a file stem in --upscaler-dir (ESRGAN, Real-ESRGAN, Compact)")
+    gen.add_argument("--upscaler-dir", action="append", metavar="DIR",
+                     help="folder of upscaler files (.pth, .safetensors) for --hires-upscaler (repeatable)")
     gen.add_argument("--vae-tiling", choices=["auto", "on", "off"], default="auto",
                      help="tiled VAE decode/encode for large images (auto: above 96x96 latents)")
     gen.add_argument("--preview-every", type=int, metavar="N", help="write a cheap preview every N steps (NAME-preview.png)")
@@ -850,6 +943,25 @@ def build_parser() -> argparse.ArgumentParser:
                      "error (default: a warning, and the image is made without it)")
     gen.add_argument("--vae", metavar="FILE", help="VAE file (.safetensors, .ckpt, .pt, or a diffusers folder) to "
                      "use instead of the checkpoint's, e.g. vae-ft-mse-840000-ema-pruned.safetensors")
+    ctl = gen.add_argument_group("ControlNet", "AUTOMATIC1111's sd-webui-controlnet units (repeat --control for several)")
+    ctl.add_argument("--control", action="append", metavar="MODEL:IMAGE[:WEIGHT[:START:END]]",
+                     help="a ControlNet (file stem in --controlnet-dir, or a path) with its control image, weight "
+                     "(default 1) and guidance start / end (shares of the steps, default 0:1); MODEL: alone uses "
+                     "--init-image")
+    ctl.add_argument("--control-preprocess", action="append", metavar="NAME",
+                     help="preprocessor making the control map from the image: none (default), canny, invert, "
+                     "threshold, scribble_threshold, scribble_xdog, softedge_sobel, shuffle, tile_resample, "
+                     "blur_gaussian, inpaint, inpaint_only (once for all units, or once per --control)")
+    ctl.add_argument("--control-mode", action="append", choices=list(CONTROL_MODES),
+                     help="Balanced (default), My prompt is more important, ControlNet is more important")
+    ctl.add_argument("--control-resize", action="append", choices=list(CONTROL_RESIZE_MODES),
+                     help="how the control image fits the image size (default Crop and Resize)")
+    ctl.add_argument("--control-threshold-a", action="append", type=float, metavar="X",
+                     help="the preprocessor's first parameter (canny: low threshold)")
+    ctl.add_argument("--control-threshold-b", action="append", type=float, metavar="X",
+                     help="the preprocessor's second parameter (canny: high threshold)")
+    ctl.add_argument("--controlnet-dir", action="append", metavar="DIR",
+                     help="folder of ControlNet files (.safetensors, .pth), subfolders included (repeatable)")
     gen.add_argument("--refiner", metavar="FILE", help="SDXL refiner checkpoint that takes over the last steps "
                      "(AUTOMATIC1111's Refiner), e.g. sd_xl_refiner_1.0.safetensors")
     gen.add_argument("--refiner-switch-at", type=float, metavar="X", help="share of the noise schedule after which "
@@ -1022,6 +1134,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sdstudio.cli_caption import add_caption_commands
 
     add_caption_commands(sub)
+    from sdstudio.cli_upscale import add_upscale_parser
+
+    add_upscale_parser(sub)
 
     srv = sub.add_parser("serve", help="serve the web UI, AUTOMATIC1111's /sdapi/v1 API and a job API (/sdapi/v2/jobs) over HTTP")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -1034,6 +1149,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--lora-dir", action="append", metavar="DIR", help="folder of LoRAs (repeatable)")
     srv.add_argument("--embeddings", metavar="DIR", help="folder of textual inversion embeddings")
     srv.add_argument("--hypernetwork-dir", action="append", metavar="DIR", help="folder of hypernetworks (repeatable)")
+    srv.add_argument("--controlnet-dir", action="append", metavar="DIR", help="folder of ControlNet models "
+                     "(.safetensors, .pth, .ckpt, .pt; subfolders included) for sd-webui-controlnet's API: "
+                     "/controlnet/model_list and alwayson_scripts units (repeatable)")
     srv.add_argument("--data-dir", metavar="DIR", help="where jobs (jobs.sqlite) and their outputs are kept "
                      "(default: $XDG_DATA_HOME/sdstudio or ~/.local/share/sdstudio)")
     srv.add_argument("--api-auth", metavar="USER:PASS[,...]", help="require HTTP Basic auth on every route")
@@ -1088,7 +1206,7 @@ def run(args: argparse.Namespace, owns_process: bool = False) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="sdstudio: %(message)s"
     )
     try:
-        if owns_process and args.command in ("generate", "batch", "grid"):
+        if owns_process and args.command in ("generate", "batch", "grid", "upscale"):
             tune_process(args)
         return args.func(args)
     except SdStudioError as e:

@@ -12,6 +12,7 @@ import torch
 
 from sdstudio.adapters.activate import ModelNetworks
 from sdstudio.adapters.library import NetworkLibrary
+from sdstudio.control.apply import ResolvedControl
 from sdstudio.cpu import cpu_flags
 from sdstudio.diffusion.samplers import SamplerStep
 from sdstudio.errors import SdStudioError
@@ -21,7 +22,10 @@ from sdstudio.models.tokenizer import ClipTokenizer
 from sdstudio.pipelines.generate import check_refiner, check_refiner_fits, generate
 from sdstudio.pipelines.validate import DEFAULT_LIMITS, Limits, check_request
 from sdstudio.prompt.embeddings import EmbeddingDatabase, load_embeddings_for
-from sdstudio.types import GenerationRequest, GenerationResult
+from sdstudio.types import ControlSpec, GenerationRequest, GenerationResult
+from sdstudio.upscale import Upscaler, find_upscaler, load_found, upscaler_library
+
+CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".ckpt", ".pt")  # as the extension's models folder holds them
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +122,17 @@ class Pipeline:
         hypernetworks: NetworkLibrary | None = None,
         strict_networks: bool = False,
         refiner: LoadedModel | None = None,
+        controlnets: NetworkLibrary | None = None,
+        upscalers: NetworkLibrary | None = None,
     ) -> None:
         self.model = model
         self.refiner = refiner  # SDXL's refiner, for requests with refiner_switch_at
+        self.controlnets = controlnets or NetworkLibrary(kind="ControlNet", flag="--controlnet-dir")
+        # ControlNets loaded so far, by resolved path: this pipeline's own, kept while it lives
+        self._loaded_controlnets: dict[Path, tuple[torch.nn.Module, str]] = {}
+        # learned upscalers for the hires fix (--upscaler-dir), loaded on first use
+        self.upscalers = upscalers or NetworkLibrary(kind="upscaler", flag="--upscaler-dir")
+        self._loaded_upscalers: dict[Path, Upscaler] = {}
         self.tokenizer = tokenizer or ClipTokenizer()
         self.embeddings = embeddings
         self.networks = ModelNetworks(model, loras, hypernetworks, strict=strict_networks)
@@ -143,6 +155,8 @@ class Pipeline:
         hypernetwork_dirs: Sequence[str | os.PathLike] = (),
         strict_networks: bool = False,
         refiner: str | os.PathLike | None = None,
+        controlnet_dirs: Sequence[str | os.PathLike] = (),
+        upscaler_dirs: Sequence[str | os.PathLike] = (),
     ) -> Pipeline:
         """Load a checkpoint onto ``device`` and, from ``embeddings_dir``, the textual inversion embeddings
         prompts may use; ``vae``: a VAE file to use instead of the checkpoint's (``--vae``); the network
@@ -158,6 +172,10 @@ class Pipeline:
         if cuda_graphs and not device.startswith("cuda"):
             raise SdStudioError(f"CUDA graphs need a CUDA device (got {device!r}); leave them off")
         loras = NetworkLibrary(lora_dirs, kind="LoRA", flag="--lora-dir")
+        controlnets = NetworkLibrary(
+            controlnet_dirs, kind="ControlNet", flag="--controlnet-dir", suffixes=CONTROLNET_SUFFIXES
+        )
+        upscalers = upscaler_library(upscaler_dirs)
         hypernets = NetworkLibrary(
             hypernetwork_dirs, kind="hypernetwork", flag="--hypernetwork-dir", suffixes=HYPERNETWORK_SUFFIXES
         )
@@ -201,6 +219,8 @@ class Pipeline:
             hypernetworks=hypernets,
             strict_networks=strict_networks,
             refiner=refiner_model,
+            controlnets=controlnets,
+            upscalers=upscalers,
         )
 
     def __call__(
@@ -213,10 +233,46 @@ class Pipeline:
         """Generate; ``limits``: the caps a request is checked against (``--max-pixels`` and friends).
 
         The request is checked before its networks are merged, so that a refused request changes nothing."""
-        check_request(request, limits)
+        upscaler = self.hires_upscaler(request)
+        check_request(request, limits, () if upscaler is None else (request.hires.upscaler,))  # type: ignore[union-attr]
         check_refiner(self.model, self.refiner, request)
+        controls = [self.controlnet(spec) for spec in request.controls]
         active = self.networks.activate(request)
         return generate(
             self.model, self.tokenizer, request, callback, self.embeddings, limits=limits, networks=active,
-            refiner=self.refiner,
+            refiner=self.refiner, controls=controls, upscaler=upscaler,
         )  # fmt: skip
+
+    def hires_upscaler(self, request: GenerationRequest) -> Upscaler | None:
+        """The learned upscaler the request's hires fix names (a file in ``--upscaler-dir``, a path or one of
+        A1111's Real-ESRGAN names), loaded once per pipeline; None for the built-in ones (Latent, Lanczos...)."""
+        from sdstudio.pipelines.hires import UPSCALERS
+
+        hires = request.hires
+        if hires is None or not isinstance(hires.upscaler, str) or hires.upscaler in UPSCALERS:
+            return None
+        ref = find_upscaler(hires.upscaler, self.upscalers)
+        if ref.path is None:
+            return None
+        key = ref.path.resolve()
+        if key not in self._loaded_upscalers:
+            self._loaded_upscalers[key] = load_found(ref, self.model.device, self.model.dtype)
+        return self._loaded_upscalers[key]
+
+    def controlnet(self, spec: ControlSpec) -> ResolvedControl:
+        """The unit's ControlNet, loaded once per pipeline onto the model's device and dtype: ``spec.model``
+        names a file in the ControlNet folders, or is a path (file or diffusers folder)."""
+        from sdstudio.models.controlnet import load_controlnet
+        from sdstudio.models.loading import legacy_model_hash
+
+        path = Path(spec.model)
+        if not path.exists():
+            path = self.controlnets.find(spec.model).path
+        key = path.resolve()
+        if key not in self._loaded_controlnets:
+            network, _ = load_controlnet(path, base=self.model.config.unet, dtype=self.model.dtype)
+            # the extension writes A1111's old model hash after a ControlNet's name
+            digest = legacy_model_hash(path) if path.is_file() else ""
+            self._loaded_controlnets[key] = (network.to(self.model.device).eval().requires_grad_(False), digest)
+        network, digest = self._loaded_controlnets[key]
+        return ResolvedControl(spec, network, path.stem if path.is_file() else path.name, digest)

@@ -60,6 +60,37 @@ class Hires:
     upscaler: str = "Latent"
 
 
+ControlModeName = Literal["Balanced", "My prompt is more important", "ControlNet is more important"]
+ControlResize = Literal["Just Resize", "Crop and Resize", "Resize and Fill"]
+CONTROL_RESIZE_MODES: tuple[ControlResize, ...] = ("Just Resize", "Crop and Resize", "Resize and Fill")
+CONTROL_MODES: tuple[ControlModeName, ...] = ("Balanced", "My prompt is more important", "ControlNet is more important")
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    """One ControlNet unit, as AUTOMATIC1111's sd-webui-controlnet extension has them.
+
+    ``model``: a ControlNet file's stem in the pipeline's ControlNet folders (``--controlnet-dir``), or a
+    path (file or diffusers folder). ``image``: the control image (None: the request's init image);
+    ``preprocessor``: what makes the control map from it ("none": the image is the map; see
+    ``sdstudio.control.preprocess``), with ``threshold_a`` / ``threshold_b`` as the extension names its two
+    preprocessor parameters (None: the preprocessor's defaults). ``start`` / ``end``: the share of the
+    steps during which it acts ("Guidance Start / End"); ``mode``: "Control Mode"; ``resize_mode``: how the
+    control image is fitted to the image size.
+    """
+
+    model: str
+    image: Image.Image | None = None
+    preprocessor: str = "none"
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    mode: ControlModeName = "Balanced"
+    resize_mode: ControlResize = "Crop and Resize"
+    threshold_a: float | None = None
+    threshold_b: float | None = None
+
+
 NetworkKind = Literal["lora", "hypernet"]
 NETWORK_KINDS: tuple[NetworkKind, ...] = ("lora", "hypernet")
 
@@ -130,6 +161,7 @@ class GenerationRequest:
     # SDXL's refiner (A1111's "Refiner switch at"): the share of the noise schedule after which the
     # refiner loaded beside the model (``--refiner FILE``) takes over; None: no refiner.
     refiner_switch_at: float | None = None
+    controls: tuple[ControlSpec, ...] = ()  # ControlNet units, summed
 
 
 @dataclass(frozen=True)

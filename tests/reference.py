@@ -242,6 +242,62 @@ def diffusers_sdxl_pipeline(config: ModelConfig, state: dict[str, torch.Tensor],
     return pipe, clip_l, big_g
 
 
+def random_controlnet(unet: UNetConfig, seed: int = 0) -> nn.Module:
+    """Our ControlNet for ``unet`` with :func:`randomise_` weights (its zero convs would make parity vacuous)."""
+    from sdstudio.models.controlnet import ControlNet, ControlNetConfig
+
+    with torch.device("meta"):
+        model = ControlNet(ControlNetConfig(unet=unet))
+    model.to_empty(device="cpu")
+    randomise_(model, seed)
+    return model.eval().requires_grad_(False)
+
+
+def controlnet_diffusers_config(unet: UNetConfig) -> dict[str, Any]:
+    """What ``create_controlnet_diffusers_config_from_ldm`` builds (diffusers 0.42 calls its UNet helper without
+    the checkpoint argument and fails, so its key selection is repeated here), plus what LDM hard-codes and our
+    tiny presets do not (norm groups) and diffusers tells SDXL by (context 2048 / 1280)."""
+    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
+
+    from sdstudio.models.configs import preset
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dunet = create_unet_diffusers_config_from_ldm(ldm_yaml(unet, preset("tiny").vae), {}, image_size=512)
+    keys = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
+            "attention_head_dim", "use_linear_projection", "class_embed_type", "addition_embed_type",
+            "addition_time_embed_dim", "projection_class_embeddings_input_dim", "transformer_layers_per_block")  # fmt: skip
+    config = {"conditioning_channels": 3, **{k: dunet[k] for k in keys}}
+    config["norm_num_groups"] = unet.norm_groups
+    if unet.adm_in_channels:
+        config.update(addition_embed_type="text_time", addition_time_embed_dim=256, class_embed_type=None)
+    return config
+
+
+def controlnet_to_diffusers(state: dict[str, torch.Tensor], dconfig: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """diffusers' converter; it leaves SDXL's label_emb out, mapped here by its own table's names."""
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    converted = convert_controlnet_checkpoint({"control_model." + k: v for k, v in state.items()}, dconfig)
+    for i, j in ((1, 0), (2, 2)):
+        for param in ("weight", "bias"):
+            if f"label_emb.0.{j}.{param}" in state:
+                converted[f"add_embedding.linear_{i}.{param}"] = state[f"label_emb.0.{j}.{param}"]
+    return converted
+
+
+def diffusers_controlnet(unet: UNetConfig, state: dict[str, torch.Tensor]):
+    """diffusers' ControlNetModel holding our ControlNet's weights (``state`` without ``control_model.``)."""
+    from diffusers import ControlNetModel
+
+    dconfig = controlnet_diffusers_config(unet)
+    with torch.device("meta"):
+        model = ControlNetModel(**dconfig)
+    result = model.load_state_dict(controlnet_to_diffusers(state, dconfig), strict=True, assign=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    return model.eval()
+
+
 def diffusers_pipeline(config: ModelConfig, state: dict[str, torch.Tensor], scheduler):
     """diffusers' StableDiffusionPipeline on these weights (no tokenizer: callers pass prompt embeddings),
     with ``scheduler``; returns (pipeline, its transformers text encoder)."""

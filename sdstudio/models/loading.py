@@ -448,6 +448,16 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def legacy_model_hash(path: Path) -> str:
+    """AUTOMATIC1111's old ``model_hash`` (``modules/sd_models.py``), which sd-webui-controlnet puts after its
+    models' names: sha256 of the 64 KiB at offset 1 MiB, 8 hex digits (a file under 1 MiB hashes no bytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        digest.update(f.read(0x10000))
+    return digest.hexdigest()[:8]
+
+
 def select_ema(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
     """Replace the UNet's weights by their EMA copies (LDM's ``model_ema.*`` keys)."""
     unet_keys = [k for k in state if k.startswith(UNET_PREFIX)]

@@ -18,6 +18,14 @@ from PIL import Image
 from torch import Tensor
 
 from sdstudio import __version__
+from sdstudio.control.apply import (
+    CONTROL_DOWNSAMPLE,
+    ControlStack,
+    ResolvedControl,
+    control_stack,
+    infotext_entries,
+    prepare_controls,
+)
 from sdstudio.diffusion.noise import ImageNoise
 from sdstudio.diffusion.samplers import SamplerStep
 from sdstudio.diffusion.schedule import DiscreteSchedule
@@ -42,6 +50,7 @@ from sdstudio.types import GeneratedImage, GenerationRequest, GenerationResult
 
 if TYPE_CHECKING:
     from sdstudio.adapters.activate import ActiveNetworks
+    from sdstudio.upscale import Upscaler as ImageUpscaler
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +273,8 @@ def hires_pass(
     latents: Tensor,
     callback: Callback | None,
     refiner: RefinerPass | None = None,
+    control: ControlStack | None = None,
+    upscaler: ImageUpscaler | None = None,
 ) -> Tensor:
     """AUTOMATIC1111's hires fix second pass: upscale, then img2img at the hires strength with fresh
     noise from the same seeds at the new size (``refiner``: SDXL's refiner in this pass)."""
@@ -275,13 +286,17 @@ def hires_pass(
         up = upscale_latents(latents, (height // down, width // down), hires.upscaler)
     else:
         images = to_pil(decode_images(model, latents, request.vae_tiling)[0])
-        up = encode_images(model, upscale_images(images, width, height, hires.upscaler), request.vae_tiling)
+        if upscaler is not None:  # a learned upscaler (ESRGAN family), then Lanczos to the size
+            resized = upscaler.upscale(images, width, height)
+        else:
+            resized = upscale_images(images, width, height, hires.upscaler)
+        up = encode_images(model, resized, request.vae_tiling)
     hp = dataclasses.replace(p, width=width, height=height)
     source = LatentSource(up, hires.strength, fixed_steps=hires.steps > 0)
     extra = unmasked_extra(model, len(p.seeds), height, width, request.vae_tiling)
     return sample_latents(
         model, hp, cond, hires.steps or request.steps, request.cfg_scale, callback, source=source, extra=extra,
-        refiner=refiner,
+        refiner=refiner, control=control,
     )  # fmt: skip
 
 
@@ -296,6 +311,8 @@ def generate(
     memory_budget: int | None = None,
     networks: ActiveNetworks | None = None,
     refiner: LoadedModel | None = None,
+    controls: Sequence[ResolvedControl] = (),
+    upscaler: ImageUpscaler | None = None,
 ) -> GenerationResult:
     """txt2img, img2img, inpainting, outpainting, hires fix: whichever ``request`` asks for.
 
@@ -311,9 +328,12 @@ def generate(
 
     ``refiner``: SDXL's refiner, used when the request gives ``refiner_switch_at`` (AUTOMATIC1111's
     semantics: it takes every step whose timestep is below that share of the schedule, keeps the rest of the
-    run, hires pass included, and decodes with its own VAE).
+    run, hires pass included, and decodes with its own VAE). ``controls``: the request's ControlNet units
+    with their networks loaded (``request.controls``, resolved by the caller), applied in every pass.
+    ``upscaler``: the learned upscaler the hires fix's ``upscaler`` names, loaded by the caller.
     """
-    p = plan(model, request, limits)
+    learned = (request.hires.upscaler,) if upscaler is not None and request.hires is not None else ()
+    p = plan(model, request, limits, learned)
     check_refiner(model, refiner, request)
     if networks is not None and networks.hypernetworks:
         from sdstudio.adapters.hypernetwork import prepare_hypernetworks
@@ -342,6 +362,16 @@ def generate(
     )  # fmt: skip
     src = prepare_source(request, p.width, p.height) if request.init is not None else None
     warnings += src.warnings if src is not None else ()
+    if len(controls) != len(request.controls):
+        raise SdStudioError(f"{len(request.controls)} ControlNet units asked for, {len(controls)} loaded")
+    if controls and model.config.vae.downsample != CONTROL_DOWNSAMPLE:
+        raise SdStudioError(
+            f"ControlNets read their control image at {CONTROL_DOWNSAMPLE}x the latents' size; this model's VAE "
+            f"scales by {model.config.vae.downsample}: no ControlNet fits it"
+        )
+    init_image = request.init.image if request.init is not None else None
+    mask = request.inpaint.mask if request.inpaint is not None else None
+    prepared = prepare_controls(controls, init_image, mask)
     with torch.inference_mode():
         cond = encode_conditioning(
             sd.text_encoder, tokenizer, model.config.text, positive, negative, p.clip_skip, embeddings,
@@ -376,6 +406,7 @@ def generate(
             source=source,
             extra=extra,
             refiner=refine,
+            control=control_stack(prepared, p.width, p.height),
         )
         refined = refine is not None and refiner_takes_over(model, first_sigmas, refine.switch_at)
         if request.hires is not None:
@@ -399,8 +430,10 @@ def generate(
                     refine.switch_at,
                     whole_pass=refined,
                 )
+            hires_control = control_stack(prepared, *p.hires_size) if p.hires_size else None
             latents = hires_pass(
-                model, request, p, hires_cond, latents, _offset(callback, first, total), hires_refine
+                model, request, p, hires_cond, latents, _offset(callback, first, total), hires_refine, hires_control,
+                upscaler,
             )
             refined = refined or (hires_refine is not None and hires_refined(model, request, p, hires_refine))
         decoder = refiner if refined and refiner is not None else model
@@ -413,6 +446,7 @@ def generate(
     if refine is not None and refiner is not None:  # A1111's entries, written whenever a refiner is asked for
         hashed = f"{refiner.name} [{refiner.short_hash}]" if refiner.short_hash else refiner.name
         extra += [("Refiner", hashed), ("Refiner switch at", format_number(refine.switch_at))]
+    extra += infotext_entries(controls)
     if embeddings is not None:
         extra += ti_hashes(embeddings, tokenizer, [positive, negative])
     tags = networks.tags if networks is not None else ""

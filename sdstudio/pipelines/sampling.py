@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 import secrets
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from sdstudio.control.apply import ControlStack
 from sdstudio.diffusion.denoiser import Denoiser
 from sdstudio.diffusion.guidance import DenoiserFn, PromptGuidedDenoiser, SwitchedDenoiser
 from sdstudio.diffusion.noise import ImageNoise, to_device
@@ -72,11 +73,14 @@ def canvas_size(request: GenerationRequest) -> tuple[int, int] | None:
     return w, h
 
 
-def plan(model: LoadedModel, request: GenerationRequest, limits: Limits = DEFAULT_LIMITS) -> Plan:
-    """Check a request against a model and ``limits``; raise ``SdStudioError`` naming the problem and the fix."""
+def plan(
+    model: LoadedModel, request: GenerationRequest, limits: Limits = DEFAULT_LIMITS, upscalers: Collection[str] = ()
+) -> Plan:
+    """Check a request against a model and ``limits``; raise ``SdStudioError`` naming the problem and the fix.
+    ``upscalers``: the learned upscalers' names the caller has loaded (see ``check_request``)."""
     config = model.config
     warnings: list[str] = []
-    sampler, scheduler = check_request(request, limits)
+    sampler, scheduler = check_request(request, limits, upscalers)
     canvas = canvas_size(request)
     default_w = default_h = config.default_size
     if canvas is not None:  # img2img: the image's own size, down to a multiple of 8
@@ -252,10 +256,12 @@ def sample_latents(
     source: LatentSource | None = None,
     extra: Tensor | None = None,
     refiner: RefinerPass | None = None,
+    control: ControlStack | None = None,
 ) -> Tensor:
     """Run the sampler from the seeds' noise (txt2img) or from ``source`` noised to its strength; the clean
     latents (scaled, as the UNet sees them). ``extra``: inpainting models' mask + masked-image latents;
-    ``refiner``: SDXL's refiner takes over the pass's low-noise steps (or all of it). [B, 4, h, w]"""
+    ``refiner``: SDXL's refiner takes over the pass's low-noise steps (or all of it); ``control``: the
+    pass's ControlNets (the model's, not the refiner's steps). [B, 4, h, w]"""
     config = model.config
     device = model.device
     schedule = DiscreteSchedule.from_config(config.schedule).to(device)
@@ -264,20 +270,21 @@ def sample_latents(
         assert source is not None
         return source.latents
 
-    def guided_by(loaded: LoadedModel, c: Conditioning) -> DenoiserFn:
+    def guided_by(loaded: LoadedModel, c: Conditioning, control: ControlStack | None = None) -> DenoiserFn:
         # a compiled or CUDA-graph runner takes the UNet's plain arguments only: hypernetworks run it directly
         # (and SDXL's vector y, which they were not captured with)
-        runner = loaded.unet_runner if p.hypernetworks is None and c.vectors is None else None
+        plain = p.hypernetworks is None and c.vectors is None and control is None
+        runner = loaded.unet_runner if plain else None
         unet = runner if runner is not None else loaded.model.unet
         denoiser = Denoiser(
             unet, schedule, loaded.config.prediction, token_merging=p.token_merging, hypernetworks=p.hypernetworks
         )
         return PromptGuidedDenoiser(
             denoiser, c.tensors, c.positive, c.negative, cfg_scale, tuple(sigmas.tolist()), extra,
-            ngms=p.ngms, ngms_all_steps=p.ngms_all_steps, vectors=c.vectors,
+            ngms=p.ngms, ngms_all_steps=p.ngms_all_steps, vectors=c.vectors, control=control,
         )  # fmt: skip
 
-    guided = guided_by(model, cond)
+    guided = guided_by(model, cond, control)
     if refiner is not None:
         second = guided_by(refiner.model, refiner.cond)
         if refiner.whole_pass:

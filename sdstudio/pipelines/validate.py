@@ -6,6 +6,7 @@ API refuse the same requests with the same one-line messages."""
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from numbers import Real
 
@@ -16,8 +17,11 @@ from sdstudio.diffusion.schedulers import resolve_scheduler
 from sdstudio.errors import SdStudioError
 from sdstudio.models.tome import MAX_RATIO
 from sdstudio.types import (
+    CONTROL_MODES,
+    CONTROL_RESIZE_MODES,
     MASKED_CONTENTS,
     RESIZE_MODES,
+    ControlSpec,
     GenerationRequest,
     Hires,
     InitImage,
@@ -140,18 +144,25 @@ def _check_inpaint(inpaint: Inpaint) -> None:
         raise SdStudioError("inpainting needs a mask (--mask) or an outpaint border (--outpaint)")
 
 
-def _check_hires(hires: Hires, limits: Limits) -> None:
+def _check_hires(hires: Hires, limits: Limits, upscalers: Collection[str] = ()) -> None:
     from sdstudio.pipelines.hires import UPSCALERS
 
     check_number("hires scale (--hires-scale)", hires.scale, 0.0, MAX_HIRES_SCALE, above_lo=True)
     check_int("hires steps (--hires-steps; 0: as many as --steps)", hires.steps, 0, limits.max_steps)
     check_number("hires denoising strength (--hires-strength)", hires.strength, 0.0, 1.0)
-    _check_name("hires upscaler", hires.upscaler, UPSCALERS)
+    if hires.upscaler not in (*UPSCALERS, *upscalers):
+        raise SdStudioError(
+            f"unknown hires upscaler {hires.upscaler!r}; choose one of: {', '.join(UPSCALERS)}, or a learned "
+            "upscaler's file name in --upscaler-dir"
+        )
 
 
-def check_request(request: GenerationRequest, limits: Limits = DEFAULT_LIMITS) -> tuple[SamplerInfo, str]:
+def check_request(
+    request: GenerationRequest, limits: Limits = DEFAULT_LIMITS, upscalers: Collection[str] = ()
+) -> tuple[SamplerInfo, str]:
     """Refuse (``SdStudioError``, one line naming the field and the allowed values) anything in ``request``
-    that no model could run; return the sampler and the schedule type it names.
+    that no model could run; return the sampler and the schedule type it names. ``upscalers``: learned
+    upscalers' names the caller has found, allowed as the hires upscaler besides the built-in ones.
 
     Sizes left to the model (None) are checked against the caps by :func:`plan`, once the model's default
     size is known."""
@@ -211,5 +222,34 @@ def check_request(request: GenerationRequest, limits: Limits = DEFAULT_LIMITS) -
     if request.hires is not None:
         if request.init is not None:
             raise SdStudioError("the hires fix is for txt2img; leave out --hires-scale with --init-image")
-        _check_hires(request.hires, limits)
+        _check_hires(request.hires, limits, upscalers)
+    _check_type("controls", request.controls, tuple, "a tuple of ControlSpec")
+    for i, control in enumerate(request.controls):
+        _check_control(i, control, request)
     return sampler, scheduler
+
+
+def _check_control(index: int, control: ControlSpec, request: GenerationRequest) -> None:
+    label = f"ControlNet {index}"
+    _check_type(label, control, ControlSpec, "a ControlSpec")
+    _check_type(f"{label} model", control.model, str, "a ControlNet name or path")
+    if not control.model:
+        raise SdStudioError(f"{label}: no model given (--control MODEL:IMAGE)")
+    if control.image is None and request.init is None:
+        raise SdStudioError(f"{label}: no control image, and no init image to use instead (--control MODEL:IMAGE)")
+    if control.image is not None:
+        _check_type(f"{label} image", control.image, Image.Image, "a PIL image")
+    check_number(f"{label} weight", control.weight, 0.0, 2.0)
+    check_number(f"{label} guidance start", control.start, 0.0, 1.0)
+    check_number(f"{label} guidance end", control.end, 0.0, 1.0)
+    if control.start > control.end:
+        raise SdStudioError(f"{label}: guidance start {control.start} is after its end {control.end}")
+    _check_name(f"{label} control mode", control.mode, CONTROL_MODES)
+    _check_name(f"{label} resize mode", control.resize_mode, CONTROL_RESIZE_MODES)
+    for name in ("threshold_a", "threshold_b"):
+        value = getattr(control, name)
+        if value is not None:
+            check_number(f"{label} {name.replace('_', ' ')}", value, -math.inf, math.inf)
+    from sdstudio.control.apply import preprocessor_params  # here: the control package needs torch
+
+    preprocessor_params(control)

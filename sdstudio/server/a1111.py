@@ -12,8 +12,18 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
+from sdstudio.errors import SdStudioError
 from sdstudio.io.infotext import parse_infotext
-from sdstudio.types import MASKED_CONTENTS, RESIZE_MODES, GenerationRequest, Hires, InitImage, Inpaint
+from sdstudio.types import (
+    CONTROL_MODES,
+    MASKED_CONTENTS,
+    RESIZE_MODES,
+    ControlSpec,
+    GenerationRequest,
+    Hires,
+    InitImage,
+    Inpaint,
+)
 
 TXT2IMG_DEFAULTS: dict[str, Any] = {
     "prompt": "",
@@ -41,6 +51,9 @@ TXT2IMG_DEFAULTS: dict[str, Any] = {
     "override_settings": {},
     "send_images": True,
     "save_images": False,
+    "refiner_checkpoint": None,  # SDXL's refiner: a checkpoint title, or None / "None"
+    "refiner_switch_at": None,
+    "alwayson_scripts": {},  # {"controlnet": {"args": [unit, ...]}}: sd-webui-controlnet's units
 }
 IMG2IMG_DEFAULTS: dict[str, Any] = {
     **{k: v for k, v in TXT2IMG_DEFAULTS.items() if not k.startswith(("enable_hr", "hr_"))},
@@ -75,7 +88,22 @@ _JSON_TYPES: dict[type, str] = {bool: "boolean", int: "integer", float: "number"
                                 dict: "object", list: "array"}  # fmt: skip
 # fields whose default is None, by the type they take
 _NULL_DEFAULT_TYPES = {"sampler_name": "string", "scheduler": "string", "eta": "number",
-                       "denoising_strength": "number", "mask": "string"}  # fmt: skip
+                       "denoising_strength": "number", "mask": "string", "refiner_checkpoint": "string",
+                       "refiner_switch_at": "number"}  # fmt: skip
+NO_REFINER = ("", "None", "none")  # refiner_checkpoint values meaning no refiner, as A1111 reads them
+DEFAULT_REFINER_SWITCH_AT = 0.8  # A1111's UI default, for a payload naming a refiner without a switch
+
+# sd-webui-controlnet (Mikubill/sd-webui-controlnet, scripts/external_code.py): its units come as
+# alwayson_scripts.controlnet.args (the script's title in any case, as A1111 matches it)
+CONTROLNET_SCRIPT = "controlnet"
+# the ControlNet file of each enabled unit, resolved by the server when the job is queued (a list of paths,
+# in the units' order); to_request loads those files and never a name or path a client sent
+CONTROLNET_FIELD = "_sdstudio_controlnets"
+_UNIT_KEY_ALIASES = {"input_image": "image", "guidance": "guidance_end"}  # the extension's ext_compat_keys
+NO_CONTROL_MODEL = ("", "None", "none")
+MAX_CONTROL_UNITS = 8  # enabled units in one request: each runs its ControlNet at every step
+CONTROLNET_API_VERSION = 2  # what the extension's /controlnet/version answers
+DETECT_MAX_SIDE = 4096  # /controlnet/detect runs at the image's own size: larger images are refused
 
 
 def request_schema(kind: str) -> dict[str, Any]:
@@ -230,7 +258,291 @@ def to_request(
         )
     if kind == "img2img":
         kwargs.update(_img2img(p))
+    if refiner_title(p) is not None:
+        switch = (
+            DEFAULT_REFINER_SWITCH_AT
+            if p["refiner_switch_at"] is None
+            else _number(p, "refiner_switch_at", float)
+        )
+        if not 0.0 <= switch <= 1.0:
+            raise FieldError(
+                "refiner_switch_at",
+                f"must be in 0..1, the share of the steps before the refiner (got {switch})",
+            )
+        kwargs["refiner_switch_at"] = switch
+    kwargs["controls"] = _controls(payload, kwargs.get("init") is not None, kwargs.get("inpaint") is not None)
     return GenerationRequest(**kwargs)
+
+
+def refiner_title(payload: dict[str, Any]) -> str | None:
+    """The payload's ``refiner_checkpoint`` (a checkpoint title), None for none (absent, "" or "None")."""
+    title = payload.get("refiner_checkpoint")
+    if title is None or title in NO_REFINER:
+        return None
+    if not isinstance(title, str):
+        raise FieldError("refiner_checkpoint", f'expected a checkpoint title or "None" (got {title!r})')
+    return title
+
+
+def _control_args(payload: dict[str, Any]) -> list[Any]:
+    """``alwayson_scripts.controlnet.args`` ([] without it)."""
+    scripts = payload.get("alwayson_scripts")
+    if scripts is None:
+        return []
+    if not isinstance(scripts, dict):
+        raise FieldError(
+            "alwayson_scripts", f"expected an object of script names (got {type(scripts).__name__})"
+        )
+    entry = next(
+        (v for k, v in scripts.items() if isinstance(k, str) and k.lower() == CONTROLNET_SCRIPT), None
+    )
+    if entry is None:
+        return []
+    args = entry.get("args") if isinstance(entry, dict) else entry
+    if args is None:
+        return []
+    if not isinstance(args, list):
+        raise FieldError("alwayson_scripts.controlnet.args", "expected a list of ControlNet units")
+    return args
+
+
+def control_units(payload: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The enabled ControlNet units of a payload, each with the field that names it in errors
+    (``alwayson_scripts.controlnet.args[i]``); keys as the extension reads them (``input_image`` -> ``image``,
+    ``guidance`` -> ``guidance_end``). Disabled units (``"enabled": false``) and null entries are skipped."""
+    units = []
+    for i, unit in enumerate(_control_args(payload)):
+        field = f"alwayson_scripts.controlnet.args[{i}]"
+        if unit is None:
+            continue
+        if not isinstance(unit, dict):
+            raise FieldError(field, f"expected a ControlNet unit object (got {type(unit).__name__})")
+        unit = {_UNIT_KEY_ALIASES.get(k, k): v for k, v in unit.items()}
+        if unit.get("enabled", True) in (False, None, 0, "false", "False"):
+            continue
+        units.append((field, unit))
+    if len(units) > MAX_CONTROL_UNITS:
+        raise FieldError(
+            "alwayson_scripts.controlnet.args",
+            f"at most {MAX_CONTROL_UNITS} enabled units (got {len(units)})",
+        )
+    return units
+
+
+def control_models(payload: dict[str, Any]) -> list[tuple[str, str]]:
+    """(field, model title) of each enabled unit, for the server to find in its ControlNet folders."""
+    models = []
+    for field, unit in control_units(payload):
+        model = unit.get("model")
+        if not isinstance(model, str) or model.strip() in NO_CONTROL_MODEL:
+            raise FieldError(
+                f"{field}.model",
+                f"an enabled unit needs a ControlNet model (got {model!r}); see /controlnet/model_list",
+            )
+        models.append((f"{field}.model", model))
+    return models
+
+
+def _controls(payload: dict[str, Any], has_init: bool, has_mask: bool) -> tuple[ControlSpec, ...]:
+    units = control_units(payload)
+    resolved = payload.get(CONTROLNET_FIELD)
+    if not isinstance(resolved, list) or len(resolved) != len(units):
+        # before the server resolved the files (a check at submission): the names without their hash
+        from sdstudio.server.models import controlnet_name
+
+        resolved = [controlnet_name(model) for _, model in control_models(payload)]
+    return tuple(_control_spec(field, unit, str(model), has_init, has_mask)
+                 for (field, unit), model in zip(units, resolved))  # fmt: skip
+
+
+def _unit_number(
+    unit: dict[str, Any], field: str, name: str, default: float, low: float, high: float
+) -> float:
+    value = unit.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise FieldError(f"{field}.{name}", f"expected a number in {low:g}..{high:g} (got {value!r})")
+    return float(value)
+
+
+def _unit_image(unit: dict[str, Any], field: str) -> Image.Image | None:
+    """The unit's image: base64 (or a data URL), or the extension's ``{"image": ..., "mask": ...}``; a mask
+    with anything masked is refused (ControlSpec has none: inpaint units take img2img's mask)."""
+    image, mask = unit.get("image"), unit.get("mask")
+    if isinstance(image, dict):
+        image, mask = image.get("image"), image.get("mask") if image.get("mask") is not None else mask
+    if mask not in (None, ""):
+        decoded = decode_image(mask, f"{field}.mask").convert("L")
+        if decoded.getextrema()[1] > 0:
+            raise FieldError(
+                f"{field}.mask", "a unit's own mask is not supported; inpaint units take img2img's mask"
+            )
+    if image in (None, ""):
+        return None
+    return decode_image(image, f"{field}.image").convert("RGB")
+
+
+def _control_mode(unit: dict[str, Any], field: str) -> str:
+    mode = unit.get("control_mode", 0)
+    if isinstance(mode, int) and not isinstance(mode, bool) and 0 <= mode < len(CONTROL_MODES):
+        return CONTROL_MODES[mode]
+    if isinstance(mode, str):
+        for name in CONTROL_MODES:
+            if mode.strip().lower() == name.lower():
+                return name
+    raise FieldError(
+        f"{field}.control_mode",
+        f"unknown control mode {mode!r}; use 0, 1, 2 or {', '.join(map(repr, CONTROL_MODES))}",
+    )
+
+
+def _resize_mode(unit: dict[str, Any], field: str) -> str:
+    from sdstudio.control.preprocess import parse_resize_mode
+
+    mode = unit.get("resize_mode", 1)  # the extension's default: Crop and Resize
+    if mode == 3 and not isinstance(mode, bool):  # the extension's "Just Resize (Latent upscale)"
+        mode = 0
+    try:
+        return parse_resize_mode(mode).value
+    except SdStudioError as e:
+        raise FieldError(f"{field}.resize_mode", str(e)) from None
+
+
+def _thresholds(
+    unit: dict[str, Any], field: str, module: str, names: tuple[str, str] = ("threshold_a", "threshold_b")
+) -> tuple[float | None, float | None]:
+    """``threshold_a`` / ``threshold_b`` as the preprocessor's parameters: a negative value (the extension's
+    -1) or none is the default, a slider the preprocessor lacks is ignored (as the extension ignores it),
+    and the others are checked against the parameter's range."""
+    from sdstudio.control.preprocess import PREPROCESSORS
+
+    params = PREPROCESSORS[module].params
+    values: list[float | None] = []
+    for i, name in enumerate(names):
+        value = unit.get(name)
+        label = f"{field}.{name}" if field else name
+        if value is None or i >= len(params):
+            values.append(None)
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise FieldError(label, f"expected a number (got {value!r})")
+        if value < 0:
+            values.append(None)
+            continue
+        param = params[i]
+        given = int(value) if param.integer and float(value).is_integer() else value
+        try:
+            param.check(given, f"{module} {name}")
+        except SdStudioError as e:
+            raise FieldError(label, str(e)) from None
+        values.append(float(value))
+    return values[0], values[1]
+
+
+def _control_spec(
+    field: str, unit: dict[str, Any], model: str, has_init: bool, has_mask: bool
+) -> ControlSpec:
+    from sdstudio.control.preprocess import PREPROCESSORS
+
+    module = _resolve_module(unit.get("module"), f"{field}.module")
+    if PREPROCESSORS[module].needs_mask and not has_mask:
+        raise FieldError(f"{field}.module", f"preprocessor {module!r} needs img2img's inpainting mask (mask)")
+    image = _unit_image(unit, field)
+    if image is None and not has_init:
+        raise FieldError(
+            f"{field}.image", "a ControlNet unit needs an image (img2img's units may use its init image)"
+        )
+    start = _unit_number(unit, field, "guidance_start", 0.0, 0.0, 1.0)
+    end = _unit_number(unit, field, "guidance_end", 1.0, 0.0, 1.0)
+    if start > end:
+        raise FieldError(f"{field}.guidance_start", f"guidance_start {start:g} is after guidance_end {end:g}")
+    threshold_a, threshold_b = _thresholds(unit, field, module)
+    return ControlSpec(
+        model=model, image=image, preprocessor=module, weight=_unit_number(unit, field, "weight", 1.0, 0.0, 2.0),
+        start=start, end=end, mode=_control_mode(unit, field), resize_mode=_resize_mode(unit, field),  # type: ignore[arg-type]
+        threshold_a=threshold_a, threshold_b=threshold_b,
+    )  # fmt: skip
+
+
+def _resolve_module(module: Any, field: str) -> str:
+    from sdstudio.control.preprocess import resolve_preprocessor
+
+    try:
+        return resolve_preprocessor("none" if module is None else module)
+    except SdStudioError as e:
+        raise FieldError(field, str(e)) from None
+
+
+def module_list(alias_names: bool = False) -> dict[str, Any]:
+    """The extension's ``/controlnet/module_list``: our preprocessors' names (``alias_names``: the labels its
+    UI shows), and ``module_detail`` with each one's sliders (threshold_a, threshold_b in order)."""
+    from sdstudio.control.preprocess import PREPROCESSORS
+
+    def sliders(pre: Any) -> list[dict[str, Any]]:
+        return [{"name": p.name, "value": p.default, "min": p.minimum, "max": p.maximum,
+                 "step": 1 if p.integer else 0.01} for p in pre.params]  # fmt: skip
+
+    names = [pre.label if alias_names else pre.name for pre in PREPROCESSORS.values()]
+    detail = {
+        name: {"model_free": False, "sliders": sliders(pre)}
+        for name, pre in zip(names, PREPROCESSORS.values())
+    }
+    return {"module_list": names, "module_detail": detail}
+
+
+def controlnet_detect(payload: dict[str, Any]) -> dict[str, Any]:
+    """The extension's ``/controlnet/detect``: each of ``controlnet_input_images`` (webuiapi sends
+    ``controlnet_images``) through ``controlnet_module`` with ``controlnet_threshold_a`` / ``_b`` as
+    :func:`_thresholds` reads them; the inpaint modules take ``controlnet_masks``, one per image. Answers
+    ``{"images": [base64 PNG], "info": "Success"}``. The preprocessor works at the image's own size:
+    ``controlnet_processor_res`` is accepted and not applied (see ``sdstudio.control.preprocess``)."""
+    from sdstudio.control.preprocess import PREPROCESSORS, preprocess
+
+    module = _resolve_module(payload.get("controlnet_module"), "controlnet_module")
+    field = "controlnet_input_images" if "controlnet_input_images" in payload else "controlnet_images"
+    images = payload.get(field)
+    if not isinstance(images, list) or not images:
+        raise FieldError("controlnet_input_images", "no image selected: give a list of base64 images")
+    masks = payload.get("controlnet_masks") or []
+    needs_mask = PREPROCESSORS[module].needs_mask
+    if not isinstance(masks, list) or (needs_mask and len(masks) != len(images)):
+        raise FieldError("controlnet_masks", f"preprocessor {module!r} needs one base64 mask per image")
+    thresholds = _thresholds(payload, "", module, ("controlnet_threshold_a", "controlnet_threshold_b"))
+    pre = PREPROCESSORS[module]
+    params: dict[str, Any] = {
+        p.name: int(v) if p.integer else v for p, v in zip(pre.params, thresholds) if v is not None
+    }
+    out = []
+    for i, data in enumerate(images):
+        image = decode_image(data, f"{field}[{i}]")
+        if max(image.size) > DETECT_MAX_SIDE:
+            raise FieldError(
+                f"{field}[{i}]", f"{image.width}x{image.height} is over {DETECT_MAX_SIDE} pixels a side"
+            )
+        if needs_mask:
+            mask = decode_image(masks[i], f"controlnet_masks[{i}]").convert("L")
+            result = preprocess(module, image.convert("RGB"), mask=mask)
+        else:
+            result = preprocess(module, image, **params)
+        out.append(encode_png(result.image))
+    return {"images": out, "info": "Success"}
+
+
+def without_control_images(payload: dict[str, Any]) -> dict[str, Any]:
+    """The payload with its ControlNet units' images left out (as a job's history shows its request)."""
+    scripts = payload.get("alwayson_scripts")
+    if not isinstance(scripts, dict):
+        return payload
+    out_scripts = dict(scripts)
+    for key, entry in scripts.items():
+        if isinstance(key, str) and key.lower() == CONTROLNET_SCRIPT and isinstance(entry, dict):
+            args = entry.get("args")
+            if isinstance(args, list):
+                args = [{k: v for k, v in unit.items() if k not in ("image", "input_image", "mask")}
+                        if isinstance(unit, dict) else unit for unit in args]  # fmt: skip
+                out_scripts[key] = {**entry, "args": args}
+    return {**payload, "alwayson_scripts": out_scripts}
 
 
 def _img2img(p: dict[str, Any]) -> dict[str, Any]:
@@ -318,7 +630,8 @@ _INFOTEXT_FIELDS: dict[str, tuple[str, type]] = {
     "Hires upscaler": ("hr_upscaler", str), "Clip skip": ("override_settings.CLIP_stop_at_last_layers", int),
     "ENSD": ("override_settings.eta_noise_seed_delta", int), "Model": ("override_settings.sd_model_checkpoint", str),
     "VAE": ("override_settings.sd_vae", str), "Token merging ratio": ("override_settings.token_merging_ratio", float),
-    "NGMS": ("override_settings.s_min_uncond", float),
+    "NGMS": ("override_settings.s_min_uncond", float), "Refiner": ("refiner_checkpoint", str),
+    "Refiner switch at": ("refiner_switch_at", float),
 }  # fmt: skip
 
 

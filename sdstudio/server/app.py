@@ -35,16 +35,24 @@ from sdstudio.errors import SdStudioError
 from sdstudio.eval.captions import CaptionerSpec, load_captioner
 from sdstudio.eval.interrogate import Captioner
 from sdstudio.server.a1111 import (
+    CONTROLNET_API_VERSION,
+    CONTROLNET_FIELD,
+    MAX_CONTROL_UNITS,
     FieldError,
     ServerLimits,
+    control_models,
+    controlnet_detect,
     decode_image,
     encode_png,
+    module_list,
     payload_from_infotext,
     png_info,
+    refiner_title,
     request_schema,
     response,
     to_request,
     with_defaults,
+    without_control_images,
 )
 from sdstudio.server.grids import AXIS_NAMES, grid_jobs
 from sdstudio.server.jobs import FINAL_STATES, Job, JobStore
@@ -54,6 +62,8 @@ from sdstudio.server.models import (
     ModelCache,
     UnknownCheckpoint,
     default_budget_bytes,
+    find_controlnet,
+    list_controlnets,
 )
 from sdstudio.server.networks import NetworkKind, card_metadata, list_networks
 from sdstudio.server.worker import CHECKPOINT_FIELD, Worker, WorkerPool, checkpoint_record
@@ -73,6 +83,23 @@ UI_HEADERS = {
     "Cache-Control": "no-cache",
 }
 EVENT_FIELDS = ("id", "state", "position", "step", "steps", "iteration", "n_iter", "loading")
+DETECT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "title": "controlnet detect request",
+    "properties": {
+        "controlnet_module": {"type": "string", "default": "none"},
+        "controlnet_input_images": {
+            "type": "array",
+            "items": {"type": "string", "description": "a base64 image"},
+        },
+        "controlnet_processor_res": {"type": "integer", "default": -1},
+        "controlnet_threshold_a": {"type": "number", "default": -1},
+        "controlnet_threshold_b": {"type": "number", "default": -1},
+        "controlnet_masks": {"type": "array", "items": {"type": "string", "description": "a base64 mask"}},
+        "low_vram": {"type": "boolean", "default": False},
+    },
+    "additionalProperties": True,
+}
 
 
 @dataclass(frozen=True)
@@ -83,6 +110,7 @@ class ServerConfig:
     lora_dirs: tuple[Path, ...] = ()
     hypernetwork_dirs: tuple[Path, ...] = ()
     embeddings_dir: Path | None = None
+    controlnet_dirs: tuple[Path, ...] = ()  # --controlnet-dir: sd-webui-controlnet's models folders
     cache_budget_bytes: int | None = None  # loaded checkpoints kept in memory; None: half the free RAM
     cors_origins: tuple[str, ...] = ()  # --cors-allow-origins; empty: no CORS headers at all
     auth: tuple[tuple[str, str], ...] = ()  # (user, password) pairs; empty: no auth
@@ -133,9 +161,10 @@ def parse_auth(text: str) -> tuple[tuple[str, str], ...]:
 
 def config_from_args(
     args: argparse.Namespace, embedded_model: Path | None
-) -> tuple[ServerConfig, Callable[[Path, Path | None], Any]]:
+) -> tuple[ServerConfig, Callable[..., Any]]:
     """``sdstudio serve``'s flags -> its config and the function that loads a checkpoint (with a VAE file, or
-    None for its own); ``embedded_model``: the default checkpoint when ``--model`` names none."""
+    None for its own; ``refiner=``: an SDXL refiner file loaded beside it); ``embedded_model``: the default
+    checkpoint when ``--model`` names none."""
     from sdstudio.engine import Pipeline
 
     model = Path(args.model) if args.model else embedded_model
@@ -143,7 +172,9 @@ def config_from_args(
         raise SdStudioError(f"{args.model}: no such file or folder (--model)")
     lora_dirs = tuple(Path(d) for d in args.lora_dir or ())
     hypernetwork_dirs = tuple(Path(d) for d in args.hypernetwork_dir or ())
-    folders = [*lora_dirs, *hypernetwork_dirs, *(Path(p) for p in (args.embeddings, args.models_dir) if p)]
+    controlnet_dirs = tuple(Path(d) for d in getattr(args, "controlnet_dir", None) or ())
+    folders = [*lora_dirs, *hypernetwork_dirs, *controlnet_dirs,
+               *(Path(p) for p in (args.embeddings, args.models_dir) if p)]  # fmt: skip
     for folder in folders:
         if not folder.is_dir():
             raise SdStudioError(f"{folder}: folder does not exist or is not a folder")
@@ -160,6 +191,7 @@ def config_from_args(
         lora_dirs=lora_dirs,
         hypernetwork_dirs=hypernetwork_dirs,
         embeddings_dir=Path(args.embeddings) if args.embeddings else None,
+        controlnet_dirs=controlnet_dirs,
         auth=auth,
         limits=ServerLimits(max_size=args.max_size, default_size=None if args.model is None else 512),
         cache_budget_bytes=None if args.model_cache_mb is None else args.model_cache_mb << 20,
@@ -170,9 +202,11 @@ def config_from_args(
         captioner=captioner_spec(args),
     )
 
-    def load(path: Path, vae: Path | None, device: str = "cpu") -> Pipeline:
+    def load(path: Path, vae: Path | None, device: str = "cpu", refiner: Path | None = None) -> Pipeline:
+        # ControlNets come as files the server resolved in --controlnet-dir (a1111.CONTROLNET_FIELD)
         return Pipeline.from_file(path, vae=vae, lora_dirs=lora_dirs, hypernetwork_dirs=hypernetwork_dirs,
-                                  embeddings_dir=config.embeddings_dir, device=device)  # fmt: skip
+                                  embeddings_dir=config.embeddings_dir, device=device, refiner=refiner,
+                                  controlnet_dirs=controlnet_dirs)  # fmt: skip
 
     return config, load
 
@@ -277,9 +311,10 @@ def _images(config: ServerConfig, job: Job) -> list[str]:
     return [encode_png(config.data_dir / "outputs" / job.id / name) for name in files]
 
 
-def create_app(config: ServerConfig, load: Callable[[Path, Path | None], Any]) -> FastAPI:
-    """``load(path, vae)`` returns the Pipeline of a checkpoint, with a VAE file (or None: its own); it runs
-    on the worker thread only, which alone runs the pipelines it returns (kept in a :class:`ModelCache`)."""
+def create_app(config: ServerConfig, load: Callable[..., Any]) -> FastAPI:
+    """``load(path, vae)`` returns the Pipeline of a checkpoint, with a VAE file (or None: its own), and
+    ``load(path, vae, refiner=path)`` one with an SDXL refiner beside it; it runs on the worker thread only,
+    which alone runs the pipelines it returns (kept in a :class:`ModelCache`)."""
     store = JobStore(config.data_dir / "jobs.sqlite")
     requeued = store.recover()
     if requeued:
@@ -354,11 +389,27 @@ def create_app(config: ServerConfig, load: Callable[[Path, Path | None], Any]) -
         except UnknownCheckpoint as e:
             raise FieldError(field_name, str(e)) from None
 
+    def find_controlnets(payload: dict[str, Any]) -> list[str]:
+        """The file of each enabled ControlNet unit, found in --controlnet-dir by the extension's title."""
+        paths = []
+        for field_name, title in control_models(payload):
+            try:
+                paths.append(str(find_controlnet(config.controlnet_dirs, title).path))
+            except UnknownCheckpoint as e:
+                raise FieldError(field_name, str(e)) from None
+        return paths
+
     def checked(kind: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """The payload as the store keeps it, with its checkpoint fixed; refused now, not in the worker."""
+        """The payload as the store keeps it, with its checkpoint, refiner and ControlNet files fixed;
+        refused now, not in the worker."""
         from sdstudio.pipelines.validate import check_request
 
+        # the private fields are the server's own: never taken from a client
+        payload = {k: v for k, v in payload.items() if k not in (CHECKPOINT_FIELD, CONTROLNET_FIELD)}
         check_request(to_request(kind, payload, config.limits))
+        wanted_refiner = refiner_title(payload)
+        refiner = None if wanted_refiner is None else find_checkpoint(wanted_refiner, "refiner_checkpoint")
+        controlnets = find_controlnets(payload)
         overrides = payload.get("override_settings")
         overrides = overrides if isinstance(overrides, dict) else {}
         wanted = overrides.get("sd_model_checkpoint")
@@ -368,8 +419,15 @@ def create_app(config: ServerConfig, load: Callable[[Path, Path | None], Any]) -
         )  # fmt: skip
         wanted_vae = overrides.get("sd_vae")
         vae = registry.default_vae if wanted_vae is None else find_vae(wanted_vae, "override_settings.sd_vae")
+        record = checkpoint_record(checkpoint, vae)
+        if refiner is not None:  # loaded beside the checkpoint, one pipeline (the worker's cache key has it)
+            record["refiner"] = checkpoint_record(refiner)
         # the checkpoint is fixed now: a later switch of the default does not change a queued job's
-        return {**payload, CHECKPOINT_FIELD: checkpoint_record(checkpoint, vae)}
+        return {
+            **payload,
+            CHECKPOINT_FIELD: record,
+            **({CONTROLNET_FIELD: controlnets} if controlnets else {}),
+        }
 
     def submit(kind: str, payload: dict[str, Any]) -> str:
         job_id = store.submit(kind, checked(kind, payload))
@@ -524,6 +582,7 @@ def create_app(config: ServerConfig, load: Callable[[Path, Path | None], Any]) -
             "lora_dir": [str(d) for d in config.lora_dirs],
             "hypernetwork_dir": [str(d) for d in config.hypernetwork_dirs],
             "embeddings_dir": str(config.embeddings_dir) if config.embeddings_dir else None,
+            "controlnet_dir": [str(d) for d in config.controlnet_dirs],
             "data_dir": str(config.data_dir),
             "api": True,
             "api_auth": bool(config.auth),
@@ -573,7 +632,9 @@ def create_app(config: ServerConfig, load: Callable[[Path, Path | None], Any]) -
 
     @app.get("/sdapi/v1/scripts")
     def scripts() -> Any:
-        return {"txt2img": [], "img2img": []}
+        # with ControlNet folders, the extension's script, as A1111 lists its alwayson scripts by name
+        names = ["controlnet"] if config.controlnet_dirs else []
+        return {"txt2img": names, "img2img": list(names)}
 
     @app.get("/sdapi/v1/script-info")
     def script_info() -> Any:
@@ -608,6 +669,29 @@ def create_app(config: ServerConfig, load: Callable[[Path, Path | None], Any]) -
                 captioners["clip"] = load_captioner(config.captioner)
             caption = captioners["clip"].caption([np.asarray(image)], "best")[0]
         return {"caption": caption.text}
+
+    # sd-webui-controlnet's own routes (scripts/api.py), as its clients call them
+    @app.get("/controlnet/version")
+    def controlnet_version() -> Any:
+        return {"version": CONTROLNET_API_VERSION}
+
+    @app.get("/controlnet/model_list")
+    def controlnet_model_list(update: bool = True) -> Any:
+        """The ControlNet files of --controlnet-dir as ``name [hash]`` (read on every call: ``update`` is moot)."""
+        return {"model_list": [f.title for f in list_controlnets(config.controlnet_dirs)]}
+
+    @app.get("/controlnet/module_list")
+    def controlnet_module_list(alias_names: bool = False) -> Any:
+        return module_list(alias_names)
+
+    @app.get("/controlnet/settings")
+    def controlnet_settings() -> Any:
+        return {"control_net_unit_count": MAX_CONTROL_UNITS}
+
+    @app.post("/controlnet/detect", openapi_extra=body_schema(DETECT_SCHEMA))
+    def controlnet_detect_route(payload: Payload) -> Any:
+        """A preprocessor's output for each image (numpy work on this thread: no model is involved)."""
+        return controlnet_detect(payload)
 
     def job_view(job: Job, preview: bool = False) -> dict[str, Any]:
         view: dict[str, Any] = {
@@ -691,7 +775,8 @@ def create_app(config: ServerConfig, load: Callable[[Path, Path | None], Any]) -
     def history_view(job: Job) -> dict[str, Any]:
         """An ended job as the history lists it: its request without the images it was given, links to its
         images, and each image's infotext with the payload that makes it again."""
-        request = {k: v for k, v in job.request.items() if k not in ("init_images", "mask", CHECKPOINT_FIELD)}
+        request = {k: v for k, v in without_control_images(job.request).items()
+                   if k not in ("init_images", "mask", CHECKPOINT_FIELD, CONTROLNET_FIELD)}  # fmt: skip
         result = job.result or {}
         infotexts = result.get("infotexts", [])
         return {

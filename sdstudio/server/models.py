@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdstudio.models.loading import file_sha256
+from sdstudio.models.loading import file_sha256, legacy_model_hash
 
 log = logging.getLogger("sdstudio.server")
 
@@ -198,6 +199,8 @@ class CheckpointRegistry:
             lambda c: wanted in (c.shorthash, c.sha256) and c.sha256 is not None,
             lambda c: c.model_name == wanted or c.path.stem == wanted,
             lambda c: c.name == wanted.split(" [", 1)[0],
+            # the infotext's "Refiner: name [hash]" (A1111's short title)
+            lambda c: c.shorthash is not None and wanted == f"{c.path.stem} [{c.shorthash}]",
         ):
             hits = [c for c in checkpoints if match(c)]
             if hits:
@@ -233,6 +236,70 @@ class CheckpointRegistry:
             self._default_vae = vae
 
 
+# as sd-webui-controlnet's models folder holds them
+CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".ckpt", ".pt")
+_HASH_SUFFIX = re.compile(r"^(.*?)\s*\[[0-9A-Fa-f]{6,64}\]$")  # "control_v11p_sd15_canny [d14c016b]"
+
+
+@dataclass(frozen=True)
+class ControlNetFile:
+    """A ControlNet file of ``--controlnet-dir``, named as sd-webui-controlnet's ``/controlnet/model_list``."""
+
+    path: Path
+    hash: str  # legacy_model_hash
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    @property
+    def title(self) -> str:
+        return f"{self.name} [{self.hash}]"
+
+
+def list_controlnets(folders: tuple[Path, ...]) -> list[ControlNetFile]:
+    """Every ControlNet file under ``folders`` (subfolders included), by file name as the extension sorts
+    them; read on each call, so a file added while the server runs is listed."""
+    found_files = {
+        f for d in folders if d.is_dir() for f in d.rglob("*") if f.suffix.lower() in CONTROLNET_SUFFIXES
+    }
+    files = sorted((f for f in found_files if f.is_file()), key=lambda f: (f.name, str(f)))
+    found = []
+    for f in files:
+        try:
+            found.append(ControlNetFile(f, legacy_model_hash(f)))
+        except OSError as e:  # removed or unreadable since the folder was listed: not offered
+            log.warning("%s: left out of the ControlNets (%s)", f, e.strerror or e)
+    return found
+
+
+def controlnet_name(title: str) -> str:
+    """A unit's ``model`` without the extension's `` [hash]``."""
+    match = _HASH_SUFFIX.match(title.strip())
+    return match.group(1) if match else title.strip()
+
+
+def find_controlnet(folders: tuple[Path, ...], wanted: str) -> ControlNetFile:
+    """By title (``name [hash]``), else by name without the hash (a hash from another install still finds
+    the file), else by name in any case (the extension lowers names). A name two files share is refused."""
+    files = list_controlnets(folders)
+    exact = [f for f in files if f.title == wanted.strip()]
+    if exact:
+        return exact[0]
+    name = controlnet_name(wanted)
+    for same in (lambda f: f.name == name, lambda f: f.name.lower() == name.lower()):
+        hits = [f for f in files if same(f)]
+        if len(hits) > 1:
+            paths = ", ".join(str(f.path) for f in hits)
+            raise UnknownCheckpoint(f"ControlNet model {name!r} is ambiguous: {paths}; name one by its title")
+        if hits:
+            return hits[0]
+    if not folders:
+        raise UnknownCheckpoint(f"no ControlNet model {wanted!r}: the server has no --controlnet-dir")
+    known = ", ".join(f.title for f in files) or "none"
+    raise UnknownCheckpoint(f"no ControlNet model {wanted!r}; known: {known}")
+
+
 def default_budget_bytes() -> int:
     """A share of the RAM available now: what the cache of loaded checkpoints may hold."""
     try:
@@ -243,16 +310,20 @@ def default_budget_bytes() -> int:
 
 
 def pipeline_bytes(pipeline: Any) -> int:
-    """The bytes of a loaded pipeline's weights (0 when it has none we can see, as a stub in tests)."""
-    module = getattr(getattr(pipeline, "model", None), "model", None)
-    if module is None or not hasattr(module, "parameters"):
-        return 0
-    tensors = [*module.parameters(), *module.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """The bytes of a loaded pipeline's weights, its refiner's included (0 when it has none we can see, as a
+    stub in tests)."""
+    total = 0
+    for loaded in (getattr(pipeline, "model", None), getattr(pipeline, "refiner", None)):
+        module = getattr(loaded, "model", None)
+        if module is not None and hasattr(module, "parameters"):
+            total += sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    return total
 
 
-def estimate_bytes(checkpoint: Checkpoint) -> int:
+def estimate_bytes(checkpoint: Checkpoint, refiner: Checkpoint | None = None) -> int:
     """Before a load: the file's size (a folder's files' sizes), close to its weights' size in memory."""
+    if refiner is not None:
+        return estimate_bytes(checkpoint) + estimate_bytes(refiner)
     path = checkpoint.path
     if path.is_dir():
         return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -265,10 +336,12 @@ class CacheEntry:
     vae: Checkpoint | None
     pipeline: Any
     nbytes: int
+    refiner: Checkpoint | None = None
 
 
-def cache_key(checkpoint: Checkpoint, vae: Checkpoint | None) -> str:
-    return checkpoint.key if vae is None else f"{checkpoint.key}+vae:{vae.key}"
+def cache_key(checkpoint: Checkpoint, vae: Checkpoint | None, refiner: Checkpoint | None = None) -> str:
+    key = checkpoint.key if vae is None else f"{checkpoint.key}+vae:{vae.key}"
+    return key if refiner is None else f"{key}+refiner:{refiner.key}"
 
 
 class ModelCache:
@@ -276,10 +349,12 @@ class ModelCache:
 
     ``load(path, vae_path_or_None)`` returns a Pipeline; it runs on the caller's thread (the worker's). The
     most recently used entry is never evicted, so one checkpoint larger than the budget still loads. A VAE
-    is copied into the weights it is loaded with, so a checkpoint with another VAE is its own entry.
+    is copied into the weights it is loaded with, so a checkpoint with another VAE is its own entry; so is a
+    checkpoint with an SDXL refiner beside it (``load(path, vae, refiner=refiner_path)``: the refiner is part
+    of the pipeline, and ``load`` is only given ``refiner`` when there is one).
     """
 
-    def __init__(self, load: Callable[[Path, Path | None], Any], budget: int,
+    def __init__(self, load: Callable[..., Any], budget: int,
                  measure: Callable[[Any], int] = pipeline_bytes) -> None:  # fmt: skip
         self._load = load
         self.budget = budget
@@ -287,17 +362,24 @@ class ModelCache:
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, checkpoint: Checkpoint, vae: Checkpoint | None = None) -> Any:
-        key = cache_key(checkpoint, vae)
+    def get(
+        self, checkpoint: Checkpoint, vae: Checkpoint | None = None, refiner: Checkpoint | None = None
+    ) -> Any:
+        key = cache_key(checkpoint, vae, refiner)
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
                 return entry.pipeline
-        self._evict(keep=estimate_bytes(checkpoint))
-        log.info("loading %s%s", checkpoint.title, f" with VAE {vae.name}" if vae else "")
-        pipeline = self._load(checkpoint.path, vae.path if vae else None)
-        entry = CacheEntry(checkpoint, vae, pipeline, self._measure(pipeline))
+        self._evict(keep=estimate_bytes(checkpoint, refiner))
+        log.info("loading %s%s%s", checkpoint.title, f" with VAE {vae.name}" if vae else "",
+                 f" with refiner {refiner.title}" if refiner else "")  # fmt: skip
+        vae_path = vae.path if vae else None
+        if refiner is None:
+            pipeline = self._load(checkpoint.path, vae_path)
+        else:
+            pipeline = self._load(checkpoint.path, vae_path, refiner=refiner.path)
+        entry = CacheEntry(checkpoint, vae, pipeline, self._measure(pipeline), refiner)
         with self._lock:
             self._entries[key] = entry
             self._entries.move_to_end(key)
@@ -319,9 +401,11 @@ class ModelCache:
         with self._lock:
             return [e.checkpoint for e in self._entries.values()]
 
-    def contains(self, checkpoint: Checkpoint, vae: Checkpoint | None = None) -> bool:
+    def contains(
+        self, checkpoint: Checkpoint, vae: Checkpoint | None = None, refiner: Checkpoint | None = None
+    ) -> bool:
         with self._lock:
-            return cache_key(checkpoint, vae) in self._entries
+            return cache_key(checkpoint, vae, refiner) in self._entries
 
     def clear(self) -> None:
         with self._lock:

@@ -178,15 +178,17 @@ class Worker:
     def _run_job(self, job: Job) -> None:
         record = job.request.get(CHECKPOINT_FIELD)
         checkpoint = checkpoint_from_record(record)
+        refiner = None
         if checkpoint is None:  # a job stored before checkpoints were recorded
             checkpoint, vae = self.registry.default, self.registry.default_vae
         else:
             vae = checkpoint_from_record(record.get("vae"))
+            refiner = checkpoint_from_record(record.get("refiner"))  # SDXL's, loaded beside it
         with self._lock:
             now = time.time()
             self._progress = Progress(job_id=job.id, claimed=now, started=now, loading=checkpoint.title)
         try:
-            pipeline = self.cache.get(checkpoint, vae)
+            pipeline = self.cache.get(checkpoint, vae, refiner)
         except Exception as e:
             log.exception("loading %s failed", checkpoint.title)
             self.store.fail(job.id, f"model load failed: {checkpoint.title}: {e}")

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import warnings
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -32,64 +30,23 @@ from sdstudio.models.controlnet import (
     load_controlnet,
 )
 from sdstudio.models.sdxl import SizeConditioning, size_vector
-from tests.reference import diffusers_unet, ldm_yaml, random_unet, randomise_
+from tests.reference import (
+    controlnet_diffusers_config,
+    controlnet_to_diffusers,
+    diffusers_controlnet,
+    diffusers_unet,
+    random_controlnet,
+    random_unet,
+)
 
 pytest.importorskip("diffusers")
 from diffusers import ControlNetModel
-from diffusers.loaders.single_file_utils import (
-    convert_controlnet_checkpoint,
-    create_unet_diffusers_config_from_ldm,
-)
 
 ATOL = 1e-4
 PREFIX = "control_model."
 TINY = preset("tiny").unet
 TINY_SD2 = preset("tiny-sd2").unet
 TINY_SDXL = preset("tiny-sdxl").unet
-
-
-def _controlnet(unet: UNetConfig, seed: int = 0) -> ControlNet:
-    with torch.device("meta"):
-        model = ControlNet(ControlNetConfig(unet=unet))
-    model.to_empty(device="cpu")
-    randomise_(model, seed)
-    return model.eval().requires_grad_(False)
-
-
-def _diffusers_config(unet: UNetConfig) -> dict[str, Any]:
-    """What ``create_controlnet_diffusers_config_from_ldm`` builds (diffusers 0.42 calls its UNet helper without
-    the checkpoint argument and fails, so its key selection is repeated here), plus what LDM hard-codes and our
-    tiny presets do not (norm groups) and diffusers tells SDXL by (context 2048 / 1280)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dunet = create_unet_diffusers_config_from_ldm(ldm_yaml(unet, preset("tiny").vae), {}, image_size=512)
-    keys = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
-            "attention_head_dim", "use_linear_projection", "class_embed_type", "addition_embed_type",
-            "addition_time_embed_dim", "projection_class_embeddings_input_dim", "transformer_layers_per_block")  # fmt: skip
-    config = {"conditioning_channels": 3, **{k: dunet[k] for k in keys}}
-    config["norm_num_groups"] = unet.norm_groups
-    if unet.adm_in_channels:
-        config.update(addition_embed_type="text_time", addition_time_embed_dim=256, class_embed_type=None)
-    return config
-
-
-def _to_diffusers(state: dict[str, Tensor], dconfig: dict[str, Any]) -> dict[str, Tensor]:
-    """diffusers' converter; it leaves SDXL's label_emb out, mapped here by its own table's names."""
-    converted = convert_controlnet_checkpoint({PREFIX + k: v for k, v in state.items()}, dconfig)
-    for i, j in ((1, 0), (2, 2)):
-        for param in ("weight", "bias"):
-            if f"label_emb.0.{j}.{param}" in state:
-                converted[f"add_embedding.linear_{i}.{param}"] = state[f"label_emb.0.{j}.{param}"]
-    return converted
-
-
-def _diffusers_controlnet(unet: UNetConfig, state: dict[str, Tensor]) -> ControlNetModel:
-    dconfig = _diffusers_config(unet)
-    with torch.device("meta"):
-        model = ControlNetModel(**dconfig)
-    result = model.load_state_dict(_to_diffusers(state, dconfig), strict=True, assign=True)
-    assert not result.missing_keys and not result.unexpected_keys
-    return model.eval()
 
 
 @dataclasses.dataclass
@@ -145,10 +102,10 @@ def _assert_same(ours: list[Tensor], theirs: list[Tensor], atol: float = 0.0) ->
 
 @pytest.mark.parametrize("unet", [TINY, TINY_SD2, TINY_SDXL], ids=["sd1", "sd2", "sdxl"])
 def test_residuals_equal_diffusers(unet: UNetConfig) -> None:
-    model = _controlnet(unet)
+    model = random_controlnet(unet)
     inputs = _inputs(unet)
     ours = _ours(model, inputs)
-    theirs_model = _diffusers_controlnet(unet, model.state_dict())
+    theirs_model = diffusers_controlnet(unet, model.state_dict())
     theirs = _theirs(theirs_model, inputs)
     # one residual per input block (conv_in, each ResBlock, each Downsample), then the middle block's
     assert len(ours) == len(model.input_blocks) + 1
@@ -168,10 +125,10 @@ def test_residuals_equal_diffusers_full_width(name: str) -> None:
     """The real sizes (control_v11p_sd15_*, SDXL's full ControlNets) with SD's 8 / 64-channel heads."""
     unet = preset(name).unet
     try:
-        model = _controlnet(unet)
+        model = random_controlnet(unet)
         inputs = _inputs(unet, side=8)
         ours = _ours(model, inputs)
-        theirs = _theirs(_diffusers_controlnet(unet, model.state_dict()), inputs)
+        theirs = _theirs(diffusers_controlnet(unet, model.state_dict()), inputs)
         assert all(r.std() > 0.1 for r in ours)
         _assert_same(ours, theirs, ATOL * max(float(r.abs().max()) for r in theirs))
     finally:
@@ -184,13 +141,13 @@ def test_controlled_unet_equals_diffusers(name: str) -> None:
     (``down_block_additional_residuals``, ``mid_block_additional_residual``): they are added where they must be."""
     config = preset(name)
     unet = random_unet(config.unet, seed=1)
-    model = _controlnet(config.unet)
+    model = random_controlnet(config.unet)
     inputs = _inputs(config.unet)
     residuals = _ours(model, inputs)
     theirs_unet = diffusers_unet(
         config, {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
     )
-    theirs = _theirs(_diffusers_controlnet(config.unet, model.state_dict()), inputs)
+    theirs = _theirs(diffusers_controlnet(config.unet, model.state_dict()), inputs)
     with torch.no_grad():
         ours = unet(inputs.x, inputs.t, inputs.context, y=inputs.y, control=residuals)
         plain = unet(inputs.x, inputs.t, inputs.context, y=inputs.y)
@@ -203,26 +160,26 @@ def test_controlled_unet_equals_diffusers(name: str) -> None:
 
 
 def test_global_average_pooling_equals_diffusers() -> None:
-    model = _controlnet(TINY)
+    model = random_controlnet(TINY)
     pooled = ControlNet(dataclasses.replace(model.config, global_average_pooling=True))
     pooled.load_state_dict(model.state_dict())
     inputs = _inputs(TINY)
     ours = _ours(pooled.eval(), inputs)
-    theirs = _diffusers_controlnet(TINY, model.state_dict())
+    theirs = diffusers_controlnet(TINY, model.state_dict())
     theirs.register_to_config(global_pool_conditions=True)
     assert all(r.shape[-2:] == (1, 1) for r in ours)
     _assert_same(ours, _theirs(theirs, inputs), ATOL)
 
 
 def test_forward_refuses_wrong_inputs() -> None:
-    model = _controlnet(TINY)
+    model = random_controlnet(TINY)
     x, t, context = torch.zeros(1, 4, 8, 8), torch.tensor([10.0]), torch.zeros(1, 77, 32)
     with pytest.raises(ValueError, match=r"control image must be \[1 or 1, 3, 64, 64\]"):
         model(x, torch.zeros(1, 3, 32, 32), t, context)
     with pytest.raises(ValueError, match="takes no vector"):
         model(x, torch.zeros(1, 3, 64, 64), t, context, y=torch.zeros(1, 7))
     with pytest.raises(ValueError, match="needs y"):
-        _controlnet(TINY_SDXL)(x, torch.zeros(1, 3, 64, 64), t, torch.zeros(1, 77, 64))
+        random_controlnet(TINY_SDXL)(x, torch.zeros(1, 3, 64, 64), t, torch.zeros(1, 77, 64))
 
 
 def test_a_new_controlnet_copies_the_unet_encoder_and_adds_nothing() -> None:
@@ -257,7 +214,7 @@ def test_diffusers_keys_convert_back_to_ours(name: str) -> None:
     unet = preset(name).unet
     with torch.device("meta"):
         state = ControlNet(ControlNetConfig(unet=unet)).state_dict()
-    back = controlnet_from_diffusers(_to_diffusers(state, _diffusers_config(unet)))
+    back = controlnet_from_diffusers(controlnet_to_diffusers(state, controlnet_diffusers_config(unet)))
     assert back.keys() == state.keys()
     assert all(back[k] is state[k] for k in state)
 
@@ -286,11 +243,11 @@ def _save_single_files(model: ControlNet, folder: Path) -> dict[str, Path]:
 
 @pytest.mark.parametrize("unet", [TINY, TINY_SDXL], ids=["sd1", "sdxl"])
 def test_every_layout_loads_to_the_same_residuals(unet: UNetConfig, tmp_path: Path) -> None:
-    model = _controlnet(unet)
+    model = random_controlnet(unet)
     inputs = _inputs(unet)
     expected = _ours(model, inputs)
     paths = _save_single_files(model, tmp_path)
-    diffusers_model = _diffusers_controlnet(unet, model.state_dict())
+    diffusers_model = diffusers_controlnet(unet, model.state_dict())
     diffusers_model.save_pretrained(tmp_path / "diffusers")
     paths["diffusers folder"] = tmp_path / "diffusers"
     save_file(
@@ -309,7 +266,7 @@ def test_every_layout_loads_to_the_same_residuals(unet: UNetConfig, tmp_path: Pa
 
 
 def test_loads_in_half_precision(tmp_path: Path) -> None:
-    model = _controlnet(TINY)
+    model = random_controlnet(TINY)
     path = _save_single_files(model, tmp_path)["prefixed.safetensors"]
     loaded, _ = load_controlnet(path, base=TINY, dtype=torch.bfloat16)
     assert loaded.dtype == torch.bfloat16
@@ -325,8 +282,8 @@ def _write(path: Path, state: dict[str, Tensor]) -> Path:
     return path
 
 
-def test_refuses_what_is_not_a_fitting_controlnet(tmp_path: Path) -> None:
-    state = {PREFIX + k: v for k, v in _controlnet(TINY).state_dict().items()}
+def test_refuses_what_is_not_a_fittingrandom_controlnet(tmp_path: Path) -> None:
+    state = {PREFIX + k: v for k, v in random_controlnet(TINY).state_dict().items()}
     # a hint encoder with one layer left out: a gap at its index, or the last conv moved into it
     gap = {k: v for k, v in state.items() if not k.startswith(PREFIX + "input_hint_block.12.")}
     with pytest.raises(CheckpointError, match=r"input_hint_block\.\[0, 2, 4, 6, 8, 10, 14\]"):
@@ -359,7 +316,7 @@ def test_refuses_what_is_not_a_fitting_controlnet(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not a ControlNet"):
         load_controlnet(_write(tmp_path / "unet.safetensors", unet))
     # an SDXL ControlNet on an SD 1.x model
-    sdxl = _write(tmp_path / "sdxl.safetensors", _controlnet(TINY_SDXL).state_dict())
+    sdxl = _write(tmp_path / "sdxl.safetensors", random_controlnet(TINY_SDXL).state_dict())
     with pytest.raises(
         CheckpointError, match=r"does not fit the model: it is for a UNet with SDXL, .* vector y 1568"
     ):
@@ -369,7 +326,7 @@ def test_refuses_what_is_not_a_fitting_controlnet(tmp_path: Path) -> None:
 
 
 def test_refuses_unsupported_diffusers_configs(tmp_path: Path) -> None:
-    model = _diffusers_controlnet(TINY, _controlnet(TINY).state_dict())
+    model = diffusers_controlnet(TINY, random_controlnet(TINY).state_dict())
     model.register_to_config(controlnet_conditioning_channel_order="bgr")
     model.save_pretrained(tmp_path / "bgr")
     with pytest.raises(CheckpointError, match="controlnet_conditioning_channel_order='bgr' is not supported"):
