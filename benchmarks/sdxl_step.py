@@ -139,12 +139,11 @@ def _side(side: str, args: argparse.Namespace, out: Any) -> None:
 
 def _our_control(config: Any, unet: Any, dtype: torch.dtype, size: int) -> Any:
     """An SDXL ControlNet of the model's own shape (random weights), as the pipeline calls it."""
-    from sdstudio.models.controlnet import ControlNet, controlnet_config_for
-
+    from sdstudio.models.controlnet import ControlNet, ControlNetConfig
     from tests.reference import randomise_
 
     with torch.device("meta"):
-        net = ControlNet(controlnet_config_for(config.unet))
+        net = ControlNet(ControlNetConfig(unet=config.unet))
     net.to_empty(device="cpu")
     randomise_(net, seed=3)
     net = net.to(dtype).eval()

@@ -60,6 +60,8 @@ class ControlUnit:
     start: float = 0.0
     end: float = 1.0
     mode: ControlMode = "Balanced"
+    # the hint encoder's output, made once for the pass (it depends on neither the latents nor the step)
+    hint_embedding: Tensor | None = None
 
     def active(self, progress: float) -> bool:
         """The extension's ``guidance_stopped`` the other way round: ``start <= progress <= end``."""
@@ -81,8 +83,10 @@ class ControlStack:
         for unit in self.units:
             if not unit.active(progress):
                 continue
-            hint = unit.hint.to(x.device, x.dtype).expand(x.shape[0], -1, -1, -1)
-            out = unit.network(x, hint, t, context, vector)
+            if unit.hint_embedding is not None:
+                out = unit.network(x, unit.hint, t, context, vector, hint_embedding=unit.hint_embedding)
+            else:  # one hint for the whole batch: the network broadcasts it
+                out = unit.network(x, unit.hint.to(x.device, x.dtype), t, context, vector)
             scales = control_scales(unit.weight, len(out), unit.mode)
             rows = None
             if unit.mode == "ControlNet is more important":  # the negative prompt's rows get no control
@@ -170,7 +174,13 @@ def control_stack(prepared: Sequence[PreparedControl], width: int, height: int) 
             hint = preprocess(spec.preprocessor, image, mask=mask).hint
         else:
             hint = control_hint(resize_control(item.image, width, height, spec.resize_mode))
-        units.append(ControlUnit(item.control.network, hint_tensor(hint), spec.weight, spec.start, spec.end, spec.mode))
+        network = item.control.network
+        tensor = hint_tensor(hint)
+        embedding = None
+        if hasattr(network, "embed_hint"):
+            param = next(network.parameters())
+            embedding = network.embed_hint(tensor.to(param.device, param.dtype))
+        units.append(ControlUnit(network, tensor, spec.weight, spec.start, spec.end, spec.mode, embedding))
     return ControlStack(tuple(units))
 
 

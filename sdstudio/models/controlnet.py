@@ -132,8 +132,23 @@ class ControlNet(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.time_embed[0].weight.dtype
 
+    def embed_hint(self, hint: Tensor) -> Tensor:
+        """The hint encoder's output for a control image [batch or 1, hint_channels, H, W]: [.., mc, H/8, W/8].
+        It depends on neither the latents nor the timestep, so a sampling pass computes it once and passes it
+        to every step (``forward``'s ``hint_embedding``)."""
+        if hint.dim() != 4 or hint.shape[1] != self.config.hint_channels:
+            raise ValueError(f"the control image must be [1, {self.config.hint_channels}, H, W], got {list(hint.shape)}")
+        return self.input_hint_block(hint.to(self.dtype))
+
     def forward(
-        self, x: Tensor, hint: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None
+        self,
+        x: Tensor,
+        hint: Tensor,
+        timesteps: Tensor,
+        context: Tensor,
+        y: Tensor | None = None,
+        *,
+        hint_embedding: Tensor | None = None,
     ) -> list[Tensor]:
         """x: [batch, in_channels, h, w] latents; hint: [batch or 1, hint_channels, h * 8, w * 8] the control
         image in [0, 1]; timesteps: [batch]; context: [batch, tokens, context_dim]; y: [batch, adm_in_channels]
@@ -142,12 +157,17 @@ class ControlNet(nn.Module):
         Returns what the UNet adds (cldm's ``ControlledUnetModel``; ``UNetModel.forward``'s ``control``): one
         residual per input block, shaped as its output and added to it where the output blocks read it as a
         skip connection (not on the encoder's own path), then the middle block's, added to its output;
-        ``[batch, channels, 1, 1]`` each with global average pooling."""
+        ``[batch, channels, 1, 1]`` each with global average pooling. ``hint_embedding``: :meth:`embed_hint` of
+        ``hint``, computed beforehand (then ``hint`` is not read)."""
         unet = self.config.unet
         dtype = self.dtype
         factor = self.config.hint_downsample
         expected = (self.config.hint_channels, x.shape[-2] * factor, x.shape[-1] * factor)
-        if hint.dim() != 4 or tuple(hint.shape[1:]) != expected or hint.shape[0] not in (1, x.shape[0]):
+        if hint_embedding is not None:
+            embedded = (unet.model_channels, x.shape[-2], x.shape[-1])
+            if tuple(hint_embedding.shape[1:]) != embedded or hint_embedding.shape[0] not in (1, x.shape[0]):
+                raise ValueError(f"hint_embedding must be [1, {embedded}], got {list(hint_embedding.shape)}")
+        elif hint.dim() != 4 or tuple(hint.shape[1:]) != expected or hint.shape[0] not in (1, x.shape[0]):
             raise ValueError(
                 f"the control image must be [{x.shape[0]} or 1, {expected[0]}, {expected[1]}, {expected[2]}] "
                 f"({factor}x the latents' size), got {list(hint.shape)}"
@@ -163,7 +183,7 @@ class ControlNet(nn.Module):
         elif y is not None:
             raise ValueError("this ControlNet takes no vector y (only SDXL ControlNets have label_emb)")
         context = context.to(dtype)
-        guided_hint = self.input_hint_block(hint.to(dtype))  # [batch or 1, mc, h, w]
+        guided_hint = hint_embedding if hint_embedding is not None else self.input_hint_block(hint.to(dtype))
 
         h = x.to(dtype)
         residuals: list[Tensor] = []
