@@ -1106,6 +1106,10 @@ def build_parser() -> argparse.ArgumentParser:
     tds.add_argument("--seed", type=int, default=0)
     tds.add_argument("--overwrite", action="store_true", help="replace the numbered pairs of a folder that has some")
     tds.set_defaults(func=cmd_toyworld_dataset)
+    from sdstudio.cli_control import add_control_dataset_parser, add_train_controlnet_parser
+
+    add_control_dataset_parser(toy_sub)
+    add_train_controlnet_parser(trn_sub)
 
     ckpt = sub.add_parser("checkpoint", help="make or inspect checkpoints")
     ckpt_sub = ckpt.add_subparsers(dest="checkpoint_command", required=True)
