@@ -109,6 +109,7 @@ def test_sdxl_text_encoders_full_width() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_sdxl_unet_full_width() -> None:
     _unet_parity("sdxl", 8, 1e-4)
 
