@@ -120,7 +120,7 @@ def test_residuals_equal_diffusers(unet: UNetConfig) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["sd15", "sdxl"])
+@pytest.mark.parametrize("name", ["sd15", pytest.param("sdxl", marks=pytest.mark.heavy)])
 def test_residuals_equal_diffusers_full_width(name: str) -> None:
     """The real sizes (control_v11p_sd15_*, SDXL's full ControlNets) with SD's 8 / 64-channel heads."""
     unet = preset(name).unet

@@ -104,6 +104,7 @@ def test_tiny_sdxl_text_encoders_equal_transformers() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_sdxl_text_encoders_full_width() -> None:
     _text_parity("sdxl", 1e-4)
 
