@@ -36,12 +36,11 @@ from sdstudio.types import CONTROL_MODES, ControlModeName, ControlSpec
 
 __all__ = ["CONTROL_MODES", "ControlStack", "ControlUnit", "control_scales", "control_stack", "prepare_controls"]
 
-ControlMode = ControlModeName
 SOFT_BASE = 0.825  # the extension's soft-injection decay per residual
 CONTROL_DOWNSAMPLE = 8  # the hint encoder's stride: control images are 8x the latents' size
 
 
-def control_scales(weight: float, count: int, mode: ControlMode) -> list[float]:
+def control_scales(weight: float, count: int, mode: ControlModeName) -> list[float]:
     """The factor of each of ``count`` residuals (input blocks first, the middle block's last)."""
     if mode == "Balanced":
         return [weight] * count
@@ -59,7 +58,7 @@ class ControlUnit:
     weight: float = 1.0
     start: float = 0.0
     end: float = 1.0
-    mode: ControlMode = "Balanced"
+    mode: ControlModeName = "Balanced"
     # the hint encoder's output, made once for the pass (it depends on neither the latents nor the step)
     hint_embedding: Tensor | None = None
 
