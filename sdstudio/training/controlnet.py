@@ -66,7 +66,6 @@ from sdstudio.training.finetune import (
     LoopOptions,
     RunConfig,
     TrainingData,
-    bf16_native,
     dataset_config_for,
     jsonable,
     prepare_run_folder,
@@ -74,7 +73,7 @@ from sdstudio.training.finetune import (
     training_denoiser,
 )
 from sdstudio.training.preview import SAVES_FOLDER, saved_name
-from sdstudio.training.trainer import train
+from sdstudio.training.trainer import bf16_native, train
 
 log = logging.getLogger(__name__)
 

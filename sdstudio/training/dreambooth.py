@@ -57,14 +57,13 @@ from sdstudio.training.finetune import (
     LoopOptions,
     RunConfig,
     TrainingData,
-    bf16_native,
     dataset_config_for,
     jsonable,
     prepare_run_folder,
     run_settings,
 )
 from sdstudio.training.preview import PreviewSettings, render_preview
-from sdstudio.training.trainer import EMA, EmaWarmup, TrainConfig, train
+from sdstudio.training.trainer import EMA, EmaWarmup, TrainConfig, bf16_native, train
 
 log = logging.getLogger(__name__)
 

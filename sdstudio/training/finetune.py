@@ -145,16 +145,6 @@ class LoopOptions:
         )
 
 
-def bf16_native(device: torch.device) -> bool:
-    """Whether ``device`` runs bf16 matmuls natively (a CUDA GPU that supports bf16; a CPU with oneDNN's bf16
-    kernels: AVX-512 BF16 or AMX). Elsewhere bf16 autocast is emulated and slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
-
-
 def dataset_config_for(model: LoadedModel, **options: object) -> DatasetConfig:
     """Dataset options with the model's own size as the resolution, and buckets from half to twice it."""
     size = int(options.pop("resolution", None) or model.config.default_size)  # type: ignore[call-overload]

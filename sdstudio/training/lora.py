@@ -90,14 +90,13 @@ from sdstudio.training.finetune import (
     LoopOptions,
     RunConfig,
     TrainingData,
-    bf16_native,
     dataset_config_for,
     jsonable,
     prepare_run_folder,
     run_settings,
 )
 from sdstudio.training.preview import SAVES_FOLDER, PreviewSettings, render_preview, saved_name
-from sdstudio.training.trainer import train
+from sdstudio.training.trainer import bf16_native, train
 
 log = logging.getLogger(__name__)
 

@@ -232,6 +232,16 @@ def _same_settings(saved: object, config: TrainConfig) -> bool:
     return old == config
 
 
+def bf16_native(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 matmuls natively (a CUDA GPU that supports bf16; a CPU with oneDNN's bf16
+    kernels: AVX-512 BF16 or AMX). Elsewhere bf16 autocast is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
 def train(
     module: nn.Module,
     loss_fn: Callable[[int, torch.Generator], Tensor],
@@ -271,6 +281,9 @@ def train(
     ema = EMA(followed, config.ema_decay) if config.ema_decay > 0 else None
     generator = torch.Generator().manual_seed(config.seed)
     device_type = params[0].device.type if params else "cpu"
+    bf16 = config.bf16 and bf16_native(torch.device(device_type))
+    if config.bf16 and not bf16:
+        log.info("no native bf16 on this %s: training in float32 (emulated bf16 is slower)", device_type)
     start = 0
     state_path = out / STATE_FILE
     found = state_path.exists()
@@ -324,7 +337,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
             for micro in range(k):
-                with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.bf16):
+                with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
                     loss = loss_fn(step * k + micro, generator)
                 if not torch.isfinite(loss):
                     if not shard.distributed:
