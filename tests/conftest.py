@@ -12,6 +12,10 @@ from hypothesis import settings
 # its threads spin a tenth of the default at barriers, as `sdstudio generate` has them (sdstudio.threads),
 # so the suite does not crawl when other processes keep the cores busy.
 os.environ.setdefault("GOMP_SPINCOUNT", "30000")
+# Under pytest-xdist (`-n 2`, as the README runs the suite) each worker is one of as many processes as
+# there are cores: one thread each, or their OpenMP teams would fight over the same cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 _SESSION_TMP = tempfile.mkdtemp(prefix="sdstudio-tests-")
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_SESSION_TMP, "inductor")

@@ -122,21 +122,14 @@ def test_cgroup_cpu_limit(tmp_path):
     assert cgroup_cpu_limit(root, tmp_path / "missing") is None
 
 
-# A fresh process: the policy imports torch (so libgomp loads) with its spin count, then runs 40 small
-# parallel products with a pause after each, in which libgomp's worker spins before it sleeps.
+# A fresh process: the policy sets libgomp's spin count before torch (and so libgomp) loads. What the
+# shorter spin saves in CPU time is measured by benchmarks/busy_machine.py (a timing, not a test).
 SPIN_PROBE = """
-import os, time
+import os
 from sdstudio.threads import apply_thread_policy
 choice = apply_thread_policy(2)
 import torch
-x = torch.randn(256, 256)
-x @ x
-before = os.times()
-for _ in range(40):
-    x @ x
-    time.sleep(0.005)
-after = os.times()
-print(choice.spin_count, "GOMP_SPINCOUNT" in os.environ, after.user + after.system - before.user - before.system)
+print(choice.spin_count, "GOMP_SPINCOUNT" in os.environ, os.environ.get("GOMP_SPINCOUNT"))
 """
 
 
@@ -144,15 +137,13 @@ print(choice.spin_count, "GOMP_SPINCOUNT" in os.environ, after.user + after.syst
 def test_policy_shortens_libgomp_spinning():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "MKL_"))}
 
-    def cpu_seconds(extra: dict[str, str]) -> tuple[str, str, float]:
+    def probe(extra: dict[str, str]) -> list[str]:
         out = subprocess.run(
             [sys.executable, "-c", SPIN_PROBE], env={**env, **extra}, capture_output=True, text=True, check=True, timeout=120
         )
-        spin, leaked, seconds = out.stdout.split()
-        return spin, leaked, float(seconds)
+        return out.stdout.split()
 
-    spin, leaked, short = cpu_seconds({})
-    assert (spin, leaked) == ("30000", "False")  # set for libgomp's start, not passed on to child processes
-    spin, _, default = cpu_seconds({"GOMP_SPINCOUNT": "300000"})  # libgomp's default, left as the user set it
-    assert spin == "None"
-    assert short < default / 2, (short, default)
+    # set for libgomp's start, not passed on to child processes
+    assert probe({}) == ["30000", "False", "None"]
+    # libgomp's default, left as the user set it
+    assert probe({"GOMP_SPINCOUNT": "300000"}) == ["None", "True", "300000"]

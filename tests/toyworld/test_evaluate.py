@@ -17,7 +17,6 @@ from sdstudio.toyworld.evaluate import (
     psnr,
 )
 from sdstudio.toyworld.judge import score
-from sdstudio.toyworld.recipe import ToyRecipe, run_recipe
 from sdstudio.toyworld.world import HELDOUT_PAIRS, is_heldout, render
 
 # ------------------------------------------------------------------------------------------------
@@ -142,19 +141,19 @@ def test_renders_of_the_prompt_scenes_score_full_marks():
 
 
 # ------------------------------------------------------------------------------------------------
-# evaluate() end to end on a smoke-trained model (values are meaningless; the structure is not).
+# evaluate() end to end on the shipped model and its image encoder (the structure is checked, not the
+# values; a smoke-trained model, which the recipe tests make, costs 20 s more and checks the same).
 
 
 @pytest.fixture(scope="module")
-def smoke_model(tmp_path_factory):
-    out = tmp_path_factory.mktemp("toyworld_smoke")
-    return run_recipe(out, ToyRecipe.smoke(), progress=lambda *args: None)
+def shipped_model():
+    return SHIPPED_MODEL
 
 
-def test_evaluate_structure_on_smoke_model(smoke_model):
+def test_evaluate_structure_on_the_shipped_model(shipped_model):
     settings = EvalSettings.quick()
     extra = ["a big red circle in the centre", "a fluffy red circle", "red circle blue"]
-    results = evaluate(smoke_model, settings, extra_prompts=extra)
+    results = evaluate(shipped_model, settings, extra_prompts=extra)
     json.dumps(results, allow_nan=False)  # strict JSON: no NaN or inf anywhere
 
     per_set = settings.prompts_per_set * settings.images_per_prompt
@@ -202,9 +201,9 @@ def test_evaluate_structure_on_smoke_model(smoke_model):
     assert "NGMS 0.5: below sigma 0.5 every step uses the prompt alone" in table
 
 
-def test_evaluate_without_image_encoder_leaves_fid_out(smoke_model, tmp_path):
+def test_evaluate_without_image_encoder_leaves_fid_out(shipped_model, tmp_path):
     model = tmp_path / "alone.safetensors"
-    model.write_bytes(smoke_model.read_bytes())
+    model.write_bytes(shipped_model.read_bytes())
     settings = EvalSettings(samplers=("Euler",), cfgs=(3.0,), steps=2, prompts_per_set=1, images_per_prompt=1,
                             sets=("seen",), fid_reference=8, psnr_images=0)  # fmt: skip
     results = evaluate(model, settings, seed=5, ngms=0.0)
@@ -215,11 +214,11 @@ def test_evaluate_without_image_encoder_leaves_fid_out(smoke_model, tmp_path):
     assert [(r["set"], r["n"]) for r in results["rows"]] == [("seen", 1)]
 
 
-def test_eval_generation_takes_the_ngms_it_is_given(smoke_model):
+def test_eval_generation_takes_the_ngms_it_is_given(shipped_model):
     from sdstudio.engine import Pipeline
     from sdstudio.toyworld.evaluate import _generate
 
-    pipe = Pipeline.from_file(smoke_model)
+    pipe = Pipeline.from_file(shipped_model)
     requests = []
 
     def recording(request):

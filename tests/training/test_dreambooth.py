@@ -10,6 +10,7 @@ import math
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -201,7 +202,10 @@ def test_prior_preservation_generates_class_images_once(tmp_path):
 
     (again,) = pipeline_class_images(model, prior, 6, 1)
     assert again[1] == 6
-    assert Image.open(tmp_path / "class" / "00001-6.png").tobytes() == again[0].tobytes()
+    # (made in a batch of two there, alone here: oneDNN may pick other kernels for another batch size,
+    # which moves a few pixels by a level on some machines, e.g. with one thread)
+    saved = np.asarray(Image.open(tmp_path / "class" / "00001-6.png"), dtype=np.int16)
+    assert np.abs(saved - np.asarray(again[0], dtype=np.int16)).max() <= 2
 
     second = prepare_class_images(model, prior, tmp_path / "class", make_images=counting)
     assert (second.found, second.generated) == (3, 0) and len(calls) == 2
