@@ -36,7 +36,7 @@ from sdstudio.eval.interrogate import Grammar
 from sdstudio.models.configs import ModelConfig
 from sdstudio.models.tokenizer import ClipTokenizer
 from sdstudio.toyworld import world
-from sdstudio.training.contrastive import ContrastiveHead, ImageEncoder, pooled_text
+from sdstudio.training.contrastive import ContrastiveHead, ImageEncoder, text_lengths
 from sdstudio.training.trainer import TrainConfig, train
 
 log = logging.getLogger(__name__)
@@ -97,13 +97,15 @@ class ToyClip(nn.Module):
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 512) -> Tensor:
-        """L2-normalised text embeddings [N, dim] float32 (the EOS state of the last layer, projected)."""
+        """L2-normalised text embeddings [N, dim] float32 (the last layer's EOS state, or the head's pooling
+        of its token states, projected)."""
         if isinstance(texts, str):
             raise TypeError("encode_texts takes a sequence of strings, not one string")
         out = []
         for i in range(0, len(texts), batch_size):
             tokens = _text_tokens(texts[i : i + batch_size], self.config, self._tokenizer)
-            out.append(self.head.text_proj(pooled_text(self.text_encoder(tokens, 1), tokens)).float())
+            pooled = self.head.pool_text(self.text_encoder(tokens, 1), text_lengths(tokens))
+            out.append(self.head.text_proj(pooled).float())
         return (
             F.normalize(torch.cat(out), dim=-1) if out else torch.empty(0, self.head.text_proj.out_features)
         )
@@ -120,46 +122,69 @@ def train_pair(
     batch: int,
     p_two: float,
     hard_negatives: float,
+    shape_swaps: float = 0.0,
+    text_pool: bool = False,
     scene_rng: Callable[[int], np.random.Generator],
     progress: Callable[[int, float], None] | None = None,
 ) -> tuple[ImageEncoder, ContrastiveHead]:
     """The image side of the pair trained against the frozen text encoder: a copy of ``image_encoder``
     (fine-tuned; the original is left as it is) and a new contrastive head, by symmetric InfoNCE over
     batches of ``batch`` random scenes and captions of the world (``hard_negatives``: share of two-object
-    scenes repeated with their places swapped, as the ``text`` stage draws them). ``scene_rng(step)``: the
-    scenes' randomness. Resumable from ``out_dir`` as every ``train`` run."""
+    scenes repeated with their places swapped, as the ``text`` stage draws them; ``shape_swaps``: share
+    repeated with their shapes exchanged, never making a held-out colour-shape pair). ``text_pool``: the
+    head pools all token states (``TextPool``), not the EOS state alone. ``scene_rng(step)``: the scenes'
+    randomness. Resumable from ``out_dir`` as every ``train`` run."""
     from sdstudio.toyworld.recipe import text_batch_scenes
 
     text_encoder.requires_grad_(False).eval()
     encoder = copy.deepcopy(image_encoder).requires_grad_(True).train()
     with torch.random.fork_rng():  # initial weights from the seed alone
         torch.manual_seed(seed)
-        head = ContrastiveHead(config.text.width, encoder.proj.out_features)
+        head = ContrastiveHead(config.text.width, encoder.proj.out_features, text_pool=text_pool)
     modules = nn.ModuleDict({"image_encoder": encoder, "head": head})
     tokenizer = ClipTokenizer()
-    cache: dict[str, Tensor] = {}  # caption -> pooled text state (the world's captions repeat)
+    # caption -> the frozen encoder's token states up to EOS [length, width] (the world's captions repeat)
+    cache: dict[str, Tensor] = {}
 
-    def text_states(captions: list[str]) -> Tensor:
+    def text_states(captions: list[str]) -> tuple[Tensor, Tensor]:
         new = [c for c in dict.fromkeys(captions) if c not in cache]
+        states: dict[str, Tensor] = {}
         if new:
             tokens = _text_tokens(new, config, tokenizer)
             with torch.no_grad():
-                states = dict(zip(new, pooled_text(text_encoder(tokens, 1), tokens).float()))
-            if len(cache) < 200_000:
+                hidden = text_encoder(tokens, 1).float()
+            states = {c: h[:n] for c, h, n in zip(new, hidden, text_lengths(tokens).tolist())}
+            if len(cache) < 50_000:
                 cache.update(states)
-        else:
-            states = {}
-        return torch.stack([states[c] if c in states else cache[c] for c in captions])
+        rows = [states[c] if c in states else cache[c] for c in captions]
+        lengths = torch.tensor([len(r) for r in rows])
+        return nn.utils.rnn.pad_sequence(rows, batch_first=True), lengths
 
     def loss_fn(step: int, gen: torch.Generator) -> Tensor:
         rng = scene_rng(step)
-        scenes = text_batch_scenes(rng, batch, p_two, hard_negatives)
-        text = text_states([world.caption(s, rng) for s in scenes])
-        loss, _ = head(text, encoder(_pixels([world.render(s) for s in scenes])))
+        swaps = round(shape_swaps * batch)
+        scenes = text_batch_scenes(rng, batch - swaps, p_two, hard_negatives)
+        scenes += shape_swapped(scenes, swaps)
+        hidden, lengths = text_states([world.caption(s, rng) for s in scenes])
+        loss, _ = head(head.pool_text(hidden, lengths), encoder(_pixels([world.render(s) for s in scenes])))
         return loss
 
     train(modules, loss_fn, train_config, out_dir, progress=progress)
     return encoder.eval().requires_grad_(False), head.eval().requires_grad_(False)
+
+
+def shape_swapped(scenes: Sequence[world.Scene], n: int) -> list[world.Scene]:
+    """Up to ``n`` of the two-object ``scenes`` with their shapes exchanged (``world.swap_shapes``): those
+    with two different shapes whose swap makes no held-out colour-shape pair."""
+    out = []
+    for scene in scenes:
+        if len(out) == n:
+            break
+        if len(scene.objects) == 2 and scene.objects[0].shape != scene.objects[1].shape:
+            swapped = world.swap_shapes(scene)
+            if not any(world.is_heldout(o) for o in swapped.objects):
+                out.append(swapped)
+    return out
 
 
 def save_pair(image_encoder: ImageEncoder, head: ContrastiveHead, path: str | os.PathLike) -> None:
@@ -181,7 +206,8 @@ def load_pair(path: str | os.PathLike) -> tuple[ImageEncoder, ContrastiveHead]:
         encoder = ImageEncoder(enc["proj.weight"].shape[0])
         encoder.load_state_dict(enc)
         dim, text_width = hd["text_proj.weight"].shape
-        head = ContrastiveHead(text_width, hd["image_proj.weight"].shape[1], dim)
+        pooled = any(k.startswith("text_pool.") for k in hd)
+        head = ContrastiveHead(text_width, hd["image_proj.weight"].shape[1], dim, text_pool=pooled)
         head.load_state_dict(hd)
     except (SafetensorError, OSError, KeyError, RuntimeError, IndexError, ValueError) as e:
         raise SdStudioError(

@@ -475,6 +475,15 @@ def swap_places(scene: Scene) -> Scene:
     return Scene(swapped, scene.background, INVERSE_RELATION[scene.relation])
 
 
+def swap_shapes(scene: Scene) -> Scene:
+    """The two-object ``scene`` with its objects' shapes exchanged, all else kept: the same colours,
+    shapes and places, bound the other way. A contrastive hard negative for attribute binding."""
+    if len(scene.objects) != 2:
+        raise ValueError("swap_shapes needs a two-object scene")
+    a, b = scene.objects
+    return Scene((replace(a, shape=b.shape), replace(b, shape=a.shape)), scene.background, scene.relation)
+
+
 def dataset(
     seed: int, n: int, split: Split = "train", n_objects: int | None = None
 ) -> Iterator[tuple[np.ndarray, str, Scene]]:

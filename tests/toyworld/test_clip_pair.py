@@ -40,16 +40,19 @@ def test_shipped_pair_reads_toy_scenes(captioner) -> None:
     captions = captioner.caption([world.render(s) for s in one], "classic")
     accuracy = caption_accuracy(one, [c.values for c in captions])
     assert min(accuracy.values()) >= 0.9, accuracy
-    # two objects: counted, coloured and placed; their shapes the pair reads at about 57 % (BENCHMARKS.md)
+    # two objects: counted, coloured and placed; their shapes the pair reads at 79 % (BENCHMARKS.md; 57 %
+    # with the EOS state alone, which bound the right shapes to the wrong objects)
     captions = captioner.caption([world.render(s) for s in two], "classic")
     accuracy = caption_accuracy(two, [c.values for c in captions])
     assert min(accuracy["objects"], accuracy["colour"], accuracy["background"]) >= 0.85, accuracy
-    caption = captioner.caption([world.render(one[0])], "best")[0]
-    obj = one[0].objects[0]
-    assert (
-        language.COLOUR_WORDS[obj.colour][0] in caption.text
-        and language.SHAPE_WORDS[obj.shape][0] in caption.text
-    )
+    assert accuracy["shape"] >= 0.65, accuracy
+    # "best" mode names colour and shape too (on most scenes: one-object shapes are read at 95 %)
+    best = captioner.caption([world.render(s) for s in one[:3]], "best")
+    named = [
+        language.COLOUR_WORDS[s.objects[0].colour][0] in c.text and language.SHAPE_WORDS[s.objects[0].shape][0] in c.text
+        for s, c in zip(one, best)
+    ]
+    assert sum(named) >= 2, [c.text for c in best]
 
 
 def test_a_pair_with_another_head_reads_nothing(captioner, tmp_path) -> None:
@@ -91,6 +94,7 @@ def test_bad_pair_files(tmp_path) -> None:
         load_toy_clip(pair=tmp_path / "missing.safetensors")
     state = load_file(str(SHIPPED_PAIR))
     state["head.text_proj.weight"] = torch.zeros(128, 64)
+    state = {k: v for k, v in state.items() if not k.startswith("head.text_pool.")}  # EOS pooling, as the first pair
     save_file(state, str(tmp_path / "narrow.safetensors"))
     with pytest.raises(SdStudioError, match="text encoder of width 64"):
         load_toy_clip(pair=tmp_path / "narrow.safetensors")
@@ -117,3 +121,40 @@ def test_caption_command_on_a_folder_of_renders(tmp_path, capsys) -> None:
     assert "no such folder" in capsys.readouterr().err
     assert main(["caption", str(tmp_path), "--overwrite", "--append-tags"]) == 2
     assert "choose one" in capsys.readouterr().err
+
+
+def test_text_pool_starts_as_eos_pooling_and_binds_attributes() -> None:
+    """The head's attention pooling is the EOS state at initialisation; the shipped pair's tells a swap
+    of the two objects' shapes apart far better than the EOS state did (cosine 0.997 with the first pair)."""
+    from sdstudio.training.contrastive import TextPool, pooled_text, text_lengths
+
+    pool = TextPool(16)
+    hidden = torch.randn(3, 7, 16)
+    tokens = torch.zeros(3, 7, dtype=torch.long)
+    for row, n in enumerate((3, 7, 5)):
+        tokens[row, n - 1 :] = 49407  # EOS, then padding with EOS as the tokenizer frames it
+    assert text_lengths(tokens).tolist() == [3, 7, 5]
+    assert torch.equal(pool(hidden, text_lengths(tokens)), pooled_text(hidden, tokens))
+    torch.nn.init.normal_(pool.out.weight)
+    padded = hidden.clone()
+    padded[0, 3:] = 100.0  # past its EOS: ignored
+    assert torch.allclose(pool(hidden, text_lengths(tokens)), pool(padded, text_lengths(tokens)), atol=1e-5)
+
+    pair = load_toy_clip()
+    caption = "a small red {} on the left and a large blue {} on the right on a gray background"
+    a, b = pair.encode_texts([caption.format("circle", "square"), caption.format("square", "circle")])
+    assert float(a @ b) < 0.95
+
+
+def test_shape_swaps_exchange_shapes_and_keep_held_out_pairs_out() -> None:
+    from sdstudio.toyworld.clip_pair import shape_swapped
+
+    group = scenes(6, 200, 2) + scenes(7, 20, 1)
+    swapped = shape_swapped(group, 1000)
+    assert 0 < len(swapped) < 200 and shape_swapped(group, 3) == swapped[:3]
+    for scene in swapped:
+        a, b = scene.objects
+        assert a.shape != b.shape and not any(world.is_heldout(o) for o in scene.objects)
+        assert world.swap_shapes(scene) in group  # swapping back gives a scene of the group
+    with pytest.raises(ValueError, match="two-object"):
+        world.swap_shapes(group[-1])
