@@ -1,6 +1,9 @@
 """The toy world's CLIP pair: the embedded model's own text encoder, the image encoder trained against it
 (recipe stage ``text``) and a contrastive head (two projections and a temperature) that maps both into
-one space, so that images and captions of the world can be compared as with OpenAI's CLIP.
+one space, so that images and captions of the world can be compared as with OpenAI's CLIP. Since the
+2026-12-07 pair the head's text side pools all token states (``contrastive.TextPool``): the EOS state
+alone did not tell which of two objects had which shape. Files without ``head.text_pool.*`` (the first
+pair) load with EOS pooling.
 
 The recipe's ``text`` stage trains text encoder, image encoder and a head together, but the first
 shipped model kept only the two encoders. The ``clip`` stage (``train_pair``) trains the image side

@@ -40,13 +40,13 @@ def test_shipped_pair_reads_toy_scenes(captioner) -> None:
     captions = captioner.caption([world.render(s) for s in one], "classic")
     accuracy = caption_accuracy(one, [c.values for c in captions])
     assert min(accuracy.values()) >= 0.9, accuracy
-    # two objects: counted, coloured and placed; their shapes the pair reads at 79 % (BENCHMARKS.md; 57 %
+    # two objects: counted, coloured and placed; their shapes the pair reads at 85 % (BENCHMARKS.md; 57 %
     # with the EOS state alone, which bound the right shapes to the wrong objects)
     captions = captioner.caption([world.render(s) for s in two], "classic")
     accuracy = caption_accuracy(two, [c.values for c in captions])
     assert min(accuracy["objects"], accuracy["colour"], accuracy["background"]) >= 0.85, accuracy
-    assert accuracy["shape"] >= 0.65, accuracy
-    # "best" mode names colour and shape too (on most scenes: one-object shapes are read at 95 %)
+    assert accuracy["shape"] >= 0.7, accuracy
+    # "best" mode names colour and shape too (on most scenes: one-object shapes are read at 97.8 %)
     best = captioner.caption([world.render(s) for s in one[:3]], "best")
     named = [
         language.COLOUR_WORDS[s.objects[0].colour][0] in c.text and language.SHAPE_WORDS[s.objects[0].shape][0] in c.text
