@@ -198,15 +198,7 @@ def write_concept_dataset(concept: str, n: int, out: Path, seed: int = 0, *, ove
     named in a warning). Returns ``out``."""
     c = get_concept(concept)
     out = Path(out)
-    if n < 1:
-        raise SdStudioError(f"--n must be at least 1, got {n}")
-    if out.exists() and not out.is_dir():
-        raise SdStudioError(f"{out}: is a file; give a folder for the dataset")
-    existing = sorted(out.iterdir()) if out.is_dir() else []
-    if existing and not overwrite:
-        raise SdStudioError(
-            f"{out}: not empty ({len(existing)} entries); pass --overwrite or give an empty folder"
-        )
+    existing = claim_dataset_folder(out, n, overwrite)
     for path in existing:
         if path.is_file() and _ITEM.match(path.name):
             path.unlink()
@@ -223,6 +215,21 @@ def write_concept_dataset(concept: str, n: int, out: Path, seed: int = 0, *, ove
         atomic_write(out / f"{stem}.txt", lambda tmp, text=text: tmp.write_text(text + "\n"))
     log.info("%s: %d images of %s (seed %d)", out, n, c.describe(), seed)
     return out
+
+
+def claim_dataset_folder(out: Path, n: int, overwrite: bool) -> list[Path]:
+    """Checks before writing ``n`` samples to the folder ``out``: ``n`` >= 1, ``out`` not a file, empty unless
+    ``overwrite``. Returns what ``out`` holds now (sorted), for the caller to replace its own files."""
+    if n < 1:
+        raise SdStudioError(f"--n must be at least 1, got {n}")
+    if out.exists() and not out.is_dir():
+        raise SdStudioError(f"{out}: is a file; give a folder for the dataset")
+    existing = sorted(out.iterdir()) if out.is_dir() else []
+    if existing and not overwrite:
+        raise SdStudioError(
+            f"{out}: not empty ({len(existing)} entries); pass --overwrite or give an empty folder"
+        )
+    return existing
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from PIL import Image
 
 from sdstudio.errors import SdStudioError
 from sdstudio.io.files import atomic_write, write_text_atomic
+from sdstudio.toyworld.concepts import claim_dataset_folder
 from sdstudio.toyworld.world import (
     BACKGROUNDS,
     CELL,
@@ -179,13 +180,7 @@ def write_control_dataset(
     folder that holds anything unless ``overwrite``, which replaces the numbered files found in the two
     folders and the metadata (other files are left, and named in a warning). Returns ``out``."""
     out = Path(out)
-    if n < 1:
-        raise SdStudioError(f"--n must be at least 1, got {n}")
-    if out.exists() and not out.is_dir():
-        raise SdStudioError(f"{out}: is a file; give a folder for the dataset")
-    existing = sorted(out.iterdir()) if out.is_dir() else []
-    if existing and not overwrite:
-        raise SdStudioError(f"{out}: not empty ({len(existing)} entries); pass --overwrite or give an empty folder")
+    existing = claim_dataset_folder(out, n, overwrite)
     samples = control_samples(n, kind, seed, p_position=p_position, p_size=p_size, two_objects=two_objects)
     others = []
     for entry in existing:

@@ -36,13 +36,17 @@ class ImageEncoder(nn.Module):
 
 def pooled_text(hidden: Tensor, tokens: Tensor) -> Tensor:
     """CLIP's text embedding: the hidden state at the (first) EOS token. [B, width]"""
-    eos = (tokens == ClipTokenizer.EOS).int().argmax(dim=1)
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), eos]
+    return eos_state(hidden, text_lengths(tokens))
 
 
 def text_lengths(tokens: Tensor) -> Tensor:
     """Each row's length up to and including its (first) EOS token. [B]"""
     return (tokens == ClipTokenizer.EOS).int().argmax(dim=1) + 1
+
+
+def eos_state(hidden: Tensor, lengths: Tensor) -> Tensor:
+    """Each row's last state within its length (its EOS token's). hidden [B, L, width] -> [B, width]"""
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths.to(hidden.device) - 1]
 
 
 class TextPool(nn.Module):
@@ -68,8 +72,7 @@ class TextPool(nn.Module):
         pad = torch.arange(length, device=hidden.device)[None, :] >= lengths[:, None].to(hidden.device)
         query = self.query.to(hidden.dtype).expand(b, -1, -1)
         gathered, _ = self.attn(query, hidden, hidden, key_padding_mask=pad, need_weights=False)
-        eos = hidden[torch.arange(b, device=hidden.device), lengths.to(hidden.device) - 1]
-        return eos + self.out(gathered.flatten(1))
+        return eos_state(hidden, lengths) + self.out(gathered.flatten(1))
 
 
 class ContrastiveHead(nn.Module):
@@ -85,9 +88,7 @@ class ContrastiveHead(nn.Module):
 
     def pool_text(self, hidden: Tensor, lengths: Tensor) -> Tensor:
         """The text side's vector before ``text_proj``: the EOS state, or the ``TextPool`` over the tokens."""
-        if self.text_pool is None:
-            return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths.to(hidden.device) - 1]
-        return self.text_pool(hidden, lengths)
+        return eos_state(hidden, lengths) if self.text_pool is None else self.text_pool(hidden, lengths)
 
     def forward(self, text: Tensor, image: Tensor) -> tuple[Tensor, Tensor]:
         """Symmetric InfoNCE loss and the in-batch retrieval accuracy (text -> image)."""

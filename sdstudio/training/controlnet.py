@@ -57,6 +57,7 @@ from sdstudio.training.datasets import (
     LatentCache,
     View,
     choose_view,
+    cut_to_view,
     sample_rng,
     scan_dataset,
     vae_hash,
@@ -305,12 +306,7 @@ def render_control(path: Path, view: View) -> Tensor:
             image = flatten(ImageOps.exif_transpose(im))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
         raise SdStudioError(f"{path}: cannot read the control image any more ({type(e).__name__}: {e})") from None
-    if image.size != view.resized:
-        image = image.resize(view.resized, Image.LANCZOS)
-    left, top = view.crop
-    image = image.crop((left, top, left + view.bucket[0], top + view.bucket[1]))
-    if view.flip:
-        image = ImageOps.mirror(image)
+    image = cut_to_view(image, view)
     data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     return data.view(image.size[1], image.size[0], 3).permute(2, 0, 1).float() / 255.0
 

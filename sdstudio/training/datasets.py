@@ -725,13 +725,17 @@ def render_view(item: DatasetItem, view: View) -> Tensor:
         raise SdStudioError(
             f"{item.path}: cannot read the image any more ({type(e).__name__}: {e})"
         ) from None
+    return from_pil(cut_to_view(image, view))[0]
+
+
+def cut_to_view(image: Image.Image, view: View) -> Image.Image:
+    """``image`` as ``view`` cuts a sample: scaled with Lanczos to ``view.resized``, cropped to the bucket,
+    maybe mirrored."""
     if image.size != view.resized:
         image = image.resize(view.resized, Image.LANCZOS)
     left, top = view.crop
     image = image.crop((left, top, left + view.bucket[0], top + view.bucket[1]))
-    if view.flip:
-        image = ImageOps.mirror(image)
-    return from_pil(image)[0]
+    return ImageOps.mirror(image) if view.flip else image
 
 
 def load_sample(item: DatasetItem, rng: random.Random, config: DatasetConfig) -> tuple[Tensor, View]:
