@@ -730,6 +730,7 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
     run_options = LoraRunOptions(
         name=args.name, noise_offset=args.noise_offset, lr_schedule=args.lr_schedule,
         gradient_accumulation=args.grad_accumulation, optimizer=args.optimizer, save_dtype=args.save_dtype,
+        prior=_prior(args),
     )  # fmt: skip
     bar, update = _progress_bar(args, args.steps)
     with bar:
@@ -764,15 +765,37 @@ def cmd_train_hypernetwork(args: argparse.Namespace) -> int:
     return _print_paths(paths)
 
 
+def _prior(args: argparse.Namespace) -> object:
+    """The prior preservation (regularisation images) the class arguments ask for, or None."""
+    from sdstudio.training.dreambooth import PriorPreservation
+
+    if not (args.class_prompt or args.class_data):
+        return None
+    return PriorPreservation(
+        args.class_prompt or "", class_data=args.class_data, num_class_images=args.num_class_images,
+        prior_loss_weight=args.prior_loss_weight, steps=args.class_steps, seed=args.seed,
+    )  # fmt: skip
+
+
+def _prior_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--class-prompt", help="prior preservation: class images of this prompt ('a photo of a "
+                        "dog'), made by the model itself and cached in --class-data")  # fmt: skip
+    parser.add_argument("--class-data", metavar="DIR", help="class (regularisation) images folder, captioned by "
+                        "same-stem .txt files or by --class-prompt (default OUT/class_images); images already "
+                        "there are used first")  # fmt: skip
+    parser.add_argument("--num-class-images", type=int, default=100, help="class images (default 100)")
+    parser.add_argument("--prior-loss-weight", type=float, default=1.0, help="weight of the class loss")
+    parser.add_argument("--class-steps", type=int, default=20, help="sampler steps per class image")
+
+
 def cmd_train_model(args: argparse.Namespace) -> int:
     """DreamBooth and full fine-tuning: the model's own weights."""
     from sdstudio.training.dreambooth import (
         DreamBoothConfig,
         FinetuneConfig,
-        PriorPreservation,
         train_dreambooth,
         train_finetune,
-    )  # fmt: skip
+    )
 
     common = {
         "name": args.name, "train_text_encoder": args.train_text_encoder, "text_lr": args.text_lr,
@@ -784,13 +807,7 @@ def cmd_train_model(args: argparse.Namespace) -> int:
     if args.ema_decay is not None:
         common["ema_decay"] = args.ema_decay
     if args.method == "dreambooth":
-        prior = None
-        if args.class_prompt or args.class_data:
-            prior = PriorPreservation(
-                args.class_prompt or "", class_data=args.class_data, num_class_images=args.num_class_images,
-                prior_loss_weight=args.prior_loss_weight, steps=args.class_steps, seed=args.seed,
-            )  # fmt: skip
-        config: object = DreamBoothConfig(**common, instance_prompt=args.instance_prompt or "", prior=prior)
+        config: object = DreamBoothConfig(**common, instance_prompt=args.instance_prompt or "", prior=_prior(args))
         method = train_dreambooth
     else:
         config, method = FinetuneConfig(**common), train_finetune
@@ -820,8 +837,9 @@ def cmd_eval_toyworld(args: argparse.Namespace) -> int:
     if args.concept:
         from sdstudio.toyworld.evaluate import ConceptEvalSettings, evaluate_concept, format_concept_table
 
+        counts = {"prompts_per_split": args.prompts, "base_prompts_per_set": args.base_prompts}
         settings = ConceptEvalSettings(ngms=args.ngms, ngms_all_steps=args.ngms_all_steps,
-                                       **({"prompts_per_split": args.prompts} if args.prompts else {}))  # fmt: skip
+                                       **{k: v for k, v in counts.items() if v is not None})  # fmt: skip
         results = evaluate_concept(
             model, args.concept, settings, prompt_suffix="".join(f" {t}" for t in args.network),
             concept_word=args.concept_word, lora_dirs=args.lora_dir, hypernetwork_dirs=args.hypernetwork_dir,
@@ -1025,6 +1043,7 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--alpha", type=float, help="network alpha (default: the rank, scale 1)")
     lo.add_argument("--conv-rank", type=int, help="LoCon: also the ResNet 3x3 convolutions at this rank")
     lo.add_argument("--conv-alpha", type=float, help="LoCon alpha (default: the conv rank)")
+    _prior_arguments(lo)
     lo.set_defaults(func=cmd_train_lora)
     hn = trn_sub.add_parser(
         "hypernetwork", help="hypernetwork (AUTOMATIC1111): a style learnt in the attention's keys and values",
@@ -1062,13 +1081,7 @@ def build_parser() -> argparse.ArgumentParser:
         if method == "dreambooth":
             mp.add_argument("--instance-prompt", help="the caption of every instance image ('a photo of sks "
                             "dog'); default: the images' own captions")  # fmt: skip
-            mp.add_argument("--class-prompt", help="prior preservation: class images of this prompt ('a photo "
-                            "of a dog'), made by the model itself and cached in --class-data")  # fmt: skip
-            mp.add_argument("--class-data", metavar="DIR", help="class images folder (default OUT/class_images); "
-                            "images already there are used first")  # fmt: skip
-            mp.add_argument("--num-class-images", type=int, default=100, help="class images (default 100)")
-            mp.add_argument("--prior-loss-weight", type=float, default=1.0, help="weight of the class loss")
-            mp.add_argument("--class-steps", type=int, default=20, help="sampler steps per class image")
+            _prior_arguments(mp)
         mp.set_defaults(func=cmd_train_model)
 
     ev = sub.add_parser("eval", help="measure models")
@@ -1092,6 +1105,8 @@ def build_parser() -> argparse.ArgumentParser:
     ew.add_argument("--concept-word", metavar="WORD", help="the word standing for the concept (embedding name, "
                     "DreamBooth token)")  # fmt: skip
     ew.add_argument("--method", default="", help="with --concept: a label for the report")
+    ew.add_argument("--base-prompts", type=int, help="with --concept: base prompts per set, 2 images each "
+                    "(default 4; 24 tell a 5-point drop from noise better)")  # fmt: skip
     ew.set_defaults(func=cmd_eval_toyworld)
     from sdstudio.cli_eval import add_eval_commands
 
@@ -1100,7 +1115,8 @@ def build_parser() -> argparse.ArgumentParser:
     toy = sub.add_parser("toyworld", help="the toy world's data: fine-tuning sets of concepts the embedded model never saw")
     toy_sub = toy.add_subparsers(dest="toyworld_command", required=True)
     tds = toy_sub.add_parser("dataset", help="write a concept's fine-tuning folder: NNNN.png + NNNN.txt (kohya / A1111)")
-    tds.add_argument("--concept", required=True, help="ring, pink or outlined")
+    tds.add_argument("--concept", required=True, help="ring, pink or outlined; base: scenes of the world the "
+                     "embedded model learnt (regularisation images for --class-data)")  # fmt: skip
     tds.add_argument("--n", type=int, required=True, help="image-caption pairs")
     tds.add_argument("--out", required=True, help="folder to write (empty or new)")
     tds.add_argument("--seed", type=int, default=0)

@@ -59,6 +59,7 @@ from sdstudio.toyworld.world import (
     caption,
     parse_caption,
     render,
+    sample_scene,
 )
 
 log = logging.getLogger(__name__)
@@ -191,12 +192,26 @@ def concept_dataset(
         yield render(scene), caption(scene, rng), scene
 
 
+BASE = "base"  # write_concept_dataset's name for the base world's own scenes
+
+
+def base_dataset(n: int, seed: int = 0) -> Iterator[tuple[np.ndarray, str, Scene]]:
+    """``n`` scenes of the world the embedded model learnt (one or two objects, no held-out colour-shape
+    pair, no concept) with the world's captions: regularisation images for prior preservation, as kohya
+    users keep real photos of the class. Its own random stream, apart from the recipe's data."""
+    rng = np.random.default_rng([seed, len(CONCEPTS), _DATASET_STREAM])
+    for _ in range(n):
+        scene = sample_scene(rng, "train", int(rng.integers(1, 3)))
+        yield render(scene), caption(scene, rng), scene
+
+
 def write_concept_dataset(concept: str, n: int, out: Path, seed: int = 0, *, overwrite: bool = False) -> Path:
     """Write a fine-tuning folder as a user keeps one (kohya / AUTOMATIC1111): ``out/0000.png`` with its
-    caption in ``out/0000.txt``, ... ``n`` pairs of the seen split. Refuses a folder that holds anything
-    unless ``overwrite``, which replaces the numbered pairs found there (other files are left, and
-    named in a warning). Returns ``out``."""
-    c = get_concept(concept)
+    caption in ``out/0000.txt``, ... ``n`` pairs of the seen split (``concept`` ``"base"``: of the base
+    world, ``base_dataset``). Refuses a folder that holds anything unless ``overwrite``, which replaces the
+    numbered pairs found there (other files are left, and named in a warning). Returns ``out``."""
+    samples = base_dataset(n, seed) if concept == BASE else concept_dataset(concept, n, seed)
+    what = "base-world scenes" if concept == BASE else get_concept(concept).describe()
     out = Path(out)
     existing = claim_dataset_folder(out, n, overwrite)
     for path in existing:
@@ -207,13 +222,13 @@ def write_concept_dataset(concept: str, n: int, out: Path, seed: int = 0, *, ove
         log.warning("%s: left in place, not part of the dataset written: %s", out, ", ".join(others[:10]))
     out.mkdir(parents=True, exist_ok=True)
     width = max(4, len(str(n - 1)))
-    for i, (image, text, _) in enumerate(concept_dataset(c.name, n, seed)):
+    for i, (image, text, _) in enumerate(samples):
         stem = f"{i:0{width}d}"
         atomic_write(
             out / f"{stem}.png", lambda tmp, image=image: Image.fromarray(image).save(tmp, format="PNG")
         )
         atomic_write(out / f"{stem}.txt", lambda tmp, text=text: tmp.write_text(text + "\n"))
-    log.info("%s: %d images of %s (seed %d)", out, n, c.describe(), seed)
+    log.info("%s: %d images of %s (seed %d)", out, n, what, seed)
     return out
 
 

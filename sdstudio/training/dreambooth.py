@@ -52,7 +52,7 @@ from sdstudio.models.stablediffusion import EMA_PREFIX, UNET_PREFIX, ema_key
 from sdstudio.models.tokenizer import ClipTokenizer
 from sdstudio.models.unet import UNetModel, timestep_embedding
 from sdstudio.prompt.conditioning import encode_captions
-from sdstudio.training.distributed import shard_from_env
+from sdstudio.training.distributed import Shard, shard_from_env
 from sdstudio.training.finetune import (
     LoopOptions,
     RunConfig,
@@ -69,7 +69,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CLASS_MANIFEST", "CheckpointedUNet", "ClassImages", "DreamBoothConfig", "FinetuneConfig",
-    "PriorPreservation", "bf16_native", "ema_tensors", "prepare_class_images",
+    "PriorPreservation", "bf16_native", "check_class_folder", "class_captions", "class_folder", "ema_tensors",
+    "open_class_data", "prepare_class_images",
     "prior_preservation_loss", "train_dreambooth", "train_finetune",
 ]  # fmt: skip
 
@@ -87,7 +88,8 @@ class PriorPreservation:
     trained, ``num_class_images`` of them, in ``class_data`` or the run folder's ``class_images/``) trained
     beside the instance images with ``prior_loss_weight``. A class image's caption is its same-stem ``.txt``
     if it has one (kohya's captioned regularisation images; generated ones get the class prompt), else the
-    class prompt. Generation: ``sampler``, ``steps``, ``cfg_scale`` and seeds ``seed``, ``seed + 1``, ... at
+    class prompt. Without a class prompt, ``class_data`` must already hold ``num_class_images`` captioned
+    images (kohya's ``--reg_data_dir``). Generation: ``sampler``, ``steps``, ``cfg_scale`` and seeds ``seed``, ``seed + 1``, ... at
     the model's size, ``batch`` images per call."""
 
     class_prompt: str
@@ -102,9 +104,10 @@ class PriorPreservation:
     batch: int = 4
 
     def __post_init__(self) -> None:
-        if not self.class_prompt.strip():
+        if not self.class_prompt.strip() and not self.class_data:
             raise SdStudioError(
-                "prior preservation needs a class prompt (--class-prompt, 'a photo of a dog')"
+                "prior preservation needs a class prompt (--class-prompt, 'a photo of a dog') or a folder "
+                "of captioned class images (--class-data)"
             )
         if self.num_class_images < 1 or self.steps < 1 or self.batch < 1:
             raise SdStudioError(
@@ -260,11 +263,10 @@ def prepare_class_images(
     line in ``class_images.jsonl`` (file, prompt, negative prompt, seed, sampler, steps, CFG, model). A
     folder whose manifest names another class prompt is refused: its images would teach another class."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise SdStudioError(f"{folder}: is a file; give a folder for the class images (--class-data)")
+    check_class_folder(prior, folder)
     folder.mkdir(parents=True, exist_ok=True)
     other = {m.get("prompt") for m in _manifest(folder)} - {prior.class_prompt}
-    if other:
+    if other and prior.class_prompt:
         raise SdStudioError(
             f"{folder}: holds class images of {min(map(str, other))!r} ({CLASS_MANIFEST}), not of "
             f"{prior.class_prompt!r}; give another --class-data folder or empty it"
@@ -293,6 +295,61 @@ def prepare_class_images(
             index += 1
         made += len(images)
     return ClassImages(folder, found, made)
+
+
+def check_class_folder(prior: PriorPreservation, folder: Path) -> None:
+    """What can be said of a class folder before any work: not a file; without a class prompt (nothing can
+    be generated), a folder that already holds ``num_class_images`` images."""
+    if folder.exists() and not folder.is_dir():
+        raise SdStudioError(f"{folder}: is a file; give a folder for the class images (--class-data)")
+    if prior.class_prompt:
+        return
+    if not folder.is_dir():
+        raise SdStudioError(f"{folder}: no such folder of class images; give --class-prompt to generate them")
+    found = len(_images_in(folder))
+    if found < prior.num_class_images:
+        raise SdStudioError(
+            f"{folder}: {found} class images, {prior.num_class_images} asked for; give --class-prompt to "
+            f"generate the missing ones, or --num-class-images {found} or fewer"
+        )
+
+
+def class_folder(prior: PriorPreservation, out: Path) -> Path:
+    """Where a run's class images are: ``prior.class_data``, else the run folder's ``class_images/``."""
+    return Path(prior.class_data) if prior.class_data else out / CLASS_FOLDER
+
+
+def open_class_data(
+    model: LoadedModel,
+    prior: PriorPreservation,
+    out: Path,
+    resolution: int | tuple[int, int],
+    batch_size: int,
+    seed: int,
+    shard: Shard,
+    make_images: ClassImageMaker = pipeline_class_images,
+) -> TrainingData:
+    """The class images of a prior-preservation run (DreamBooth, LoRA) as training batches: ``prior.class_data``
+    (default ``out/class_images``) filled up to ``num_class_images`` by rank 0 (``prepare_class_images``),
+    at the instance images' ``resolution``, their latents cached in ``out/latents``. Without a class prompt,
+    every class image needs a caption of its own (refused by name otherwise)."""
+    folder = class_folder(prior, out)
+    shard.on_main(lambda: prepare_class_images(model, prior, folder, make_images=make_images))
+    config = dataset_config_for(model, missing_caption="empty", resolution=resolution)
+    classes = TrainingData.open(folder, config, model, out / "latents", batch_size, seed, shard=shard)
+    if not prior.class_prompt:
+        bare = [item.name for item in classes.dataset.items if not any(c.strip() for c in item.captions)]
+        if bare:
+            raise SdStudioError(
+                f"{folder}: class images without a caption ({', '.join(bare[:3])}"
+                f"{', ...' if len(bare) > 3 else ''}); add same-stem .txt captions or give --class-prompt"
+            )
+    return classes
+
+
+def class_captions(prior: PriorPreservation, captions: Sequence[str]) -> list[str]:
+    """A class batch's captions: each image's own, the class prompt where it has none."""
+    return [c or prior.class_prompt for c in captions]
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
@@ -388,11 +445,12 @@ def _train_model(
         options |= {"template": (instance_prompt,), "missing_caption": "empty"}
     data_config = dataset_config_for(model, **options)
     prior = config.prior if isinstance(config, DreamBoothConfig) else None
-    class_folder = Path(prior.class_data) if prior and prior.class_data else out / CLASS_FOLDER
-    class_config = dataset_config_for(model, missing_caption="empty", resolution=data_config.resolution)
+    classes_at = class_folder(prior, out) if prior else None
+    if prior is not None and classes_at is not None:
+        check_class_folder(prior, classes_at)
     settings = jsonable({"method": method, "model": str(model.path), "data": str(data),
                           "run": run_settings(run, shard), method: asdict(config), "dataset": asdict(data_config),
-                          "class_data": str(class_folder) if prior else None})  # fmt: skip
+                          "class_data": str(classes_at) if classes_at else None})  # fmt: skip
     resume = prepare_run_folder(out, settings, overwrite, shard)
     log.info("%s %s", "resuming" if resume else "starting", out)
     sd = model.model
@@ -402,10 +460,8 @@ def _train_model(
     )
     classes = None
     if prior is not None:
-        shard.on_main(lambda: prepare_class_images(model, prior, class_folder, make_images=make_class_images))
-        classes = TrainingData.open(
-            class_folder, class_config, model, out / "latents", run.batch_size, run.seed + 1, shard=shard
-        )
+        classes = open_class_data(model, prior, out, data_config.resolution, run.batch_size, run.seed + 1, shard,
+                                  make_class_images)  # fmt: skip
 
     bf16 = run.bf16 and bf16_native(model.device)
     if run.bf16 and not bf16:
@@ -432,9 +488,8 @@ def _train_model(
                                           rows=source.rows(index))  # fmt: skip
         if classes is None or prior is None:
             return instance.mean()
-        class_latents, class_captions = classes.batch(index, generator)
-        class_captions = [c or prior.class_prompt for c in class_captions]  # captioned regularisation images
-        class_context = _encode(model, tokenizer, class_captions, text_trained)
+        class_latents, captions_of_class = classes.batch(index, generator)
+        class_context = _encode(model, tokenizer, class_captions(prior, captions_of_class), text_trained)
         kept = denoiser.training_loss(class_latents, class_context, generator, snr_gamma=run.snr_gamma,
                                       noise_offset=config.noise_offset, rows=classes.rows(index))  # fmt: skip
         return prior_preservation_loss(instance, kept, prior.prior_loss_weight)

@@ -86,6 +86,14 @@ from sdstudio.models.tokenizer import ClipTokenizer
 from sdstudio.models.unet import GEGLU
 from sdstudio.prompt.conditioning import encode_padded, tokenize_attention
 from sdstudio.training.distributed import Rows, shard_from_env
+from sdstudio.training.dreambooth import (
+    PriorPreservation,
+    check_class_folder,
+    class_captions,
+    class_folder,
+    open_class_data,
+    prior_preservation_loss,
+)
 from sdstudio.training.finetune import (
     LoopOptions,
     RunConfig,
@@ -559,9 +567,14 @@ def save_kohya(
 
 @dataclass(frozen=True)
 class LoraRunOptions(LoopOptions):
-    """The loop options of a LoRA run (``finetune.LoopOptions``); the file is ``lora.safetensors`` unless named."""
+    """The loop options of a LoRA run (``finetune.LoopOptions``); the file is ``lora.safetensors`` unless named.
+    ``prior``: regularisation images trained beside the instance images, as kohya's ``--reg_data_dir`` and
+    diffusers' ``train_dreambooth_lora.py --with_prior_preservation`` do (``dreambooth.PriorPreservation``:
+    class images made by the base model from a class prompt, or a folder of captioned images); what the
+    LoRA learns is then kept off what the base model drew for them."""
 
     name: str = "lora"
+    prior: PriorPreservation | None = None
 
 
 def train_lora(
@@ -589,6 +602,9 @@ def train_lora(
     out = Path(out)
     shard = shard_from_env(model.device)
     data_config = dataset_config_for(model, **(dataset_options or {}))
+    prior = options.prior
+    if prior is not None:
+        check_class_folder(prior, class_folder(prior, out))
     settings = jsonable(
         {"method": "lora", "model": str(model.path), "data": str(data), "run": run_settings(run, shard),
          "lora": asdict(config), "options": asdict(options), "dataset": asdict(data_config)},
@@ -598,6 +614,11 @@ def train_lora(
     source = TrainingData.open(
         data, data_config, model, out / "latents", run.batch_size, run.seed, shard=shard
     )
+    classes = None  # the class images are the base model's: made before any branch is attached
+    if prior is not None:
+        classes = open_class_data(
+            model, prior, out, data_config.resolution, run.batch_size, run.seed + 1, shard
+        )
     sd = model.model
     lora = TrainableLoRA(sd, config, seed=run.seed)
     tokenizer = ClipTokenizer()
@@ -613,6 +634,8 @@ def train_lora(
         "ss_sd_model_hash": model.short_hash,
         "ss_resolution": f"({width}, {height})",
         "ss_num_train_images": sum(item.repeats for item in source.dataset.items),
+        "ss_num_reg_images": sum(item.repeats for item in classes.dataset.items) if classes else 0,
+        "ss_prior_loss_weight": prior.prior_loss_weight if prior else 1.0,
         "ss_batch_size_per_device": run.batch_size,
         "ss_max_train_steps": run.steps,
         "ss_learning_rate": config.unet_lr,
@@ -634,8 +657,17 @@ def train_lora(
         def loss_fn(index: int, generator: torch.Generator) -> Tensor:
             latents, captions = source.batch(index, generator)
             context = encode_training_captions(branches, tokenizer, captions)
-            return lora_loss(branches, latents, context, generator, snr_gamma=run.snr_gamma,
-                             noise_offset=options.noise_offset, rows=source.rows(index))  # fmt: skip
+            instance = lora_loss(branches, latents, context, generator, snr_gamma=run.snr_gamma,
+                                 noise_offset=options.noise_offset, rows=source.rows(index))  # fmt: skip
+            if classes is None or prior is None:
+                return instance
+            class_latents, captions_of_class = classes.batch(index, generator)
+            class_context = encode_training_captions(
+                branches, tokenizer, class_captions(prior, captions_of_class)
+            )
+            kept = lora_loss(branches, class_latents, class_context, generator, snr_gamma=run.snr_gamma,
+                             noise_offset=options.noise_offset, rows=classes.rows(index))  # fmt: skip
+            return prior_preservation_loss(instance, kept, prior.prior_loss_weight)
 
         def on_save(step: int) -> None:
             saved = out / SAVES_FOLDER / f"{saved_name(options.name, step)}.safetensors"

@@ -18,6 +18,7 @@ from sdstudio.errors import SdStudioError
 from sdstudio.toyworld.concepts import (
     CONCEPTS,
     SPLITS,
+    base_dataset,
     concept_dataset,
     concept_prompts,
     get_concept,
@@ -105,6 +106,24 @@ def test_dataset_uses_only_the_seen_combinations() -> None:
         assert {o.shape for o in objects} == set(c.shapes)
         assert {o.position for o in objects} == set(c.positions)
         assert {o.size for o in objects} == {"small", "large"} and len({s.background for s in scenes}) == 4
+
+
+def test_base_dataset_is_the_base_world_for_regularisation(tmp_path) -> None:
+    """``--concept base``: scenes of the world the embedded model learnt, captioned truly, none of them a
+    held-out pair or a concept: regularisation images (kohya's --reg_data_dir) for prior preservation."""
+    from sdstudio.toyworld.world import is_heldout
+
+    out = write_concept_dataset("base", 40, tmp_path / "reg", seed=2)
+    samples = list(base_dataset(40, seed=2))
+    counts = {1: 0, 2: 0}
+    for i, (image, text, scene) in enumerate(samples):
+        assert np.array_equal(np.asarray(Image.open(out / f"{i:04d}.png")), image)
+        assert (out / f"{i:04d}.txt").read_text() == text + "\n" and score(image, text).all, text
+        assert scene.objects[0].style is None and not is_heldout(scene.objects[0])
+        assert all(o.shape != "ring" and o.colour != "pink" for o in scene.objects)
+        counts[len(scene.objects)] += 1
+    assert min(counts.values()) >= 10  # one and two objects
+    assert [t for _, t, _ in base_dataset(5, seed=3)] != [t for _, t, _ in samples[:5]]
 
 
 def test_dataset_refuses_a_non_empty_folder_unless_overwrite(tmp_path) -> None:

@@ -118,7 +118,9 @@ def test_defaults_follow_the_model_and_bad_options_fail_before_any_work(data, ck
         (["hypernetwork", "--name", "h", "--layer-structure", "1,x,1"], "--layer-structure '1,x,1'"),
         (["hypernetwork", "--name", "h", "--layer-structure", "2,1"], "layer structure [2.0, 1.0]"),
         (["hypernetwork", "--name", "h", "--activation", "nope"], "activation 'nope'"),
-        (["dreambooth", "--class-data", str(data), "--class-prompt", " "], "needs a class prompt"),
+        (["dreambooth", "--class-prompt", " "], "needs a class prompt"),
+        (["lora", "--class-data", str(tmp_path / "no-reg")], "no such folder of class images"),
+        (["lora", "--class-data", str(data), "--num-class-images", "50"], "asked for; give --class-prompt"),
         (["finetune", "--ema-decay", "1.5"], "EMA decay 1.5"),
         (["finetune", "--name", "a/b"], "output name 'a/b'"),
     ]

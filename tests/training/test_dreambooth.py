@@ -217,6 +217,21 @@ def test_prior_preservation_generates_class_images_once(tmp_path):
         prepare_class_images(model, PriorPreservation("a dog", num_class_images=9), tmp_path / "class")
 
 
+def by_hand_mse(
+    base: LoadedModel, generator: torch.Generator, latents: torch.Tensor, captions: list[str]
+) -> torch.Tensor:
+    """The eps loss of one batch as the trainer draws it: timesteps, then noise, from ``generator``;
+    eps = UNet(c_in * (x0 + sigma n), t, c)."""
+    unet, sigmas = base.model.unet, training_denoiser(base).schedule.sigmas
+    with torch.no_grad():
+        context = encode_captions(base.model.text_encoder, ClipTokenizer(), base.config.text, captions, 1)
+        t = torch.randint(0, len(sigmas), (latents.shape[0],), generator=generator)
+        noise = torch.randn(latents.shape, generator=generator)
+        sigma = sigmas[t][:, None, None, None]
+        eps = unet((latents + sigma * noise) / (sigma**2 + 1) ** 0.5, t.float(), context)
+        return (eps - noise).pow(2).mean()
+
+
 def test_dreambooth_loss_is_instance_plus_weighted_prior(data, tmp_path):
     """The logged loss of step 1 equals, by hand on the same batch, timesteps and noise:
     mean(instance MSE) + prior_loss_weight * mean(class MSE), eps = UNet(c_in * (x0 + sigma n), t, c)."""
@@ -228,27 +243,17 @@ def test_dreambooth_loss_is_instance_plus_weighted_prior(data, tmp_path):
     assert len(list((tmp_path / "run" / "class_images").glob("*.png"))) == 2
 
     base = fresh()
-    unet, sigmas = base.model.unet, training_denoiser(base).schedule.sigmas
     generator = torch.Generator().manual_seed(run.seed)
-
-    def mse(latents: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        with torch.no_grad():
-            context = encode_captions(base.model.text_encoder, ClipTokenizer(), base.config.text, captions, 1)
-            t = torch.randint(0, len(sigmas), (latents.shape[0],), generator=generator)
-            noise = torch.randn(latents.shape, generator=generator)
-            sigma = sigmas[t][:, None, None, None]
-            eps = unet((latents + sigma * noise) / (sigma**2 + 1) ** 0.5, t.float(), context)
-            return (eps - noise).pow(2).mean()
 
     options = dataset_config_for(base, template=("a sks zqxring",), missing_caption="empty")
     instance = TrainingData.open(data, options, base, tmp_path / "run" / "latents", 2, run.seed)
     latents, captions = instance.batch(0, generator)
     assert captions == ["a sks zqxring"] * 2
-    first = mse(latents, captions)
+    first = by_hand_mse(base, generator, latents, captions)
     classes = TrainingData.open(tmp_path / "run" / "class_images", dataset_config_for(base, missing_caption="empty"),
                                 base, tmp_path / "run" / "latents", 2, run.seed + 1)  # fmt: skip
     class_latents, _ = classes.batch(0, generator)
-    second = mse(class_latents, ["a ring"] * 2)
+    second = by_hand_mse(base, generator, class_latents, ["a ring"] * 2)
     assert record["loss"] == pytest.approx(float(first + 0.5 * second), rel=1e-5)
     assert record["loss"] != pytest.approx(float(first + second), rel=1e-3)  # the weight matters
     assert record["loss"] != pytest.approx(float(first), rel=1e-3)  # and so does the class term
@@ -416,3 +421,52 @@ def test_v_target_bf16_and_the_8bit_optimizer(data, tmp_path):
         return [value] if torch.is_tensor(value) else []
 
     assert any(t.dtype == torch.uint8 and t.numel() >= 4096 for t in tensors(state))  # 8-bit moments
+
+
+def test_lora_with_regularisation_images_adds_their_weighted_loss(data, tmp_path):
+    """LoRA with prior preservation (kohya's --reg_data_dir): a folder of captioned class images and no class
+    prompt. Step 1's logged loss is, by hand with the base model (the LoRA starts at it exactly), the
+    instance MSE plus prior_loss_weight times the class MSE on the class images' own captions; the file
+    counts the regularisation images. A folder short of images, or with an uncaptioned image, is refused
+    by name before any training."""
+    from sdstudio.training.lora import LoraRunOptions, LoraTrainConfig, train_lora
+
+    classes_dir = tmp_path / "reg"
+    write_dataset(classes_dir, n=3)
+    (classes_dir / "broken.png").unlink()
+    for i, text in enumerate(["a red circle", "a blue square", "a green star"]):
+        (classes_dir / f"{i:02d}.txt").write_text(text)
+    prior = PriorPreservation("", class_data=str(classes_dir), num_class_images=3, prior_loss_weight=0.25)
+    run = RunConfig(steps=1, batch_size=2, lr=1e-3, bf16=False, seed=4)
+    options = LoraRunOptions(name="reg", save_dtype="fp32", prior=prior)
+    (path,) = train_lora(fresh(), data, tmp_path / "run", LoraTrainConfig(rank=2), run, options)
+    ((record,),) = [read_log(tmp_path / "run" / "state" / LOG_FILE)]
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_num_reg_images"], meta["ss_prior_loss_weight"]) == ("3", "0.25")
+
+    base = fresh()
+    generator = torch.Generator().manual_seed(run.seed)
+
+    latents_dir = tmp_path / "run" / "latents"
+    instance = TrainingData.open(data, dataset_config_for(base), base, latents_dir, 2, run.seed)
+    latents, captions = instance.batch(0, generator)
+    first = by_hand_mse(base, generator, latents, captions)
+    reg = TrainingData.open(classes_dir, dataset_config_for(base, missing_caption="empty"), base, latents_dir, 2,
+                            run.seed + 1)  # fmt: skip
+    class_latents, class_texts = reg.batch(0, generator)
+    assert set(class_texts) <= {"a red circle", "a blue square", "a green star"}
+    second = by_hand_mse(base, generator, class_latents, class_texts)
+    assert record["loss"] == pytest.approx(float(first + 0.25 * second), rel=1e-5)
+    assert record["loss"] != pytest.approx(float(first), rel=1e-3)  # the class term counts
+
+    short = PriorPreservation("", class_data=str(classes_dir), num_class_images=5)
+    with pytest.raises(SdStudioError, match="3 class images, 5 asked for; give --class-prompt"):
+        train_lora(fresh(), data, tmp_path / "short", LoraTrainConfig(rank=2), run, LoraRunOptions(prior=short))
+    (classes_dir / "01.txt").unlink()
+    with pytest.raises(SdStudioError, match=r"class images without a caption \(01.png\)"):
+        train_lora(fresh(), data, tmp_path / "bare", LoraTrainConfig(rank=2), run, LoraRunOptions(prior=prior))
+    with pytest.raises(SdStudioError, match="needs a class prompt"):
+        PriorPreservation("")
