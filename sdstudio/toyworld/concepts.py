@@ -59,8 +59,8 @@ from sdstudio.toyworld.world import (
     caption,
     parse_caption,
     render,
-    sample_scene,
 )
+from sdstudio.toyworld.world import dataset as world_dataset
 
 log = logging.getLogger(__name__)
 
@@ -199,10 +199,7 @@ def base_dataset(n: int, seed: int = 0) -> Iterator[tuple[np.ndarray, str, Scene
     """``n`` scenes of the world the embedded model learnt (one or two objects, no held-out colour-shape
     pair, no concept) with the world's captions: regularisation images for prior preservation, as kohya
     users keep real photos of the class. Its own random stream, apart from the recipe's data."""
-    rng = np.random.default_rng([seed, len(CONCEPTS), _DATASET_STREAM])
-    for _ in range(n):
-        scene = sample_scene(rng, "train", int(rng.integers(1, 3)))
-        yield render(scene), caption(scene, rng), scene
+    return world_dataset([seed, len(CONCEPTS), _DATASET_STREAM], n, "train")
 
 
 def write_concept_dataset(concept: str, n: int, out: Path, seed: int = 0, *, overwrite: bool = False) -> Path:

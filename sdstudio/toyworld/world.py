@@ -30,7 +30,7 @@ import itertools
 import logging
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -485,9 +485,10 @@ def swap_shapes(scene: Scene) -> Scene:
 
 
 def dataset(
-    seed: int, n: int, split: Split = "train", n_objects: int | None = None
+    seed: int | Sequence[int], n: int, split: Split = "train", n_objects: int | None = None
 ) -> Iterator[tuple[np.ndarray, str, Scene]]:
-    """``n`` (image uint8 [64, 64, 3], caption, scene) triples, the same for the same arguments.
+    """``n`` (image uint8 [64, 64, 3], caption, scene) triples, the same for the same arguments (``seed``:
+    anything ``np.random.default_rng`` takes, such as ``[seed, stream]``).
 
     ``n_objects=None`` draws one or two objects with equal probability.
     """

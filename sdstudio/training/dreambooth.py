@@ -89,8 +89,8 @@ class PriorPreservation:
     beside the instance images with ``prior_loss_weight``. A class image's caption is its same-stem ``.txt``
     if it has one (kohya's captioned regularisation images; generated ones get the class prompt), else the
     class prompt. Without a class prompt, ``class_data`` must already hold ``num_class_images`` captioned
-    images (kohya's ``--reg_data_dir``). Generation: ``sampler``, ``steps``, ``cfg_scale`` and seeds ``seed``, ``seed + 1``, ... at
-    the model's size, ``batch`` images per call."""
+    images (kohya's ``--reg_data_dir``). Generation: ``sampler``, ``steps``, ``cfg_scale`` and seeds
+    ``seed``, ``seed + 1``, ... at the model's size, ``batch`` images per call."""
 
     class_prompt: str
     class_data: str | None = None
@@ -445,8 +445,9 @@ def _train_model(
         options |= {"template": (instance_prompt,), "missing_caption": "empty"}
     data_config = dataset_config_for(model, **options)
     prior = config.prior if isinstance(config, DreamBoothConfig) else None
-    classes_at = class_folder(prior, out) if prior else None
-    if prior is not None and classes_at is not None:
+    classes_at = None
+    if prior is not None:
+        classes_at = class_folder(prior, out)
         check_class_folder(prior, classes_at)
     settings = jsonable({"method": method, "model": str(model.path), "data": str(data),
                           "run": run_settings(run, shard), method: asdict(config), "dataset": asdict(data_config),
