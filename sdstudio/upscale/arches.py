@@ -82,6 +82,10 @@ class RRDBConfig:
     def image_channels(self) -> int:
         return self.in_nc // self.shuffle**2
 
+    @property
+    def align(self) -> int:  # tiles start at multiples of this: the unshuffle's cells, cut as the whole image
+        return self.shuffle
+
     def describe(self) -> str:
         kind = "ESRGAN+" if self.plus else "ESRGAN"
         unshuffle = f", pixel-unshuffle {self.shuffle}" if self.shuffle > 1 else ""
@@ -279,6 +283,10 @@ class CompactConfig:
     def image_channels(self) -> int:
         return self.in_nc
 
+    @property
+    def align(self) -> int:
+        return 1
+
     def describe(self) -> str:
         return f"Real-ESRGAN Compact x{self.scale} ({self.nf}nf, {self.num_conv}nc)"
 
@@ -340,6 +348,7 @@ def compact_config(state: StateDict) -> CompactConfig:
 _KNOWN_KEYS: tuple[tuple[str, str], ...] = (
     ("layers.0.residual_group.td", "ATD"),
     ("relative_position_index_SA", "HAT"),
+    ("layers.0.residual_group.blocks.0.attn.logit_scale", "Swin2SR"),
     ("layers.0.residual_group.blocks.0.attn.relative_position_index", "SwinIR / Swin2SR"),
     ("layers.0.swin1.norm1.weight", "DRCT"),
     ("layers.0.blocks.0.ffn.sg.conv.weight", "DAT"),

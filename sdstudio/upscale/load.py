@@ -1,7 +1,7 @@
 """Upscalers by name or file, and AUTOMATIC1111's two ways of using them.
 
 An upscaler is a learned model file (:mod:`sdstudio.upscale.arches`: ESRGAN, Real-ESRGAN, Real-ESRGAN
-Compact; ``.pth`` read with ``weights_only``, or ``.safetensors``) or one of the resampling filters
+Compact; :mod:`sdstudio.upscale.swinir`: SwinIR; ``.pth`` read with ``weights_only``, or ``.safetensors``) or one of the resampling filters
 ``Lanczos`` and ``Nearest``. Files are found by stem in ``--upscaler-dir`` folders, as A1111 lists
 ``models/ESRGAN`` (or given as a path).
 
@@ -47,7 +47,10 @@ from sdstudio.upscale.arches import (
     rrdb_config,
     rrdb_old_layout,
 )
+from sdstudio.upscale.swinir import SwinIR, SwinIRConfig, is_swinir, swinir_config, swinir_layout
 from sdstudio.upscale.tiling import Progress, Tiling, upscale_tiled
+
+UpscalerConfig = RRDBConfig | CompactConfig | SwinIRConfig
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,8 @@ A1111_NAMES: dict[str, str] = {
     "R-ESRGAN 4x+": "RealESRGAN_x4plus",
     "R-ESRGAN 4x+ Anime6B": "RealESRGAN_x4plus_anime_6B",
     "R-ESRGAN 2x+": "RealESRGAN_x2plus",
+    # extensions-builtin/SwinIR: the file its SWINIR_MODEL_URL downloads
+    "SwinIR 4x": "003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN",
 }
 MAX_PASSES = 3  # A1111's Upscaler.upscale: a x2 model reaches x4 in two passes, x8 in three
 # Training frameworks' wrappers around the weights (BasicSR's params_ema / params, Lightning's state_dict):
@@ -163,7 +168,7 @@ class ModelUpscaler(Upscaler):
     """A loaded upscaler model on ``device`` in ``dtype``, run in tiles of ``tiling``."""
 
     def __init__(
-        self, name: str, model: nn.Module, config: RRDBConfig | CompactConfig, *, device: str | torch.device = "cpu",
+        self, name: str, model: nn.Module, config: UpscalerConfig, *, device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32, tiling: Tiling = DEFAULT_TILING, path: Path | None = None,
     ) -> None:  # fmt: skip
         self.name, self.config, self.path, self.tiling = name, config, path, tiling
@@ -176,7 +181,7 @@ class ModelUpscaler(Upscaler):
 
     def upscale_tensor(self, x: Tensor, progress: Progress | None = None) -> Tensor:
         """``[1, C, H, W]`` in [0, 1] -> ``[1, C, H * scale, W * scale]`` float32 on the CPU, in tiles."""
-        align = getattr(self.config, "shuffle", 1)
+        align = self.config.align
 
         def run(tile: Tensor) -> Tensor:
             return self.model(tile.to(self.device, self.dtype))
@@ -238,25 +243,33 @@ def read_upscaler_state(path: str | os.PathLike) -> dict[str, Tensor]:
     return _strip_prefix(dict(state))
 
 
-def build_upscaler_model(state: Mapping[str, Tensor]) -> tuple[nn.Module, RRDBConfig | CompactConfig]:
+def build_upscaler_model(state: Mapping[str, Tensor]) -> tuple[nn.Module, UpscalerConfig]:
     """The architecture a state dict is for, with its weights loaded (float32, CPU). ``SdStudioError`` (without
     the file's name) when it is none this module knows, or is malformed."""
     model: nn.Module
+    config: UpscalerConfig
     if is_rrdb(state):
         state = rrdb_old_layout(state)
-        config: RRDBConfig | CompactConfig = rrdb_config(state)
+        config = rrdb_config(state)
         with torch.device("meta"):
             model = RRDBNet(config)
     elif is_compact(state):
         config = compact_config(state)
         with torch.device("meta"):
             model = SRVGGNetCompact(config)
+    elif is_swinir(state):
+        config = swinir_config(state)
+        state = swinir_layout(state)
+        with torch.device("meta"):
+            model = SwinIR(config)
     else:
         raise SdStudioError(
             f"not an upscaler sdstudio can run: {describe_unknown(state)}. Supported: ESRGAN (RRDBNet: old "
-            "ESRGAN, Real-ESRGAN and BSRGAN layouts) and Real-ESRGAN Compact (SRVGGNetCompact)"
+            "ESRGAN, Real-ESRGAN and BSRGAN layouts), Real-ESRGAN Compact (SRVGGNetCompact) and SwinIR"
         )
     model.to_empty(device="cpu")  # no random init: every parameter is read from the file
+    if isinstance(model, SwinIR):
+        model.reset_buffers()  # computed, not read: to_empty left them uninitialised
     try:
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     except RuntimeError as e:

@@ -1,5 +1,5 @@
-"""Learned upscalers: our ESRGAN (both key layouts, x1 to x8, pixel-unshuffle x2) and Real-ESRGAN Compact
-against spandrel's own architecture classes and detection (the library ComfyUI and AUTOMATIC1111 run these
+"""Learned upscalers: our ESRGAN (both key layouts, x1 to x8, pixel-unshuffle x2), Real-ESRGAN Compact and
+SwinIR (its four reconstructions, 1conv / 3conv, shifted windows, the JPEG models' range) against spandrel's own architecture classes and detection (the library ComfyUI and AUTOMATIC1111 run these
 files through), tiled == untiled away from seams, seams blended, AUTOMATIC1111's sizing rules, and the
 ``sdstudio upscale`` command with its one-line refusals."""
 
@@ -43,6 +43,7 @@ from sdstudio.upscale.arches import (
     rrdb_old_layout,
 )
 from sdstudio.upscale.load import build_upscaler_model
+from sdstudio.upscale.swinir import SwinIR, SwinIRConfig, SwinTransformerBlock
 from sdstudio.upscale.tiling import tile_spans, upscale_tiled
 
 ATOL = 1e-5  # float32, the same convolutions in the same order: only kernel choice differs by shape
@@ -67,13 +68,15 @@ def spandrel() -> types.SimpleNamespace:
     try:
         esrgan = importlib.import_module("spandrel.architectures.ESRGAN")
         compact = importlib.import_module("spandrel.architectures.Compact")
+        swinir = importlib.import_module("spandrel.architectures.SwinIR")
     finally:
         for name in [k for k in sys.modules if ours(k)]:
             del sys.modules[name]
         sys.modules.update(saved)
     return types.SimpleNamespace(
-        ESRGAN=esrgan.ESRGAN, ESRGANArch=esrgan.ESRGANArch, Compact=compact.Compact, CompactArch=compact.CompactArch
-    )
+        ESRGAN=esrgan.ESRGAN, ESRGANArch=esrgan.ESRGANArch, Compact=compact.Compact, CompactArch=compact.CompactArch,
+        SwinIR=swinir.SwinIR, SwinIRArch=swinir.SwinIRArch,
+    )  # fmt: skip
 
 
 def assert_same(ours: torch.nn.Module, ref: torch.nn.Module, x: torch.Tensor) -> None:
@@ -199,6 +202,109 @@ def test_compact_matches_spandrel(spandrel, scale):
     assert (hp["num_feat"], hp["num_conv"], hp["upscale"], hp["num_out_ch"]) == (16, 4, scale, 3)
 
 
+# ------------------------------------------------------------------------------------- SwinIR parity
+
+
+def randomize_swin_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Weights of a trained net's scale: convs and linears ~ N(0, 1 / fan_in), LayerNorm scales near 1, a
+    relative-position bias of a few units (so that which window a token is in matters), random biases."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "relative_position_bias_table" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 2)
+            elif p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+SWINIR_CASES = {
+    # name: spandrel's SwinIR arguments (small widths; the official files' structure)
+    "classical x2": {"upscale": 2, "upsampler": "pixelshuffle", "resi_connection": "1conv"},
+    "classical x3": {"upscale": 3, "upsampler": "pixelshuffle", "resi_connection": "1conv"},
+    "lightweight x4 3conv": {"upscale": 4, "upsampler": "pixelshuffledirect", "resi_connection": "3conv"},
+    "real-world x4": {"upscale": 4, "upsampler": "nearest+conv", "resi_connection": "1conv"},
+    "real-world x2 unshuffled": {"upscale": 4, "upsampler": "nearest+conv", "start_unshuffle": 2},
+    "denoise gray": {"upscale": 1, "upsampler": "", "in_chans": 1},
+    "jpeg window 7": {"upscale": 1, "upsampler": "", "window_size": 7, "img_size": 14, "img_range": 255.0},
+}
+
+
+def swinir_reference(spandrel, name: str, seed: int = 0):
+    kw = {"img_size": 16, "embed_dim": 16, "depths": [2, 3], "num_heads": [2, 4], "window_size": 4, "mlp_ratio": 2.0}
+    return randomize_swin_(spandrel.SwinIR(**(kw | SWINIR_CASES[name])), seed=seed)
+
+
+@pytest.mark.parametrize("name", list(SWINIR_CASES))
+def test_swinir_matches_spandrel(spandrel, name):
+    ref = swinir_reference(spandrel, name, seed=len(name))
+    state = ref.state_dict()  # with the reference's buffers: relative_position_index, attn_mask
+    assert any(k.endswith("attn_mask") for k in state)
+    case = SWINIR_CASES[name]
+    unshuffle = case.get("start_unshuffle", 1)
+    if unshuffle > 1:  # files keep the unshuffle in conv_first: Sequential(PixelUnshuffle, Conv2d)
+        state = {k.replace("conv_first.", "conv_first.1."): v for k, v in state.items()}
+    ours, config = build_upscaler_model(state)
+    assert isinstance(ours, SwinIR) and config.scale == case["upscale"] // unshuffle
+    assert (config.depths, config.num_heads, config.embed_dim) == ((2, 3), (2, 4), 16)
+    assert (config.window_size, config.upsampler, config.img_range) == (
+        case.get("window_size", 4), case["upsampler"], case.get("img_range", 1.0))  # fmt: skip
+    # spandrel's own detection reads the same from the same keys
+    found = spandrel.SwinIRArch().load(dict(state))
+    hp = found.model.hyperparameters
+    assert (found.scale, hp["embed_dim"], hp["window_size"], hp["resi_connection"], hp["img_size"]) == (
+        config.scale, 16, config.window_size, config.resi_connection, config.img_size)  # fmt: skip
+    # odd sides (reflection padding to the window and the crop), and the training size (the stored mask)
+    for size in ((17, 13), (16, 16)) if unshuffle == 1 else ((16, 24),):
+        assert_same(ours, ref, image(*size, c=config.in_chans, seed=size[0]))
+
+
+def test_swinir_parity_has_teeth(spandrel):
+    """Unshifted windows, or no relative-position bias, do not pass against the same weights."""
+    ref = swinir_reference(spandrel, "classical x2", seed=3)
+    ours, _ = build_upscaler_model(ref.state_dict())
+    x = image(16, 16)
+    assert_same(ours, ref, x)
+    blocks = [m for m in ours.modules() if isinstance(m, SwinTransformerBlock)]
+    shifts = [b.shift for b in blocks]
+    assert shifts == [0, 2, 0, 2, 0]
+    for b in blocks:
+        b.shift = 0
+    with pytest.raises(AssertionError, match="max"):
+        assert_same(ours, ref, x)
+    for b, s in zip(blocks, shifts):
+        b.shift = s
+    assert_same(ours, ref, x)
+    with torch.no_grad():
+        for b in blocks:
+            b.attn.relative_position_bias_table.zero_()
+    with pytest.raises(AssertionError, match="max"):
+        assert_same(ours, ref, x)
+
+
+def test_swinir_file_loads_by_a1111_name(spandrel, tmp_path):
+    ref = swinir_reference(spandrel, "real-world x4", seed=4)
+    stem = "003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN"
+    torch.save({"params_ema": ref.state_dict()}, tmp_path / f"{stem}.pth")  # as the release ships it
+    found = find_upscaler("SwinIR 4x", upscaler_library([tmp_path]))
+    up = load_upscaler(found.path, name=found.name)
+    assert up.name == "SwinIR 4x" and up.scale == 4 and "SwinIR x4 (real-world" in repr(up)
+    assert_same(up.model, ref, image(9, 14))
+
+
+def test_swin2sr_is_named_not_run(tmp_path):
+    state = dict(SwinIR(SwinIRConfig(embed_dim=8, depths=(1,), num_heads=(2,), mlp_hidden=8)).state_dict())
+    state["layers.0.residual_group.blocks.0.attn.logit_scale"] = torch.zeros(2, 1, 1)
+    path = tmp_path / "4x-Swin2SR.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, path)
+    with pytest.raises(CheckpointError, match="keys are those of Swin2SR"):
+        load_upscaler(path)
+
+
 # ------------------------------------------------------------------------------------- files
 
 
@@ -217,7 +323,7 @@ def test_safetensors_module_prefix_and_name(spandrel, tmp_path):
     "state, message",
     [
         ({"layers.0.residual_group.blocks.0.attn.relative_position_index": torch.zeros(4, dtype=torch.long),
-          "conv_first.weight": torch.zeros(8, 3, 3, 3)}, "keys are those of SwinIR / Swin2SR"),
+          "conv_first.weight": torch.zeros(8, 3, 3, 3)}, "keys are those of SwinIR / Swin2SR"),  # no blocks
         ({"relative_position_index_SA": torch.zeros(4), "conv_first.weight": torch.zeros(8, 3, 3, 3)}, "of HAT"),
         ({"alpha": torch.zeros(1), "beta": torch.zeros(2)}, "its 2 tensors start 'alpha', 'beta'"),
         ({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, "a Stable Diffusion checkpoint"),
@@ -318,12 +424,19 @@ def safe_positions(length: int, spans: list[tuple[int, int]], scale: int, radius
         # conv_first + 3 x 5 convs + conv_body on the 2x-unshuffled grid (17 cells = 34 input pixels) and the
         # upsampling convs after it (< 3 input pixels): within 40; tiles cut at even starts only
         ("real-esrgan x2", (231, 249), Tiling(200, 90), 40),
+        # SwinIR, window 4: tiles start on the window grid, so windows fall as on the whole image; 5 blocks
+        # (each reaching half a window past its own when shifted) and 4 convs: within 24 input pixels
+        ("swinir x2", (120, 110), Tiling(80, 40), 24),
     ],
 )
 def test_tiled_equals_untiled_away_from_seams(name, size, tiling, radius):
     torch.manual_seed(0)
     if name.startswith("compact"):
         model = randomize_(SRVGGNetCompact(CompactConfig(nf=8, num_conv=2, scale=4)), seed=1)
+    elif name.startswith("swinir"):
+        config = SwinIRConfig(embed_dim=16, depths=(2, 3), num_heads=(2, 4), window_size=4, mlp_hidden=32,
+                              upscale=2, num_feat=16, img_size=16)  # fmt: skip
+        model = randomize_swin_(SwinIR(config), seed=1)
     else:
         model = randomize_(RRDBNet(RRDBConfig(in_nc=12, nf=8, nb=1, gc=8, shuffle=2)), seed=1)
     up = ModelUpscaler(name, model, model.config, tiling=tiling)
@@ -331,7 +444,7 @@ def test_tiled_equals_untiled_away_from_seams(name, size, tiling, radius):
     with torch.no_grad():
         whole = model(x)
     tiled = up.upscale_tensor(x)
-    spans = [tile_spans(n, tiling.size, tiling.overlap, getattr(model.config, "shuffle", 1)) for n in size]
+    spans = [tile_spans(n, tiling.size, tiling.overlap, model.config.align) for n in size]
     assert len(spans[0]) >= 2 and len(spans[1]) >= 2
     rows, cols = (safe_positions(n, s, up.scale, radius) for n, s in zip(size, spans))
     mask = rows[:, None] & cols[None, :]
@@ -340,6 +453,9 @@ def test_tiled_equals_untiled_away_from_seams(name, size, tiling, radius):
     assert diff[mask].max() < ATOL, f"{diff[mask].max():.3g} away from seams"
     # near cut edges tiles see zero padding instead of their neighbours: close, not equal
     assert diff[~mask].max() > ATOL and diff.mean() < 0.01
+    if name.startswith("swinir"):  # tiles off the window grid see other windows: different everywhere
+        misaligned = upscale_tiled(model, x, up.scale, tiling, align=1)
+        assert (misaligned - whole).abs()[0].amax(0)[mask].max() > 0.1
 
 
 def test_seams_blend_linearly():
