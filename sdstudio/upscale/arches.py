@@ -349,7 +349,7 @@ _KNOWN_KEYS: tuple[tuple[str, str], ...] = (
     ("layers.0.residual_group.td", "ATD"),
     ("relative_position_index_SA", "HAT"),
     ("layers.0.residual_group.blocks.0.attn.logit_scale", "Swin2SR"),
-    ("layers.0.residual_group.blocks.0.attn.relative_position_index", "SwinIR / Swin2SR"),
+    ("layers.0.residual_group.blocks.0.attn.relative_position_index", "SwinIR"),
     ("layers.0.swin1.norm1.weight", "DRCT"),
     ("layers.0.blocks.0.ffn.sg.conv.weight", "DAT"),
     ("layers.0.blocks.0.attn.attns.0.rpe_biases", "RGT"),
@@ -365,10 +365,15 @@ _KNOWN_KEYS: tuple[tuple[str, str], ...] = (
 )
 
 
+_RUN_HERE = ("HAT", "SwinIR")  # sdstudio.upscale.hat / .swinir: named only when their keys are incomplete
+
+
 def describe_unknown(state: StateDict) -> str:
     """What a state dict that is no supported upscaler looks like, for a one-line refusal."""
     for key, name in _KNOWN_KEYS:
         if key in state:
+            if name in _RUN_HERE:  # the architecture is supported, the file is not a whole one
+                return f"it has {name}'s key {key!r} but not the rest of a {name} network (a truncated file?)"
             return f"its keys are those of {name} (e.g. {key!r})"
     if any(k.startswith(("lora_", "lora_unet_", "lora_te")) or ".lora_" in k for k in state):
         return "its keys are those of a LoRA"

@@ -1,7 +1,8 @@
 """Upscalers by name or file, and AUTOMATIC1111's two ways of using them.
 
 An upscaler is a learned model file (:mod:`sdstudio.upscale.arches`: ESRGAN, Real-ESRGAN, Real-ESRGAN
-Compact; :mod:`sdstudio.upscale.swinir`: SwinIR; ``.pth`` read with ``weights_only``, or ``.safetensors``) or one of the resampling filters
+Compact; :mod:`sdstudio.upscale.swinir`: SwinIR; :mod:`sdstudio.upscale.hat`: HAT; ``.pth`` read with
+``weights_only``, or ``.safetensors``) or one of the resampling filters
 ``Lanczos`` and ``Nearest``. Files are found by stem in ``--upscaler-dir`` folders, as A1111 lists
 ``models/ESRGAN`` (or given as a path).
 
@@ -47,10 +48,18 @@ from sdstudio.upscale.arches import (
     rrdb_config,
     rrdb_old_layout,
 )
-from sdstudio.upscale.swinir import SwinIR, SwinIRConfig, is_swinir, swinir_config, swinir_layout
+from sdstudio.upscale.hat import HAT, HATConfig, hat_config, hat_layout, is_hat
+from sdstudio.upscale.swinir import (
+    SwinIR,
+    SwinIRConfig,
+    WindowRestorer,
+    is_swinir,
+    swinir_config,
+    swinir_layout,
+)
 from sdstudio.upscale.tiling import Progress, Tiling, upscale_tiled
 
-UpscalerConfig = RRDBConfig | CompactConfig | SwinIRConfig
+UpscalerConfig = RRDBConfig | CompactConfig | SwinIRConfig | HATConfig
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +266,11 @@ def build_upscaler_model(state: Mapping[str, Tensor]) -> tuple[nn.Module, Upscal
         config = compact_config(state)
         with torch.device("meta"):
             model = SRVGGNetCompact(config)
+    elif is_hat(state):  # before SwinIR: a HAT file has SwinIR's block keys too
+        config = hat_config(state)
+        state = hat_layout(state)
+        with torch.device("meta"):
+            model = HAT(config)
     elif is_swinir(state):
         config = swinir_config(state)
         state = swinir_layout(state)
@@ -265,10 +279,10 @@ def build_upscaler_model(state: Mapping[str, Tensor]) -> tuple[nn.Module, Upscal
     else:
         raise SdStudioError(
             f"not an upscaler sdstudio can run: {describe_unknown(state)}. Supported: ESRGAN (RRDBNet: old "
-            "ESRGAN, Real-ESRGAN and BSRGAN layouts), Real-ESRGAN Compact (SRVGGNetCompact) and SwinIR"
+            "ESRGAN, Real-ESRGAN and BSRGAN layouts), Real-ESRGAN Compact (SRVGGNetCompact), SwinIR and HAT"
         )
     model.to_empty(device="cpu")  # no random init: every parameter is read from the file
-    if isinstance(model, SwinIR):
+    if isinstance(model, WindowRestorer):
         model.reset_buffers()  # computed, not read: to_empty left them uninitialised
     try:
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +29,26 @@ from torch import Tensor, nn
 
 from sdstudio.errors import SdStudioError
 
-__all__ = ["SwinIR", "SwinIRConfig", "is_swinir", "swinir_config", "swinir_layout"]
+if TYPE_CHECKING:
+    from sdstudio.upscale.hat import HATConfig
+
+__all__ = [
+    "RelativeBias",
+    "SwinIR",
+    "SwinIRConfig",
+    "WindowAttention",
+    "WindowRestorer",
+    "count_modules",
+    "is_swinir",
+    "pixelshuffle_scale",
+    "shift_mask",
+    "swinir_config",
+    "swinir_layout",
+]
 
 StateDict = Mapping[str, Tensor]
 UPSAMPLERS = ("pixelshuffle", "pixelshuffledirect", "nearest+conv", "")
-_DIV2K_MEAN = (0.4488, 0.4371, 0.4040)  # the training set's RGB mean, subtracted from the input
+DIV2K_MEAN = (0.4488, 0.4371, 0.4040)  # the training set's RGB mean, subtracted from the input
 _MASKED = -100.0  # what the reference adds to attention logits across a shifted window's seams
 
 
@@ -81,15 +97,15 @@ class SwinIRConfig:
                 f"{'/'.join(map(str, self.depths))} blocks, window {self.window_size})")  # fmt: skip
 
 
-def _windows(x: Tensor, size: int) -> Tensor:
+def windows(x: Tensor, size: int) -> Tensor:
     """[B, H, W, C] -> [B, nW, size * size, C], windows in row-major order."""
     b, h, w, c = x.shape
     x = x.view(b, h // size, size, w // size, size, c).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(b, -1, size * size, c)
 
 
-def _unwindows(x: Tensor, size: int, h: int, w: int) -> Tensor:
-    """The inverse of :func:`_windows`."""
+def unwindows(x: Tensor, size: int, h: int, w: int) -> Tensor:
+    """The inverse of :func:`windows`."""
     b, c = x.shape[0], x.shape[-1]
     x = x.view(b, h // size, w // size, size, size, c).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(b, h, w, c)
@@ -101,7 +117,7 @@ def shift_mask(h: int, w: int, size: int, shift: int) -> Tensor:
     cuts = (slice(0, -size), slice(-size, -shift), slice(-shift, None))
     for i, (hs, ws) in enumerate((hs, ws) for hs in cuts for ws in cuts):
         region[:, hs, ws, :] = i
-    ids = _windows(region, size)[0, :, :, 0]  # [nW, size²]
+    ids = windows(region, size)[0, :, :, 0]  # [nW, size²]
     diff = ids[:, None, :] - ids[:, :, None]
     return torch.where(diff != 0, _MASKED, 0.0)
 
@@ -116,7 +132,17 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class WindowAttention(nn.Module):
+class RelativeBias(nn.Module):
+    """An attention with a learned bias per relative offset and head: ``relative_position_bias_table``
+    indexed by the computed buffer ``index`` (:meth:`relative_index`)."""
+
+    index: Tensor
+
+    def relative_index(self) -> Tensor:
+        raise NotImplementedError
+
+
+class WindowAttention(RelativeBias):
     """Multi-head self-attention inside each window with a learned bias per relative offset and head."""
 
     def __init__(self, dim: int, size: int, heads: int, qkv_bias: bool) -> None:
@@ -166,7 +192,7 @@ class SwinTransformerBlock(nn.Module):
         mask = masks.get(self.shift) if self.shift else None
         if self.shift and mask is None:
             mask = masks[self.shift] = shift_mask(h, w, self.size, self.shift).to(x.device)
-        y = _unwindows(self.attn(_windows(y, self.size), mask), self.size, h, w)
+        y = unwindows(self.attn(windows(y, self.size), mask), self.size, h, w)
         if self.shift:
             y = torch.roll(y, (self.shift, self.shift), dims=(1, 2))
         x = x + y
@@ -219,7 +245,30 @@ class PatchEmbed(nn.Module):
         return self.norm(x) if self.norm is not None else x
 
 
-class SwinIR(nn.Module):
+class WindowRestorer(nn.Module):
+    """What SwinIR and HAT share around their networks: the scale, the input mean and computed buffers."""
+
+    config: SwinIRConfig | HATConfig
+    conv_first: nn.Conv2d
+
+    @property
+    def scale(self) -> int:
+        return self.config.scale
+
+    def _mean(self) -> Tensor:
+        mean = DIV2K_MEAN if self.config.in_chans == 3 else (0.0,) * self.config.in_chans
+        return torch.tensor(mean).view(1, -1, 1, 1)
+
+    def reset_buffers(self) -> None:
+        """Compute the buffers again (after ``to_empty``: a model built on the meta device)."""
+        device = self.conv_first.weight.device
+        self.mean = self._mean().to(device)
+        for module in self.modules():
+            if isinstance(module, RelativeBias):
+                module.index = module.relative_index().to(device)
+
+
+class SwinIR(WindowRestorer):
     """``[B, C, H, W]`` in [0, 1] -> ``[B, C, H * scale, W * scale]``, any H and W."""
 
     def __init__(self, config: SwinIRConfig) -> None:
@@ -236,7 +285,7 @@ class SwinIR(nn.Module):
         if c.upsampler in ("pixelshuffle", "nearest+conv"):
             self.conv_before_upsample = nn.Sequential(nn.Conv2d(dim, feat, 3, 1, 1), nn.LeakyReLU(0.01))
         if c.upsampler == "pixelshuffle":
-            self.upsample = _pixelshuffle(c.upscale, feat)
+            self.upsample = pixelshuffle_upsample(c.upscale, feat)
             self.conv_last = nn.Conv2d(feat, out, 3, 1, 1)
         elif c.upsampler == "pixelshuffledirect":
             self.upsample = nn.Sequential(
@@ -250,21 +299,6 @@ class SwinIR(nn.Module):
             self.conv_last = nn.Conv2d(feat, out, 3, 1, 1)
         else:
             self.conv_last = nn.Conv2d(dim, out, 3, 1, 1)
-
-    @property
-    def scale(self) -> int:
-        return self.config.scale
-
-    def _mean(self) -> Tensor:
-        mean = _DIV2K_MEAN if self.config.in_chans == 3 else (0.0,) * self.config.in_chans
-        return torch.tensor(mean).view(1, -1, 1, 1)
-
-    def reset_buffers(self) -> None:
-        """Compute the buffers again (after ``to_empty``: a model built on the meta device)."""
-        self.mean = self._mean().to(self.conv_first.weight.device)
-        for module in self.modules():
-            if isinstance(module, WindowAttention):
-                module.index = module.relative_index().to(self.conv_first.weight.device)
 
     def forward_features(self, x: Tensor) -> Tensor:
         masks: dict[int, Tensor] = {}  # the shifted windows' mask, once per image size
@@ -300,7 +334,7 @@ class SwinIR(nn.Module):
         return y[:, :, : h * c.scale, : w * c.scale]
 
 
-def _pixelshuffle(scale: int, feat: int) -> nn.Sequential:
+def pixelshuffle_upsample(scale: int, feat: int) -> nn.Sequential:
     """The reference's ``Upsample``: x2 stages (conv to 4x the channels, pixel shuffle), or one x3 stage."""
     if scale == 3:
         return nn.Sequential(nn.Conv2d(feat, 9 * feat, 3, 1, 1), nn.PixelShuffle(3))
@@ -340,7 +374,7 @@ def swinir_layout(state: StateDict) -> dict[str, Tensor]:
     return out
 
 
-def _count(state: StateDict, prefix: str) -> int:
+def count_modules(state: StateDict, prefix: str) -> int:
     """How many consecutive ``prefix{i}.`` modules the state dict has, from 0."""
     n = 0
     while any(k.startswith(f"{prefix}{n}.") for k in state):
@@ -367,8 +401,8 @@ def swinir_config(state: StateDict) -> SwinIRConfig:
     mask = state.get("layers.0.residual_group.blocks.1.attn_mask")
     if mask is not None:
         img_size = math.isqrt(int(mask.shape[0])) * window
-    groups = _count(state, "layers.")
-    depths = tuple(_count(state, f"layers.{i}.residual_group.blocks.") for i in range(groups))
+    groups = count_modules(state, "layers.")
+    depths = tuple(count_modules(state, f"layers.{i}.residual_group.blocks.") for i in range(groups))
     heads = tuple(
         int(state[f"layers.{i}.residual_group.blocks.0.attn.relative_position_bias_table"].shape[1])
         for i in range(groups)
@@ -384,12 +418,8 @@ def swinir_config(state: StateDict) -> SwinIRConfig:
         upscale = 2 ** _count_convs_up(state)
         num_feat = int(state["conv_up1.weight"].shape[0])
     elif upsampler == "pixelshuffle":
-        for i in range(0, 10, 2):
-            w = state.get(f"upsample.{i}.weight")
-            if w is None:
-                break
-            num_feat = int(w.shape[1])
-            upscale *= math.isqrt(int(w.shape[0]) // num_feat)
+        upscale = pixelshuffle_scale(state)
+        num_feat = int(state["upsample.0.weight"].shape[1])
     elif upsampler == "pixelshuffledirect":
         upscale = math.isqrt(int(state["upsample.0.weight"].shape[0]) // in_chans)
     return SwinIRConfig(
@@ -409,6 +439,18 @@ def swinir_config(state: StateDict) -> SwinIRConfig:
         img_size=img_size,
         start_unshuffle=unshuffle,
     )
+
+
+def pixelshuffle_scale(state: StateDict) -> int:
+    """The factor of a ``pixelshuffle_upsample`` stack under ``upsample.``: each conv's output channels over
+    its input channels are the square of its stage's factor."""
+    scale = 1
+    for i in range(0, 10, 2):
+        w = state.get(f"upsample.{i}.weight")
+        if w is None:
+            break
+        scale *= math.isqrt(int(w.shape[0]) // int(w.shape[1]))
+    return scale
 
 
 def _count_convs_up(state: StateDict) -> int:
