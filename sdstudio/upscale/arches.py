@@ -365,7 +365,8 @@ _KNOWN_KEYS: tuple[tuple[str, str], ...] = (
 )
 
 
-_RUN_HERE = ("HAT", "SwinIR")  # sdstudio.upscale.hat / .swinir: named only when their keys are incomplete
+# sdstudio.upscale.hat / .swinir / .dat run these: named only when a file's keys are incomplete
+_RUN_HERE = ("HAT", "SwinIR", "DAT")
 
 
 def describe_unknown(state: StateDict) -> str:

@@ -31,6 +31,7 @@ from sdstudio.upscale.swinir import (
     Mlp,
     PatchEmbed,
     RelativeBias,
+    UpscaleFactor,
     WindowAttention,
     WindowRestorer,
     count_modules,
@@ -48,7 +49,7 @@ CONV_SCALE = 0.01  # the convolutional branch's weight in every HAB (not in the 
 
 
 @dataclass(frozen=True)
-class HATConfig:
+class HATConfig(UpscaleFactor):
     in_chans: int = 3
     embed_dim: int = 180
     depths: tuple[int, ...] = (6, 6, 6, 6, 6, 6)
@@ -65,14 +66,6 @@ class HATConfig:
     resi_connection: str = "1conv"  # or "identity"
     upscale: int = 4
     num_feat: int = 64
-
-    @property
-    def scale(self) -> int:
-        return self.upscale
-
-    @property
-    def image_channels(self) -> int:
-        return self.in_chans
 
     @property
     def align(self) -> int:

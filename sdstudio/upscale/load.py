@@ -1,8 +1,8 @@
 """Upscalers by name or file, and AUTOMATIC1111's two ways of using them.
 
 An upscaler is a learned model file (:mod:`sdstudio.upscale.arches`: ESRGAN, Real-ESRGAN, Real-ESRGAN
-Compact; :mod:`sdstudio.upscale.swinir`: SwinIR; :mod:`sdstudio.upscale.hat`: HAT; ``.pth`` read with
-``weights_only``, or ``.safetensors``) or one of the resampling filters
+Compact; :mod:`sdstudio.upscale.swinir`: SwinIR; :mod:`sdstudio.upscale.hat`: HAT; :mod:`sdstudio.upscale.dat`:
+DAT; ``.pth`` read with ``weights_only``, or ``.safetensors``) or one of the resampling filters
 ``Lanczos`` and ``Nearest``. Files are found by stem in ``--upscaler-dir`` folders, as A1111 lists
 ``models/ESRGAN`` (or given as a path).
 
@@ -48,6 +48,7 @@ from sdstudio.upscale.arches import (
     rrdb_config,
     rrdb_old_layout,
 )
+from sdstudio.upscale.dat import DAT, DATConfig, dat_config, dat_layout, is_dat
 from sdstudio.upscale.hat import HAT, HATConfig, hat_config, hat_layout, is_hat
 from sdstudio.upscale.swinir import (
     SwinIR,
@@ -59,7 +60,7 @@ from sdstudio.upscale.swinir import (
 )
 from sdstudio.upscale.tiling import Progress, Tiling, upscale_tiled
 
-UpscalerConfig = RRDBConfig | CompactConfig | SwinIRConfig | HATConfig
+UpscalerConfig = RRDBConfig | CompactConfig | SwinIRConfig | HATConfig | DATConfig
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +267,11 @@ def build_upscaler_model(state: Mapping[str, Tensor]) -> tuple[nn.Module, Upscal
         config = compact_config(state)
         with torch.device("meta"):
             model = SRVGGNetCompact(config)
+    elif is_dat(state):
+        config = dat_config(state)
+        state = dat_layout(state)
+        with torch.device("meta"):
+            model = DAT(config)
     elif is_hat(state):  # before SwinIR: a HAT file has SwinIR's block keys too
         config = hat_config(state)
         state = hat_layout(state)
@@ -279,7 +285,7 @@ def build_upscaler_model(state: Mapping[str, Tensor]) -> tuple[nn.Module, Upscal
     else:
         raise SdStudioError(
             f"not an upscaler sdstudio can run: {describe_unknown(state)}. Supported: ESRGAN (RRDBNet: old "
-            "ESRGAN, Real-ESRGAN and BSRGAN layouts), Real-ESRGAN Compact (SRVGGNetCompact), SwinIR and HAT"
+            "ESRGAN, Real-ESRGAN and BSRGAN layouts), Real-ESRGAN Compact (SRVGGNetCompact), SwinIR, HAT and DAT"
         )
     model.to_empty(device="cpu")  # no random init: every parameter is read from the file
     if isinstance(model, WindowRestorer):
@@ -290,7 +296,7 @@ def build_upscaler_model(state: Mapping[str, Tensor]) -> tuple[nn.Module, Upscal
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         detail = lines[1] if len(lines) > 1 else lines[0] if lines else "mismatch"
         raise SdStudioError(f"its weights do not fit {config.describe()}: {detail[:300]}") from None
-    return model, config
+    return model.eval(), config
 
 
 def load_upscaler(

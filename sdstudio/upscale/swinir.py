@@ -36,11 +36,13 @@ __all__ = [
     "RelativeBias",
     "SwinIR",
     "SwinIRConfig",
+    "UpscaleFactor",
     "WindowAttention",
     "WindowRestorer",
     "count_modules",
     "is_swinir",
     "pixelshuffle_scale",
+    "resi_conv",
     "shift_mask",
     "swinir_config",
     "swinir_layout",
@@ -50,6 +52,22 @@ StateDict = Mapping[str, Tensor]
 UPSAMPLERS = ("pixelshuffle", "pixelshuffledirect", "nearest+conv", "")
 DIV2K_MEAN = (0.4488, 0.4371, 0.4040)  # the training set's RGB mean, subtracted from the input
 _MASKED = -100.0  # what the reference adds to attention logits across a shifted window's seams
+
+
+class UpscaleFactor:
+    """The ``scale`` and ``image_channels`` a loaded upscaler's config answers (HAT's and DAT's: their network
+    upscales by ``upscale`` without a pixel-unshuffle first)."""
+
+    in_chans: int
+    upscale: int
+
+    @property
+    def scale(self) -> int:
+        return self.upscale
+
+    @property
+    def image_channels(self) -> int:
+        return self.in_chans
 
 
 @dataclass(frozen=True)
@@ -97,27 +115,37 @@ class SwinIRConfig:
                 f"{'/'.join(map(str, self.depths))} blocks, window {self.window_size})")  # fmt: skip
 
 
-def windows(x: Tensor, size: int) -> Tensor:
-    """[B, H, W, C] -> [B, nW, size * size, C], windows in row-major order."""
-    b, h, w, c = x.shape
-    x = x.view(b, h // size, size, w // size, size, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, -1, size * size, c)
+Size = int | tuple[int, int]  # a square window's side, or (height, width) of a rectangular one
 
 
-def unwindows(x: Tensor, size: int, h: int, w: int) -> Tensor:
+def _pair(size: Size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else size
+
+
+def windows(x: Tensor, size: Size) -> Tensor:
+    """[B, H, W, C] -> [B, nW, wh * ww, C], windows in row-major order."""
+    (wh, ww), (b, h, w, c) = _pair(size), x.shape
+    x = x.view(b, h // wh, wh, w // ww, ww, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, -1, wh * ww, c)
+
+
+def unwindows(x: Tensor, size: Size, h: int, w: int) -> Tensor:
     """The inverse of :func:`windows`."""
-    b, c = x.shape[0], x.shape[-1]
-    x = x.view(b, h // size, w // size, size, size, c).permute(0, 1, 3, 2, 4, 5)
+    (wh, ww), b, c = _pair(size), x.shape[0], x.shape[-1]
+    x = x.view(b, h // wh, w // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(b, h, w, c)
 
 
-def shift_mask(h: int, w: int, size: int, shift: int) -> Tensor:
-    """[nW, size², size²]: 0 between tokens of one region of the rolled image, -100 across regions."""
+def shift_mask(h: int, w: int, size: Size, shift: Size) -> Tensor:
+    """[nW, N, N] for an image rolled back by ``shift``: 0 between tokens of one region of the rolled image,
+    -100 across regions (the reference's cyclic-shift mask)."""
+    (wh, ww), (sh, sw) = _pair(size), _pair(shift)
     region = torch.zeros(1, h, w, 1)
-    cuts = (slice(0, -size), slice(-size, -shift), slice(-shift, None))
-    for i, (hs, ws) in enumerate((hs, ws) for hs in cuts for ws in cuts):
+    rows = (slice(0, -wh), slice(-wh, -sh), slice(-sh, None))
+    cols = (slice(0, -ww), slice(-ww, -sw), slice(-sw, None))
+    for i, (hs, ws) in enumerate((hs, ws) for hs in rows for ws in cols):
         region[:, hs, ws, :] = i
-    ids = windows(region, size)[0, :, :, 0]  # [nW, size²]
+    ids = windows(region, (wh, ww))[0, :, :, 0]  # [nW, N]
     diff = ids[:, None, :] - ids[:, :, None]
     return torch.where(diff != 0, _MASKED, 0.0)
 
@@ -140,6 +168,10 @@ class RelativeBias(nn.Module):
 
     def relative_index(self) -> Tensor:
         raise NotImplementedError
+
+    def reset_buffers(self, device: torch.device | None = None) -> None:
+        """Compute the buffers again (after ``to_empty``)."""
+        self.index = self.relative_index().to(device)
 
 
 class WindowAttention(RelativeBias):
@@ -199,7 +231,7 @@ class SwinTransformerBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def _resi_conv(dim: int, kind: str) -> nn.Module:
+def resi_conv(dim: int, kind: str) -> nn.Module:
     if kind == "1conv":
         return nn.Conv2d(dim, dim, 3, 1, 1)
     return nn.Sequential(
@@ -228,7 +260,7 @@ class RSTB(nn.Module):
     def __init__(self, config: SwinIRConfig, depth: int, heads: int) -> None:
         super().__init__()
         self.residual_group = ResidualGroup(config, depth, heads)
-        self.conv = _resi_conv(config.embed_dim, config.resi_connection)
+        self.conv = resi_conv(config.embed_dim, config.resi_connection)
 
     def forward(self, x: Tensor, masks: dict[int, Tensor]) -> Tensor:  # [B, H, W, C]
         y = self.residual_group(x, masks).permute(0, 3, 1, 2)
@@ -265,7 +297,7 @@ class WindowRestorer(nn.Module):
         self.mean = self._mean().to(device)
         for module in self.modules():
             if isinstance(module, RelativeBias):
-                module.index = module.relative_index().to(device)
+                module.reset_buffers(device)
 
 
 class SwinIR(WindowRestorer):
@@ -280,7 +312,7 @@ class SwinIR(WindowRestorer):
         self.patch_embed = PatchEmbed(dim, c.patch_norm)
         self.layers = nn.ModuleList(RSTB(c, d, h) for d, h in zip(c.depths, c.num_heads))
         self.norm = nn.LayerNorm(dim)
-        self.conv_after_body = _resi_conv(dim, c.resi_connection)
+        self.conv_after_body = resi_conv(dim, c.resi_connection)
         out = c.in_chans
         if c.upsampler in ("pixelshuffle", "nearest+conv"):
             self.conv_before_upsample = nn.Sequential(nn.Conv2d(dim, feat, 3, 1, 1), nn.LeakyReLU(0.01))

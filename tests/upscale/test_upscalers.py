@@ -1,5 +1,5 @@
 """Learned upscalers: our ESRGAN (both key layouts, x1 to x8, pixel-unshuffle x2), Real-ESRGAN Compact and
-SwinIR (its four reconstructions, 1conv / 3conv, shifted windows, the JPEG models' range) and HAT against spandrel's own architecture classes and detection (the library ComfyUI and AUTOMATIC1111 run these
+SwinIR (its four reconstructions, 1conv / 3conv, shifted windows, the JPEG models' range), HAT and DAT against spandrel's own architecture classes and detection (the library ComfyUI and AUTOMATIC1111 run these
 files through), tiled == untiled away from seams, seams blended, AUTOMATIC1111's sizing rules, and the
 ``sdstudio upscale`` command with its one-line refusals."""
 
@@ -42,6 +42,7 @@ from sdstudio.upscale.arches import (
     rrdb_config,
     rrdb_old_layout,
 )
+from sdstudio.upscale.dat import DAT, AdaptiveSpatialAttention
 from sdstudio.upscale.hat import HAB, HAT, OCAB, HATConfig
 from sdstudio.upscale.load import build_upscaler_model
 from sdstudio.upscale.swinir import SwinIR, SwinIRConfig, SwinTransformerBlock
@@ -71,6 +72,7 @@ def spandrel() -> types.SimpleNamespace:
         compact = importlib.import_module("spandrel.architectures.Compact")
         swinir = importlib.import_module("spandrel.architectures.SwinIR")
         hat = importlib.import_module("spandrel.architectures.HAT")
+        dat = importlib.import_module("spandrel.architectures.DAT")
     finally:
         for name in [k for k in sys.modules if ours(k)]:
             del sys.modules[name]
@@ -78,6 +80,7 @@ def spandrel() -> types.SimpleNamespace:
     return types.SimpleNamespace(
         ESRGAN=esrgan.ESRGAN, ESRGANArch=esrgan.ESRGANArch, Compact=compact.Compact, CompactArch=compact.CompactArch,
         SwinIR=swinir.SwinIR, SwinIRArch=swinir.SwinIRArch, HAT=hat.HAT, HATArch=hat.HATArch,
+        DAT=dat.DAT, DATArch=dat.DATArch,
     )  # fmt: skip
 
 
@@ -370,6 +373,67 @@ def test_hat_is_named_in_its_config():
     assert read == config and read.describe().startswith("HAT x2 (8 dim")
 
 
+# ------------------------------------------------------------------------------------- DAT parity
+
+DAT_CASES = {
+    # 5 blocks in group 0 (spatial blocks 0, 2, 4: block 2 shifted) and 1 in group 1 (block 0 shifted)
+    "x2 windows 2x4": {"upscale": 2, "split_size": [2, 4]},
+    "x4 3conv windows 4x8": {"upscale": 4, "split_size": [4, 8], "resi_connection": "3conv"},
+    "x3 gray": {"upscale": 3, "in_chans": 1, "split_size": [2, 4]},
+    "x4 light": {"upscale": 4, "upsampler": "pixelshuffledirect", "split_size": [4, 4], "qkv_bias": False},
+}
+
+
+def randomize_bn_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Running statistics as a trained net has them (BatchNorm in eval mode uses them, not the batch's)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+    return model
+
+
+def dat_reference(spandrel, name: str, seed: int = 0):
+    kw = {"img_size": 16, "embed_dim": 32, "depth": [5, 1], "num_heads": [4, 2], "expansion_factor": 2.0}
+    return randomize_bn_(randomize_swin_(spandrel.DAT(**(kw | DAT_CASES[name])), seed=seed), seed)
+
+
+@pytest.mark.parametrize("name", list(DAT_CASES))
+def test_dat_matches_spandrel(spandrel, name):
+    ref = dat_reference(spandrel, name, seed=len(name))
+    state = ref.state_dict()  # with rpe_biases, relative_position_index, attn_mask_0 / _1
+    ours, config = build_upscaler_model(state)
+    case = DAT_CASES[name]
+    assert isinstance(ours, DAT) and config.scale == case["upscale"]
+    assert (config.split_size, config.depths, config.num_heads) == (tuple(case["split_size"]), (5, 1), (4, 2))
+    assert [m.shift for m in ours.modules() if isinstance(m, AdaptiveSpatialAttention)] == [False, True, False, True]
+    found = spandrel.DATArch().load(dict(state))
+    assert (found.scale, found.model.hyperparameters["split_size"]) == (config.scale, list(config.split_size))
+    for size in ((17, 13), (16, 16)):  # padded windows (zeros after the projection) and whole ones
+        assert_same(ours, ref, image(*size, c=config.in_chans, seed=size[0]))
+
+
+def test_dat_parity_has_teeth(spandrel):
+    """Unshifted windows, or the two halves' windows not transposed, do not pass against the same weights."""
+    ref = dat_reference(spandrel, "x2 windows 2x4", seed=7)
+    x = image(16, 16)
+    ours, _ = build_upscaler_model(ref.state_dict())
+    assert_same(ours, ref, x)
+    for m in ours.modules():
+        if isinstance(m, AdaptiveSpatialAttention):
+            m.shift = False
+    with pytest.raises(AssertionError, match="max"):
+        assert_same(ours, ref, x)
+    ours, _ = build_upscaler_model(ref.state_dict())
+    for m in ours.modules():
+        if isinstance(m, AdaptiveSpatialAttention):
+            m.attns[1].size = m.attns[0].size  # both halves in 2x4 windows (their bias index is 8x8 either way)
+            m.sizes = (m.sizes[0], m.sizes[0])
+    with pytest.raises(AssertionError, match="max"):
+        assert_same(ours, ref, x)
+
+
 # ------------------------------------------------------------------------------------- files
 
 
@@ -391,11 +455,12 @@ def test_safetensors_module_prefix_and_name(spandrel, tmp_path):
           "conv_first.weight": torch.zeros(8, 3, 3, 3)}, "has SwinIR's key .* but not the rest of a SwinIR network"),
         ({"relative_position_index_SA": torch.zeros(4), "conv_first.weight": torch.zeros(8, 3, 3, 3)},
          "has HAT's key 'relative_position_index_SA' but not the rest"),
-        ({"layers.0.blocks.0.ffn.sg.conv.weight": torch.zeros(4)}, "its keys are those of DAT"),
+        ({"layers.0.blocks.0.ffn.sg.conv.weight": torch.zeros(4)}, "has DAT's key .* but not the rest"),
+        ({"layers.0.blocks.0.attn.attns.0.rpe_biases": torch.zeros(4)}, "its keys are those of RGT"),
         ({"alpha": torch.zeros(1), "beta": torch.zeros(2)}, "its 2 tensors start 'alpha', 'beta'"),
         ({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, "a Stable Diffusion checkpoint"),
     ],
-    ids=["swinir", "hat", "dat", "unknown", "sd"],
+    ids=["swinir", "hat", "dat", "rgt", "unknown", "sd"],
 )
 def test_unknown_architectures_are_named(tmp_path, state, message):
     path = tmp_path / "thing.safetensors"
