@@ -719,6 +719,7 @@ def _print_paths(paths: list) -> int:
 
 
 def cmd_train_lora(args: argparse.Namespace) -> int:
+    from sdstudio.training.embedding import EmbeddingTrainConfig
     from sdstudio.training.lora import LoraRunOptions, LoraTrainConfig, train_lora
 
     model, run, options = _training_setup(args)
@@ -730,7 +731,8 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
     run_options = LoraRunOptions(
         name=args.name, noise_offset=args.noise_offset, lr_schedule=args.lr_schedule,
         gradient_accumulation=args.grad_accumulation, optimizer=args.optimizer, save_dtype=args.save_dtype,
-        prior=_prior(args),
+        prior=_prior(args), embeddings=args.embeddings, pivotal_lr=args.pivotal_lr,
+        pivotal=EmbeddingTrainConfig(args.pivotal, args.pivotal_vectors, args.pivotal_init) if args.pivotal else None,
     )  # fmt: skip
     bar, update = _progress_bar(args, args.steps)
     with bar:
@@ -1044,6 +1046,16 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--conv-rank", type=int, help="LoCon: also the ResNet 3x3 convolutions at this rank")
     lo.add_argument("--conv-alpha", type=float, help="LoCon alpha (default: the conv rank)")
     _prior_arguments(lo)
+    lo.add_argument("--embeddings", metavar="DIR", help="textual-inversion files the captions may name (by file "
+                    "stem), their vectors kept as they are, as prompts use them")  # fmt: skip
+    lo.add_argument("--pivotal", metavar="WORD", help="pivotal tuning: also learn the vectors of WORD (a word "
+                    "the captions use) with the LoRA; written as OUT/embeddings/WORD.safetensors, to generate "
+                    "with --embeddings OUT/embeddings")  # fmt: skip
+    lo.add_argument("--pivotal-init", default="*", metavar="TEXT",
+                    help="the text WORD's vectors start from (default '*'; a related word: 'red' for pink)")  # fmt: skip
+    lo.add_argument("--pivotal-vectors", type=int, default=1, help="vectors of WORD (default 1)")
+    lo.add_argument("--pivotal-lr", type=float, default=5e-3, help="learning rate of WORD's vectors (default "
+                    "5e-3, textual inversion's)")  # fmt: skip
     lo.set_defaults(func=cmd_train_lora)
     hn = trn_sub.add_parser(
         "hypernetwork", help="hypernetwork (AUTOMATIC1111): a style learnt in the attention's keys and values",

@@ -274,7 +274,7 @@ def training_denoiser(model: LoadedModel) -> Denoiser:
                     model.config.prediction)  # fmt: skip
 
 
-def _check_names_embedding(dataset: Dataset, config: DatasetConfig, name: str, data: object) -> None:
+def check_names_embedding(dataset: Dataset, config: DatasetConfig, name: str, data: object) -> None:
     """Refuse a run whose prompts never hold the embedding's name: its vectors would get no gradient."""
     if any("[name]" in line for line in config.template):
         return
@@ -316,7 +316,7 @@ def train_embedding(
     log.info("%s %s", "resuming" if resume else "starting", out)
     tokenizer = ClipTokenizer()
     source = TrainingData.open(data, config, model, out / "latents", run.batch_size, run.seed, shard=shard)
-    _check_names_embedding(source.dataset, config, embedding_config.name, data)
+    check_names_embedding(source.dataset, config, embedding_config.name, data)
     sd = model.model
     sd.requires_grad_(False)
     embedding = TrainableEmbedding.create(embedding_config, sd.text_encoder.token_embedding, tokenizer)

@@ -85,6 +85,8 @@ from sdstudio.models.stablediffusion import TEXT_PREFIX, UNET_PREFIX, StableDiff
 from sdstudio.models.tokenizer import ClipTokenizer
 from sdstudio.models.unet import GEGLU
 from sdstudio.prompt.conditioning import encode_padded, tokenize_attention
+from sdstudio.prompt.embeddings import EmbeddingDatabase, load_embeddings_for
+from sdstudio.training.datasets import scan_dataset
 from sdstudio.training.distributed import Rows, shard_from_env
 from sdstudio.training.dreambooth import (
     PriorPreservation,
@@ -94,10 +96,12 @@ from sdstudio.training.dreambooth import (
     open_class_data,
     prior_preservation_loss,
 )
+from sdstudio.training.embedding import EmbeddingTrainConfig, TrainableEmbedding, save_embedding
 from sdstudio.training.finetune import (
     LoopOptions,
     RunConfig,
     TrainingData,
+    check_names_embedding,
     dataset_config_for,
     jsonable,
     prepare_run_folder,
@@ -464,16 +468,22 @@ def param_groups(lora: TrainableLoRA, config: LoraTrainConfig | None = None) -> 
 
 
 def encode_training_captions(
-    run: AttachedLoRA, tokenizer: ClipTokenizer, captions: Sequence[str], clip_skip: int | None = None
+    run: AttachedLoRA,
+    tokenizer: ClipTokenizer,
+    captions: Sequence[str],
+    clip_skip: int | None = None,
+    embeddings: EmbeddingDatabase | None = None,
+    trained_words: bool = False,
 ) -> Tensor:
     """Plain captions (no attention syntax, as kohya reads them) as the UNet's context, in 77-token chunks
     as prompts are (``tokenize_attention`` / ``encode_padded``), through the text encoder with its branches;
-    with a gradient only when the text encoder trains. ``clip_skip``: the model's default when None.
-    [batch, 77 * chunks, width], float32"""
+    with a gradient only when the text encoder trains or ``trained_words`` (``embeddings`` holds vectors
+    being trained: pivotal tuning). ``embeddings``: words the captions may use by name, as prompts do.
+    ``clip_skip``: the model's default when None. [batch, 77 * chunks, width], float32"""
     config = run.model.config.text
     clip_skip = clip_skip or config.default_clip_skip
-    per_text = [tokenize_attention([(caption, 1.0)], tokenizer, config) for caption in captions]
-    grad = contextlib.nullcontext() if run.lora.trains_text else torch.no_grad()
+    per_text = [tokenize_attention([(caption, 1.0)], tokenizer, config, embeddings) for caption in captions]
+    grad = contextlib.nullcontext() if run.lora.trains_text or trained_words else torch.no_grad()
     with grad:
         return encode_padded(run.text_encoder, tokenizer, config, per_text, clip_skip)
 
@@ -575,6 +585,14 @@ class LoraRunOptions(LoopOptions):
 
     name: str = "lora"
     prior: PriorPreservation | None = None
+    # Textual-inversion files the captions may name (A1111's --embeddings-dir): their vectors enter the text
+    # encoder as at inference and stay as they are.
+    embeddings: str | None = None
+    # Pivotal tuning (diffusers' train_dreambooth_lora_sdxl_advanced.py --train_text_encoder_ti): a new word's
+    # vectors (textual inversion, started from ``init_text``) trained together with the LoRA at ``pivotal_lr``
+    # and written as ``embeddings/WORD.safetensors``; generation then needs both (--embeddings RUN/embeddings).
+    pivotal: EmbeddingTrainConfig | None = None
+    pivotal_lr: float = 5e-3
 
 
 def train_lora(
@@ -601,10 +619,15 @@ def train_lora(
     rank 0 writes the files, every rank returns their paths."""
     out = Path(out)
     shard = shard_from_env(model.device)
-    data_config = dataset_config_for(model, **(dataset_options or {}))
+    named = {"name": options.pivotal.name} if options.pivotal is not None else {}  # the template's [name]
+    data_config = dataset_config_for(model, **(dataset_options or {}) | named)
     prior = options.prior
     if prior is not None:
         check_class_folder(prior, class_folder(prior, out))
+    if options.embeddings is not None and not Path(options.embeddings).is_dir():
+        raise SdStudioError(f"{options.embeddings}: no such folder of embeddings (--embeddings)")
+    if options.pivotal is not None:  # a word no caption names would get no gradient
+        check_names_embedding(scan_dataset(data, data_config), data_config, options.pivotal.name, data)
     settings = jsonable(
         {"method": "lora", "model": str(model.path), "data": str(data), "run": run_settings(run, shard),
          "lora": asdict(config), "options": asdict(options), "dataset": asdict(data_config)},
@@ -622,6 +645,7 @@ def train_lora(
     sd = model.model
     lora = TrainableLoRA(sd, config, seed=run.seed)
     tokenizer = ClipTokenizer()
+    words, embeddings = caption_words(model, options, tokenizer)
     bf16 = run.bf16 and bf16_native(model.device)
     if run.bf16 and not bf16:
         log.info("%s has no native bf16: training in fp32", model.device)
@@ -656,14 +680,18 @@ def train_lora(
 
         def loss_fn(index: int, generator: torch.Generator) -> Tensor:
             latents, captions = source.batch(index, generator)
-            context = encode_training_captions(branches, tokenizer, captions)
+            context = encode_training_captions(branches, tokenizer, captions, embeddings=embeddings,
+                                               trained_words=words is not None)  # fmt: skip
             instance = lora_loss(branches, latents, context, generator, snr_gamma=run.snr_gamma,
                                  noise_offset=options.noise_offset, rows=source.rows(index))  # fmt: skip
+            if words is not None:  # a batch whose captions were all dropped: a zero gradient, every rank alike
+                instance = instance + 0.0 * words.vectors.sum()
             if classes is None or prior is None:
                 return instance
             class_latents, captions_of_class = classes.batch(index, generator)
             class_context = encode_training_captions(
-                branches, tokenizer, class_captions(prior, captions_of_class)
+                branches, tokenizer, class_captions(prior, captions_of_class), embeddings=embeddings,
+                trained_words=words is not None,
             )
             kept = lora_loss(branches, class_latents, class_context, generator, snr_gamma=run.snr_gamma,
                              noise_offset=options.noise_offset, rows=classes.rows(index))  # fmt: skip
@@ -673,21 +701,54 @@ def train_lora(
             saved = out / SAVES_FOLDER / f"{saved_name(options.name, step)}.safetensors"
             saved.parent.mkdir(exist_ok=True)
             save_kohya(lora, saved, metadata(step), dtype=DTYPES[options.save_dtype], overwrite=True)
+            if words is not None:
+                save_embedding(words, saved.with_name(f"{saved_name(words.config.name, step)}.pt"), step=step,
+                               overwrite=True)  # fmt: skip
             if preview is not None:
                 with branches.suspended():  # the preview merges the saved file into the weights instead
-                    render_preview(model, preview, out, step, options.name, "lora", saved)
+                    render_preview(model, preview, out, step, options.name, "lora", saved, embeddings)
 
         def metadata(step: int) -> dict[str, object]:
             return run_metadata | {"ss_steps": step, "ss_epoch": -(-step * options.gradient_accumulation
                                                                     // source.batches_per_epoch)}  # fmt: skip
 
-        train(lora, loss_fn, train_config, out / "state", parameters=param_groups(lora), progress=progress,
-              shard=shard, on_save=on_save)  # fmt: skip
-    path = out / f"{options.name}.safetensors"
+        groups = param_groups(lora)
+        trained: nn.Module = lora
+        if words is not None:
+            groups.append({"params": [words.vectors], "lr": options.pivotal_lr, "name": "embedding"})
+            trained = nn.ModuleDict({"lora": lora, "embedding": words})
+        train(trained, loss_fn, train_config, out / "state", parameters=groups, progress=progress, shard=shard,
+              on_save=on_save)  # fmt: skip
+    paths = [out / f"{options.name}.safetensors"]
+    if words is not None:
+        paths.append(out / EMBEDDINGS_FOLDER / f"{words.config.name}.safetensors")
     if shard.main:
-        save_kohya(lora, path, metadata(run.steps), dtype=DTYPES[options.save_dtype], overwrite=True)
-    shard.barrier()  # the file exists when any rank returns
-    return [path]
+        save_kohya(lora, paths[0], metadata(run.steps), dtype=DTYPES[options.save_dtype], overwrite=True)
+        if words is not None:
+            paths[1].parent.mkdir(exist_ok=True)
+            save_embedding(words, paths[1], step=run.steps, overwrite=True)
+    shard.barrier()  # the files exist when any rank returns
+    return paths
+
+
+EMBEDDINGS_FOLDER = "embeddings"  # a pivotal run's trained word, for --embeddings
+
+
+def caption_words(
+    model: LoadedModel, options: LoraRunOptions, tokenizer: ClipTokenizer
+) -> tuple[TrainableEmbedding | None, EmbeddingDatabase | None]:
+    """The pivotal word being trained (started from its init text's token vectors) and the database of every
+    word the captions may name: it, then the ``embeddings`` folder's (None when neither is asked for)."""
+    words = None
+    if options.pivotal is not None:
+        words = TrainableEmbedding.create(options.pivotal, model.model.text_encoder.token_embedding, tokenizer)
+    loaded = []
+    if options.embeddings is not None:
+        loaded = list(load_embeddings_for(options.embeddings, model.config, tokenizer).embeddings.values())
+    if words is None and not loaded:
+        return None, None
+    mine = list(words.database.embeddings.values()) if words is not None else []
+    return words, EmbeddingDatabase.build([*mine, *loaded], tokenizer)
 
 
 def _tag_frequency(source: TrainingData) -> dict[str, dict[str, int]]:

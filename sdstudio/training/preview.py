@@ -26,6 +26,7 @@ from sdstudio.errors import SdStudioError
 from sdstudio.io.images import save_png
 from sdstudio.models.loading import LoadedModel
 from sdstudio.models.tokenizer import ClipTokenizer
+from sdstudio.prompt.embeddings import EmbeddingDatabase
 
 log = logging.getLogger(__name__)
 
@@ -82,17 +83,19 @@ def render_preview(
     name: str,
     applied: Applied,
     saved: Path | None = None,
+    embeddings: EmbeddingDatabase | None = None,
 ) -> Path:
     """Generate the preview of step ``step`` with ``saved`` (the intermediate file, applied as ``applied``
-    says) into ``out/previews/NAME-STEP.png``; returns its path. The model's weights are the same afterwards
-    (a LoRA is merged for the request and taken out again, by the pipeline)."""
+    says) into ``out/previews/NAME-STEP.png``; returns its path. ``embeddings``: words the prompt may name
+    (a LoRA run's; an embedding run previews its own file). The model's weights are the same afterwards (a
+    LoRA is merged for the request and taken out again, by the pipeline)."""
     from sdstudio.engine import Pipeline
-    from sdstudio.prompt.embeddings import EmbeddingDatabase, load_embedding
+    from sdstudio.prompt.embeddings import load_embedding
     from sdstudio.types import GenerationRequest
 
     tokenizer = ClipTokenizer()
     prompt = settings.prompt
-    embeddings, loras, hypernetworks = None, None, None
+    loras, hypernetworks = None, None
     if applied in ("lora", "hypernetwork", "embedding") and saved is None:
         raise ValueError(f"a {applied} preview needs the saved file")
     if applied == "lora":

@@ -121,6 +121,9 @@ def test_defaults_follow_the_model_and_bad_options_fail_before_any_work(data, ck
         (["dreambooth", "--class-prompt", " "], "needs a class prompt"),
         (["lora", "--class-data", str(tmp_path / "no-reg")], "no such folder of class images"),
         (["lora", "--class-data", str(data), "--num-class-images", "50"], "asked for; give --class-prompt"),
+        (["lora", "--embeddings", str(tmp_path / "no-emb")], "no-emb: no such folder of embeddings"),
+        (["lora", "--pivotal", "a<b"], "embedding name 'a<b'"),
+        (["lora", "--pivotal", "sksdog"], "holds the embedding's name 'sksdog'"),
         (["finetune", "--ema-decay", "1.5"], "EMA decay 1.5"),
         (["finetune", "--name", "a/b"], "output name 'a/b'"),
     ]

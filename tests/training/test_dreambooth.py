@@ -218,13 +218,15 @@ def test_prior_preservation_generates_class_images_once(tmp_path):
 
 
 def by_hand_mse(
-    base: LoadedModel, generator: torch.Generator, latents: torch.Tensor, captions: list[str]
+    base: LoadedModel, generator: torch.Generator, latents: torch.Tensor, captions: list[str], embeddings=None
 ) -> torch.Tensor:
     """The eps loss of one batch as the trainer draws it: timesteps, then noise, from ``generator``;
-    eps = UNet(c_in * (x0 + sigma n), t, c)."""
+    eps = UNet(c_in * (x0 + sigma n), t, c); ``embeddings``: words the captions name."""
     unet, sigmas = base.model.unet, training_denoiser(base).schedule.sigmas
     with torch.no_grad():
-        context = encode_captions(base.model.text_encoder, ClipTokenizer(), base.config.text, captions, 1)
+        context = encode_captions(
+            base.model.text_encoder, ClipTokenizer(), base.config.text, captions, 1, embeddings
+        )
         t = torch.randint(0, len(sigmas), (latents.shape[0],), generator=generator)
         noise = torch.randn(latents.shape, generator=generator)
         sigma = sigmas[t][:, None, None, None]
@@ -470,3 +472,58 @@ def test_lora_with_regularisation_images_adds_their_weighted_loss(data, tmp_path
         train_lora(fresh(), data, tmp_path / "bare", LoraTrainConfig(rank=2), run, LoraRunOptions(prior=prior))
     with pytest.raises(SdStudioError, match="needs a class prompt"):
         PriorPreservation("")
+
+
+def test_lora_pivotal_tuning_learns_the_word_with_the_lora(data, tmp_path):
+    """Pivotal tuning: the captions' word "zqxring" is a trained vector pair, started from the token vectors
+    of "red circle". Step 1's logged loss is, by hand with the base model, the loss with those starting
+    vectors in the word's place (not its plain tokens); the vectors then move, are written as an embedding
+    file, and a second LoRA run that loads that file with ``embeddings`` (frozen) starts from the loss of
+    the trained vectors. A word no caption uses, or a missing embeddings folder, is refused."""
+    from sdstudio.prompt.embeddings import Embedding, EmbeddingDatabase, load_embedding
+    from sdstudio.training.embedding import EmbeddingTrainConfig, initial_vectors
+    from sdstudio.training.lora import LoraRunOptions, LoraTrainConfig, train_lora
+
+    run = RunConfig(steps=3, batch_size=2, lr=1e-3, bf16=False, seed=4)
+    word = EmbeddingTrainConfig("zqxring", vectors=2, init_text="red circle")
+    options = LoraRunOptions(name="piv", save_dtype="fp32", pivotal=word, pivotal_lr=5e-2)
+    lora_path, emb_path = train_lora(fresh(), data, tmp_path / "run", LoraTrainConfig(rank=2), run, options)
+    assert emb_path == tmp_path / "run" / "embeddings" / "zqxring.safetensors" and lora_path.exists()
+    first = read_log(tmp_path / "run" / "state" / LOG_FILE)[0]
+
+    base, tokenizer = fresh(), ClipTokenizer()
+    start = initial_vectors(base.model.text_encoder.token_embedding, tokenizer, "red circle", 2)
+    assert start.abs().sum() > 0 and not torch.equal(start[0], start[1])
+    database = EmbeddingDatabase.build([Embedding("zqxring", start)], tokenizer)
+    generator = torch.Generator().manual_seed(run.seed)
+    instance = TrainingData.open(data, dataset_config_for(base), base, tmp_path / "run" / "latents", 2, run.seed)
+    latents, captions = instance.batch(0, generator)
+    assert all("zqxring" in c for c in captions)
+    state = generator.get_state()
+    assert first["loss"] == pytest.approx(float(by_hand_mse(base, generator, latents, captions, database)), rel=1e-5)
+    generator.set_state(state)
+    plain = by_hand_mse(base, generator, latents, captions)  # the word's own BPE tokens: another loss
+    assert first["loss"] != pytest.approx(float(plain), rel=1e-3)
+
+    trained = load_embedding(emb_path, base.config.text.width)
+    assert trained.name == "zqxring" and trained.vectors.shape == start.shape
+    assert (trained.vectors - start).abs().max() > 1e-3  # the word was learnt, not only the LoRA
+
+    frozen = LoraRunOptions(name="again", save_dtype="fp32", embeddings=str(emb_path.parent))
+    (path,) = train_lora(fresh(), data, tmp_path / "again", LoraTrainConfig(rank=2), run, frozen)
+    assert path.name == "again.safetensors"  # no word trained: the LoRA alone
+    again = read_log(tmp_path / "again" / "state" / LOG_FILE)[0]
+    generator = torch.Generator().manual_seed(run.seed)
+    latents, captions = instance.batch(0, generator)
+    by_file = EmbeddingDatabase.build([trained], tokenizer)
+    assert again["loss"] == pytest.approx(float(by_hand_mse(base, generator, latents, captions, by_file)), rel=1e-5)
+    assert torch.equal(load_embedding(emb_path, base.config.text.width).vectors, trained.vectors)  # untouched
+
+    unused = LoraRunOptions(pivotal=EmbeddingTrainConfig("sksdog"))
+    with pytest.raises(SdStudioError, match="holds the embedding's name 'sksdog'"):
+        train_lora(fresh(), data, tmp_path / "unused", LoraTrainConfig(rank=2), run, unused)
+    assert not (tmp_path / "unused").exists()
+    missing = LoraRunOptions(embeddings=str(tmp_path / "nowhere"))
+    with pytest.raises(SdStudioError, match="nowhere: no such folder of embeddings"):
+        train_lora(fresh(), data, tmp_path / "missing", LoraTrainConfig(rank=2), run, missing)
+    assert not (tmp_path / "missing").exists()  # refused before the run folder is made
