@@ -1,5 +1,5 @@
 """Learned upscalers: our ESRGAN (both key layouts, x1 to x8, pixel-unshuffle x2), Real-ESRGAN Compact and
-SwinIR (its four reconstructions, 1conv / 3conv, shifted windows, the JPEG models' range), HAT and DAT against spandrel's own architecture classes and detection (the library ComfyUI and AUTOMATIC1111 run these
+SwinIR (its four reconstructions, 1conv / 3conv, shifted windows, the JPEG models' range), HAT, DAT and SPAN against spandrel's own architecture classes and detection (the library ComfyUI and AUTOMATIC1111 run these
 files through), tiled == untiled away from seams, seams blended, AUTOMATIC1111's sizing rules, and the
 ``sdstudio upscale`` command with its one-line refusals."""
 
@@ -45,7 +45,8 @@ from sdstudio.upscale.arches import (
 from sdstudio.upscale.dat import DAT, AdaptiveSpatialAttention
 from sdstudio.upscale.hat import HAB, HAT, OCAB, HATConfig
 from sdstudio.upscale.load import build_upscaler_model
-from sdstudio.upscale.swinir import SwinIR, SwinIRConfig, SwinTransformerBlock
+from sdstudio.upscale.span import SPAN, SPANConfig
+from sdstudio.upscale.swinir import DIV2K_MEAN, SwinIR, SwinIRConfig, SwinTransformerBlock
 from sdstudio.upscale.tiling import tile_spans, upscale_tiled
 
 ATOL = 1e-5  # float32, the same convolutions in the same order: only kernel choice differs by shape
@@ -73,6 +74,7 @@ def spandrel() -> types.SimpleNamespace:
         swinir = importlib.import_module("spandrel.architectures.SwinIR")
         hat = importlib.import_module("spandrel.architectures.HAT")
         dat = importlib.import_module("spandrel.architectures.DAT")
+        span = importlib.import_module("spandrel.architectures.SPAN")
     finally:
         for name in [k for k in sys.modules if ours(k)]:
             del sys.modules[name]
@@ -80,7 +82,7 @@ def spandrel() -> types.SimpleNamespace:
     return types.SimpleNamespace(
         ESRGAN=esrgan.ESRGAN, ESRGANArch=esrgan.ESRGANArch, Compact=compact.Compact, CompactArch=compact.CompactArch,
         SwinIR=swinir.SwinIR, SwinIRArch=swinir.SwinIRArch, HAT=hat.HAT, HATArch=hat.HATArch,
-        DAT=dat.DAT, DATArch=dat.DATArch,
+        DAT=dat.DAT, DATArch=dat.DATArch, SPAN=span.SPAN, SPANArch=span.SPANArch,
     )  # fmt: skip
 
 
@@ -434,6 +436,34 @@ def test_dat_parity_has_teeth(spandrel):
         assert_same(ours, ref, x)
 
 
+# ------------------------------------------------------------------------------------- SPAN parity
+
+
+@pytest.mark.parametrize("scale, norm", [(4, True), (2, False), (1, True)])
+def test_span_matches_spandrel(spandrel, scale, norm):
+    """Against spandrel's SPAN in eval mode, which recomputes each 3x3 conv from its trained branches: the
+    files' own eval_conv weights are stale on purpose here (random), and must not matter. In float64: with
+    random weights the 255-scaled input goes through six self-gating blocks that magnify float32 rounding
+    (the fused kernels' summation order) a thousandfold; the reference's mean is float32-rounded, so it gets
+    the exact one the float64 comparison needs."""
+    ref = spandrel.SPAN(num_in_ch=3, num_out_ch=3, feature_channels=8, upscale=scale, norm=norm)
+    ref = randomize_(ref, seed=scale).eval()
+    state = ref.state_dict()
+    ours, config = build_upscaler_model(state)
+    assert isinstance(ours, SPAN) and (config.scale, config.feature_channels, config.norm) == (scale, 8, norm)
+    found = spandrel.SPANArch().load(dict(state))
+    assert found.scale == scale
+    # the file's 3x3 kernels are not the fused branches: a model that ran them would fail below
+    assert (state["block_3.c2_r.eval_conv.weight"] - ours.block_3.c2_r.fused()[0]).abs().max() > 0.1
+    ref.double().mean = torch.tensor(DIV2K_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    x = image(13, 11).double()
+    with torch.no_grad():
+        want, got = ref(x), ours.double()(x)
+    assert want.abs().max() > 0.05 and got.shape == want.shape
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert err < 1e-10, f"max |ours - spandrel| / max |spandrel| = {err:.3g}"
+
+
 # ------------------------------------------------------------------------------------- files
 
 
@@ -559,12 +589,16 @@ def safe_positions(length: int, spans: list[tuple[int, int]], scale: int, radius
         # SwinIR, window 4: tiles start on the window grid, so windows fall as on the whole image; 5 blocks
         # (each reaching half a window past its own when shifted) and 4 convs: within 24 input pixels
         ("swinir x2", (120, 110), Tiling(80, 40), 24),
+        # SPAN: 21 convolutions of 3x3 at the input's resolution
+        ("span x2", (120, 110), Tiling(80, 40), 21),
     ],
 )
 def test_tiled_equals_untiled_away_from_seams(name, size, tiling, radius):
     torch.manual_seed(0)
     if name.startswith("compact"):
         model = randomize_(SRVGGNetCompact(CompactConfig(nf=8, num_conv=2, scale=4)), seed=1)
+    elif name.startswith("span"):
+        model = randomize_(SPAN(SPANConfig(feature_channels=8, upscale=2, norm=False)), seed=1).eval()
     elif name.startswith("swinir"):
         config = SwinIRConfig(embed_dim=16, depths=(2, 3), num_heads=(2, 4), window_size=4, mlp_hidden=32,
                               upscale=2, num_feat=16, img_size=16)  # fmt: skip
