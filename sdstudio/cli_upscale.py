@@ -135,12 +135,12 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 def add_upscale_parser(subparsers: argparse._SubParsersAction) -> None:
     up = subparsers.add_parser(
         "upscale",
-        help="enlarge images with an upscaler model (ESRGAN, Real-ESRGAN, SPAN, SwinIR, HAT, DAT) or Lanczos, as A1111's Extras tab",
+        help="enlarge images with an upscaler model (ESRGAN, Real-ESRGAN, SPAN, RealPLKSR, SwinIR, HAT, DAT) or Lanczos, as A1111's Extras tab",
         description="Enlarge each IMAGE by --scale as AUTOMATIC1111's Extras tab does: the upscaler runs (a "
         "model up to 3 passes) until the image is at least int(side * scale) rounded down to a multiple of 8, "
         "then Lanczos resamples to exactly that size. Models: ESRGAN files in the old layout "
         "(4x-UltraSharp, 4x_foolhardy_Remacri), Real-ESRGAN's (RealESRGAN_x4plus, x2plus) and Real-ESRGAN "
-        "Compact (realesr-general-x4v3, realesr-animevideov3), SPAN, SwinIR (the official classical, lightweight, "
+        "Compact (realesr-general-x4v3, realesr-animevideov3), SPAN, RealPLKSR, SwinIR (the official classical, lightweight, "
         "real-world and denoising / JPEG files, community 4x-*-SwinIR), HAT and DAT, as .pth or .safetensors.",
     )
     up.add_argument("images", nargs="+", metavar="IMAGE", help="images to upscale")

@@ -1,8 +1,9 @@
 """Upscalers by name or file, and AUTOMATIC1111's two ways of using them.
 
-An upscaler is a learned model file (:mod:`sdstudio.upscale.arches`: ESRGAN, Real-ESRGAN, Real-ESRGAN
-Compact; :mod:`sdstudio.upscale.span`: SPAN; :mod:`sdstudio.upscale.swinir`: SwinIR; :mod:`sdstudio.upscale.hat`: HAT; :mod:`sdstudio.upscale.dat`:
-DAT; ``.pth`` read with ``weights_only``, or ``.safetensors``) or one of the resampling filters
+An upscaler is a learned model file (convolutional: ESRGAN, Real-ESRGAN, Real-ESRGAN Compact in
+:mod:`sdstudio.upscale.arches`, SPAN in :mod:`.span`, RealPLKSR in :mod:`.plksr`; transformers: SwinIR in
+:mod:`.swinir`, HAT in :mod:`.hat`, DAT in :mod:`.dat`; ``.pth`` read with ``weights_only``, or
+``.safetensors``) or one of the resampling filters
 ``Lanczos`` and ``Nearest``. Files are found by stem in ``--upscaler-dir`` folders, as A1111 lists
 ``models/ESRGAN`` (or given as a path).
 
@@ -50,6 +51,7 @@ from sdstudio.upscale.arches import (
 )
 from sdstudio.upscale.dat import DAT, DATConfig, dat_config, dat_layout, is_dat
 from sdstudio.upscale.hat import HAT, HATConfig, hat_config, hat_layout, is_hat
+from sdstudio.upscale.plksr import RealPLKSR, RealPLKSRConfig, is_realplksr, realplksr_config
 from sdstudio.upscale.span import SPAN, SPANConfig, is_span, span_config, span_layout
 from sdstudio.upscale.swinir import (
     SwinIR,
@@ -61,7 +63,7 @@ from sdstudio.upscale.swinir import (
 )
 from sdstudio.upscale.tiling import Progress, Tiling, upscale_tiled
 
-UpscalerConfig = RRDBConfig | CompactConfig | SPANConfig | SwinIRConfig | HATConfig | DATConfig
+UpscalerConfig = RRDBConfig | CompactConfig | SPANConfig | RealPLKSRConfig | SwinIRConfig | HATConfig | DATConfig
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +275,10 @@ def build_upscaler_model(state: Mapping[str, Tensor]) -> tuple[nn.Module, Upscal
         state = span_layout(state)
         with torch.device("meta"):
             model = SPAN(config)
+    elif is_realplksr(state):
+        config = realplksr_config(state)
+        with torch.device("meta"):
+            model = RealPLKSR(config)
     elif is_dat(state):
         config = dat_config(state)
         state = dat_layout(state)
@@ -291,7 +297,7 @@ def build_upscaler_model(state: Mapping[str, Tensor]) -> tuple[nn.Module, Upscal
     else:
         raise SdStudioError(
             f"not an upscaler sdstudio can run: {describe_unknown(state)}. Supported: ESRGAN (RRDBNet: old "
-            "ESRGAN, Real-ESRGAN and BSRGAN layouts), Real-ESRGAN Compact (SRVGGNetCompact), SPAN, SwinIR, HAT and DAT"
+            "ESRGAN, Real-ESRGAN and BSRGAN layouts), Real-ESRGAN Compact (SRVGGNetCompact), SPAN, RealPLKSR, SwinIR, HAT and DAT"
         )
     model.to_empty(device="cpu")  # no random init: every parameter is read from the file
     if isinstance(model, WindowRestorer):

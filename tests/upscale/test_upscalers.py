@@ -1,5 +1,5 @@
 """Learned upscalers: our ESRGAN (both key layouts, x1 to x8, pixel-unshuffle x2), Real-ESRGAN Compact and
-SwinIR (its four reconstructions, 1conv / 3conv, shifted windows, the JPEG models' range), HAT, DAT and SPAN against spandrel's own architecture classes and detection (the library ComfyUI and AUTOMATIC1111 run these
+SwinIR (its four reconstructions, 1conv / 3conv, shifted windows, the JPEG models' range), HAT, DAT, SPAN and RealPLKSR against spandrel's own architecture classes and detection (the library ComfyUI and AUTOMATIC1111 run these
 files through), tiled == untiled away from seams, seams blended, AUTOMATIC1111's sizing rules, and the
 ``sdstudio upscale`` command with its one-line refusals."""
 
@@ -75,6 +75,7 @@ def spandrel() -> types.SimpleNamespace:
         hat = importlib.import_module("spandrel.architectures.HAT")
         dat = importlib.import_module("spandrel.architectures.DAT")
         span = importlib.import_module("spandrel.architectures.SPAN")
+        plksr = importlib.import_module("spandrel.architectures.PLKSR")
     finally:
         for name in [k for k in sys.modules if ours(k)]:
             del sys.modules[name]
@@ -83,6 +84,7 @@ def spandrel() -> types.SimpleNamespace:
         ESRGAN=esrgan.ESRGAN, ESRGANArch=esrgan.ESRGANArch, Compact=compact.Compact, CompactArch=compact.CompactArch,
         SwinIR=swinir.SwinIR, SwinIRArch=swinir.SwinIRArch, HAT=hat.HAT, HATArch=hat.HATArch,
         DAT=dat.DAT, DATArch=dat.DATArch, SPAN=span.SPAN, SPANArch=span.SPANArch,
+        RealPLKSR=plksr.RealPLKSR, PLKSRArch=plksr.PLKSRArch,
     )  # fmt: skip
 
 
@@ -462,6 +464,57 @@ def test_span_matches_spandrel(spandrel, scale, norm):
     assert want.abs().max() > 0.05 and got.shape == want.shape
     err = ((got - want).abs().max() / want.abs().max()).item()
     assert err < 1e-10, f"max |ours - spandrel| / max |spandrel| = {err:.3g}"
+
+
+# ------------------------------------------------------------------------------------- RealPLKSR parity
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"upscaling_factor": 4},
+        {"upscaling_factor": 2, "dysample": True},
+        {"upscaling_factor": 3, "dysample": True, "layer_norm": True, "use_ea": False},
+        {"upscaling_factor": 1, "dysample": True},
+    ],
+    ids=["x4", "x2 dysample", "x3 dysample layernorm no-ea", "x1 dysample"],
+)
+def test_realplksr_matches_spandrel(spandrel, kw):
+    ref = spandrel.RealPLKSR(dim=16, n_blocks=3, kernel_size=7, split_ratio=0.25, **kw)
+    ref = randomize_(ref, seed=kw["upscaling_factor"]).eval()
+    with torch.no_grad():  # DySample's scope starts at zero: make its offsets count
+        for name, p in ref.named_parameters():
+            if "to_img.scope" in name or "to_img.offset" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.3)
+    state = ref.state_dict()
+    ours, config = build_upscaler_model(state)
+    assert (config.scale, config.n_blocks, config.kernel_size, config.lk_channels) == (kw["upscaling_factor"], 3, 7, 4)
+    assert (config.dysample, config.layer_norm, config.use_ea) == (
+        kw.get("dysample", False), kw.get("layer_norm", False), kw.get("use_ea", True))  # fmt: skip
+    found = spandrel.PLKSRArch().load(dict(state))
+    assert found.scale == config.scale
+    assert_same(ours, ref, image(13, 11))
+
+
+def test_realplksr_parity_has_teeth(spandrel):
+    """GroupNorms of 2 groups instead of the releases' 4, or DySample without its initial sub-pixel places,
+    do not pass against the same weights."""
+    ref = randomize_(spandrel.RealPLKSR(dim=16, n_blocks=3, kernel_size=7, upscaling_factor=2, dysample=True), 2)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "to_img." in name and "end_conv" not in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.3)
+    ours, _ = build_upscaler_model(ref.eval().state_dict())
+    x = image(13, 11)
+    assert_same(ours, ref, x)
+    for block in ours.feats[1:4]:
+        block.norm.num_groups = 2
+    with pytest.raises(AssertionError, match="max"):
+        assert_same(ours, ref, x)
+    ours, _ = build_upscaler_model(ref.state_dict())
+    ours.to_img.init_pos.zero_()
+    with pytest.raises(AssertionError, match="max"):
+        assert_same(ours, ref, x)
 
 
 # ------------------------------------------------------------------------------------- files
