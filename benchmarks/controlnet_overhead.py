@@ -80,19 +80,35 @@ def main() -> None:
             residuals = out if residuals is None else [a + b for a, b in zip(residuals, out)]
         unet(x, t, context, y=y, control=residuals)
 
-    times: dict[str, list[float]] = {"plain": [], "controlled": []}
+    # when the UNet's middle block ends: its encoder and middle block are what a ControlNet repeats
+    marks: dict[str, float] = {}
+    unet.middle_block.register_forward_hook(lambda *_: marks.__setitem__("middle", time.perf_counter()))
+    times: dict[str, list[float]] = {"plain": [], "controlled": [], "encoder": [], "controlnets": []}
     plain(), controlled()  # warm-ups
     for _ in range(args.steps):
         for name, call in (("plain", plain), ("controlled", controlled)):
             start = time.perf_counter()
             call()
             times[name].append(time.perf_counter() - start)
+            if name == "plain":
+                times["encoder"].append(marks["middle"] - start)
+        start = time.perf_counter()
+        for net, embedding in zip(nets, embeddings):
+            net(x, hint, t, context, y, hint_embedding=embedding)
+        times["controlnets"].append(time.perf_counter() - start)
     a, b = statistics.median(times["plain"]), statistics.median(times["controlled"])
+    encoder, alone = statistics.median(times["encoder"]), statistics.median(times["controlnets"])
     print(
         f"{args.arch} {args.size}x{args.size} CFG batch 2, {str(dtype).removeprefix('torch.')}, "
         f"{platform.processor() or platform.machine()}: UNet {a:.3f} s/step, with {args.units} ControlNet(s) "
         f"{b:.3f} s/step: +{100 * (b / a - 1):.0f} %"
     )
+    print(
+        f"  the ControlNet(s) alone {alone:.3f} s ({100 * alone / a:.0f} % of the UNet); the UNet's own encoder and "
+        f"middle block {encoder:.3f} s ({100 * encoder / a:.0f} %): what one ControlNet costs at the least"
+    )
+    print("  per step (plain / controlled / ControlNets alone): " + "; ".join(
+        f"{p:.2f} / {c:.2f} / {n:.2f}" for p, c, n in zip(times["plain"], times["controlled"], times["controlnets"])))
 
 
 if __name__ == "__main__":
