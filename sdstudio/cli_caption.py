@@ -19,7 +19,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
     request = CaptionFolderRequest(
         folder=args.folder, mode=args.mode, overwrite=args.overwrite, append_tags=args.append_tags,
-        extension=args.caption_extension, batch_size=args.batch_size,
+        extension=args.caption_extension, batch_size=args.batch_size, prefix=args.prefix, postfix=args.postfix,
     )  # fmt: skip
     if not Path(args.folder).is_dir():
         raise SdStudioError(f"{args.folder}: no such folder")
@@ -68,6 +68,9 @@ def add_caption_commands(top_sub: argparse._SubParsersAction) -> None:
     cap.add_argument("--append-tags", action="store_true",
                      help="add the new caption's comma-separated parts to an existing caption")  # fmt: skip
     cap.add_argument("--overwrite", action="store_true", help="replace existing captions")
+    cap.add_argument("--prefix", default="", metavar="TEXT",
+                     help="put TEXT before every caption written, as it is (a trigger word: --prefix 'sks, ')")
+    cap.add_argument("--postfix", default="", metavar="TEXT", help="put TEXT after every caption written")
     cap.add_argument(
         "--caption-extension", default=".txt", metavar="EXT", help="caption file extension (default .txt)"
     )

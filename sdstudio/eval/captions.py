@@ -48,6 +48,8 @@ class CaptionFolderRequest:
     append_tags: bool = False
     extension: str = ".txt"
     batch_size: int = 16
+    prefix: str = ""  # put before every caption written, as it is ("sks, ": kohya's trigger word)
+    postfix: str = ""  # put after it
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -60,6 +62,9 @@ class CaptionFolderRequest:
             raise SdStudioError(f"--caption-extension {self.extension!r}: a file extension such as .txt")
         if self.batch_size < 1:
             raise SdStudioError(f"--batch-size {self.batch_size}: must be at least 1")
+        for name, text in (("--prefix", self.prefix), ("--postfix", self.postfix)):
+            if "\n" in text or "\r" in text:
+                raise SdStudioError(f"{name} {text!r}: a caption is one line; give text without line breaks")
 
 
 @dataclass(frozen=True)
@@ -153,7 +158,7 @@ def caption_folder(
         captions = captioner.caption([im for _, im in batch], request.mode) if batch else []
         for (path, _), caption in zip(batch, captions, strict=True):
             target = path.with_suffix(request.extension)
-            text = caption.text
+            text = request.prefix + caption.text + request.postfix
             if request.append_tags and target.exists():
                 text = _merge_tags(target.read_text(encoding="utf-8", errors="replace"), text)
             write_text_atomic(target, text + "\n")

@@ -208,6 +208,10 @@ def test_caption_folder_writes_keeps_replaces_and_appends(tmp_path) -> None:
     caption_folder(CaptionFolderRequest(str(tmp_path), mode="fast", overwrite=True), folder_captioner())
     assert (tmp_path / "c.txt").read_text() == "a red circle left\n"
     assert not list(tmp_path.glob("*.tmp*")) and not (tmp_path / "broken.txt").exists()
+    # a trigger word before, a tag after each caption (kohya's prefix and postfix)
+    request = CaptionFolderRequest(str(tmp_path), mode="fast", overwrite=True, prefix="sks, ", postfix=", photo")
+    caption_folder(request, folder_captioner())
+    assert (tmp_path / "b.txt").read_text() == "sks, a blue star top, photo\n"
 
 
 def test_caption_folder_bad_input(tmp_path) -> None:
@@ -221,3 +225,5 @@ def test_caption_folder_bad_input(tmp_path) -> None:
         CaptionFolderRequest(str(tmp_path), extension="txt")
     with pytest.raises(SdStudioError, match="--mode"):
         CaptionFolderRequest(str(tmp_path), mode="quick")
+    with pytest.raises(SdStudioError, match="--prefix .*one line"):
+        CaptionFolderRequest(str(tmp_path), prefix="sks\n")
