@@ -20,6 +20,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     request = CaptionFolderRequest(
         folder=args.folder, mode=args.mode, overwrite=args.overwrite, append_tags=args.append_tags,
         extension=args.caption_extension, batch_size=args.batch_size, prefix=args.prefix, postfix=args.postfix,
+        replace=tuple(_replacement(r) for r in args.replace),
     )  # fmt: skip
     if not Path(args.folder).is_dir():
         raise SdStudioError(f"{args.folder}: no such folder")
@@ -39,6 +40,13 @@ def cmd_caption(args: argparse.Namespace) -> int:
         result = caption_folder(request, captioner, progress)
     print(result.summary(), flush=True)
     return 0
+
+
+def _replacement(text: str) -> tuple[str, str]:
+    old, sep, new = text.partition("=")
+    if not sep:
+        raise SdStudioError(f"--replace {text!r}: give OLD=NEW (--replace purple=pink)")
+    return old, new
 
 
 def add_caption_commands(top_sub: argparse._SubParsersAction) -> None:
@@ -71,6 +79,9 @@ def add_caption_commands(top_sub: argparse._SubParsersAction) -> None:
     cap.add_argument("--prefix", default="", metavar="TEXT",
                      help="put TEXT before every caption written, as it is (a trigger word: --prefix 'sks, ')")
     cap.add_argument("--postfix", default="", metavar="TEXT", help="put TEXT after every caption written")
+    cap.add_argument("--replace", action="append", default=[], metavar="OLD=NEW",
+                     help="replace the word OLD by NEW in every caption written (repeatable): the captioner's "
+                     "name for your concept by your own word (--replace purple=pink)")
     cap.add_argument(
         "--caption-extension", default=".txt", metavar="EXT", help="caption file extension (default .txt)"
     )

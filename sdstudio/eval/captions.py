@@ -12,6 +12,7 @@ that it lacks) is asked for.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,9 @@ class CaptionFolderRequest:
     batch_size: int = 16
     prefix: str = ""  # put before every caption written, as it is ("sks, ": kohya's trigger word)
     postfix: str = ""  # put after it
+    # (word, replacement) pairs applied to each new caption, whole words only: the captioner's name for
+    # what the folder shows replaced by the user's own ("purple" -> "pink"), as kohya's find-and-replace
+    replace: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -65,6 +69,17 @@ class CaptionFolderRequest:
         for name, text in (("--prefix", self.prefix), ("--postfix", self.postfix)):
             if "\n" in text or "\r" in text:
                 raise SdStudioError(f"{name} {text!r}: a caption is one line; give text without line breaks")
+        for old, new in self.replace:
+            if not old.strip() or any(c in old + new for c in "\r\n"):
+                raise SdStudioError(
+                    f"--replace {old}={new}: give OLD=NEW, OLD a word or phrase of the captions, on one line"
+                )
+
+    def edit(self, text: str) -> str:
+        """A new caption as written: the replacements (whole words), then the prefix and postfix."""
+        for old, new in self.replace:
+            text = re.sub(rf"(?<!\w){re.escape(old)}(?!\w)", lambda _, new=new: new, text)
+        return self.prefix + text + self.postfix
 
 
 @dataclass(frozen=True)
@@ -158,7 +173,7 @@ def caption_folder(
         captions = captioner.caption([im for _, im in batch], request.mode) if batch else []
         for (path, _), caption in zip(batch, captions, strict=True):
             target = path.with_suffix(request.extension)
-            text = request.prefix + caption.text + request.postfix
+            text = request.edit(caption.text)
             if request.append_tags and target.exists():
                 text = _merge_tags(target.read_text(encoding="utf-8", errors="replace"), text)
             write_text_atomic(target, text + "\n")

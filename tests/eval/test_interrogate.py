@@ -212,6 +212,10 @@ def test_caption_folder_writes_keeps_replaces_and_appends(tmp_path) -> None:
     request = CaptionFolderRequest(str(tmp_path), mode="fast", overwrite=True, prefix="sks, ", postfix=", photo")
     caption_folder(request, folder_captioner())
     assert (tmp_path / "b.txt").read_text() == "sks, a blue star top, photo\n"
+    # the captioner's word replaced by the user's, whole words only
+    request = CaptionFolderRequest(str(tmp_path), mode="fast", overwrite=True, replace=(("blue", "pink"), ("a", "the")))
+    caption_folder(request, folder_captioner())
+    assert (tmp_path / "b.txt").read_text() == "the pink star top\n"
 
 
 def test_caption_folder_bad_input(tmp_path) -> None:
@@ -227,3 +231,5 @@ def test_caption_folder_bad_input(tmp_path) -> None:
         CaptionFolderRequest(str(tmp_path), mode="quick")
     with pytest.raises(SdStudioError, match="--prefix .*one line"):
         CaptionFolderRequest(str(tmp_path), prefix="sks\n")
+    with pytest.raises(SdStudioError, match="--replace"):
+        CaptionFolderRequest(str(tmp_path), replace=((" ", "pink"),))

@@ -121,6 +121,13 @@ def test_caption_command_on_a_folder_of_renders(tmp_path, capsys) -> None:
     assert "no such folder" in capsys.readouterr().err
     assert main(["caption", str(tmp_path), "--overwrite", "--append-tags"]) == 2
     assert "choose one" in capsys.readouterr().err
+    # a trigger word and the captioner's colour word replaced by the user's, by the command's options
+    obj = group[0].objects[0]
+    colour = language.COLOUR_WORDS[obj.colour][0]
+    assert main(["caption", str(tmp_path), "--overwrite", "-q", "--prefix", "sks, ", "--replace", f"{colour}=pink"]) == 0
+    assert (tmp_path / "0.txt").read_text().startswith(f"sks, a {language.SIZE_WORDS[obj.size][0]} pink ")
+    assert main(["caption", str(tmp_path), "--overwrite", "--replace", "pink"]) == 2
+    assert "OLD=NEW" in capsys.readouterr().err
 
 
 def test_text_pool_starts_as_eos_pooling_and_binds_attributes() -> None:
