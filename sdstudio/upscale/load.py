@@ -3,7 +3,8 @@
 An upscaler is a learned model file (convolutional: ESRGAN, Real-ESRGAN, Real-ESRGAN Compact in
 :mod:`sdstudio.upscale.arches`, SPAN in :mod:`.span`, RealPLKSR in :mod:`.plksr`; transformers: SwinIR in
 :mod:`.swinir`, HAT in :mod:`.hat`, DAT in :mod:`.dat`; ``.pth`` read with ``weights_only``, or
-``.safetensors``) or one of the resampling filters
+``.safetensors``; other architectures through spandrel where it imports, :mod:`.through_spandrel`) or one of
+the resampling filters
 ``Lanczos`` and ``Nearest``. Files are found by stem in ``--upscaler-dir`` folders, as A1111 lists
 ``models/ESRGAN`` (or given as a path).
 
@@ -61,9 +62,12 @@ from sdstudio.upscale.swinir import (
     swinir_config,
     swinir_layout,
 )
+from sdstudio.upscale.through_spandrel import SpandrelConfig, from_spandrel, spandrel_unavailable
 from sdstudio.upscale.tiling import Progress, Tiling, upscale_tiled
 
-UpscalerConfig = RRDBConfig | CompactConfig | SPANConfig | RealPLKSRConfig | SwinIRConfig | HATConfig | DATConfig
+UpscalerConfig = (
+    RRDBConfig | CompactConfig | SPANConfig | RealPLKSRConfig | SwinIRConfig | HATConfig | DATConfig | SpandrelConfig
+)
 
 log = logging.getLogger(__name__)
 
@@ -295,9 +299,16 @@ def build_upscaler_model(state: Mapping[str, Tensor]) -> tuple[nn.Module, Upscal
         with torch.device("meta"):
             model = SwinIR(config)
     else:
+        found = from_spandrel(state)  # the architectures spandrel knows and we do not, where it imports
+        if found is not None:
+            return found
+        why = spandrel_unavailable()
+        others = (f"others through spandrel, which does not import here ({why}): pip install spandrel torchvision"
+                  if why else "others through spandrel, which does not know this file either")  # fmt: skip
         raise SdStudioError(
             f"not an upscaler sdstudio can run: {describe_unknown(state)}. Supported: ESRGAN (RRDBNet: old "
-            "ESRGAN, Real-ESRGAN and BSRGAN layouts), Real-ESRGAN Compact (SRVGGNetCompact), SPAN, RealPLKSR, SwinIR, HAT and DAT"
+            "ESRGAN, Real-ESRGAN and BSRGAN layouts), Real-ESRGAN Compact (SRVGGNetCompact), SPAN, RealPLKSR, "
+            f"SwinIR, HAT and DAT in sdstudio's own code; {others}"
         )
     model.to_empty(device="cpu")  # no random init: every parameter is read from the file
     if isinstance(model, WindowRestorer):
@@ -325,6 +336,9 @@ def load_upscaler(
         model, config = build_upscaler_model(state)
     except SdStudioError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    if isinstance(config, SpandrelConfig) and not config.supports(dtype):
+        log.warning("%s: %s does not run in %s (spandrel says); float32 instead", path, config.architecture, dtype)
+        dtype = torch.float32
     log.info("%s: %s", path, config.describe())
     return ModelUpscaler(name or path.stem, model, config, device=device, dtype=dtype, tiling=tiling, path=path)
 
