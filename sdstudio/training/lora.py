@@ -60,6 +60,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -144,8 +145,17 @@ class LoraTrainConfig:
     train_text_encoder: bool = False
     unet_lr: float = 1e-4
     text_lr: float = 5e-5
+    # kohya's network_args include_patterns / exclude_patterns: regular expressions searched in each chosen
+    # module's kohya name (lora_unet_..._attn2_to_k); with includes, only modules one matches are trained
+    include_patterns: tuple[str, ...] = ()
+    exclude_patterns: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for pattern in (*self.include_patterns, *self.exclude_patterns):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise SdStudioError(f"LoRA module pattern {pattern!r}: not a regular expression ({e})") from None
         if self.rank < 1:
             raise SdStudioError(f"LoRA rank {self.rank}: must be at least 1")
         if self.conv_rank is not None and self.conv_rank < 1:
@@ -181,12 +191,17 @@ class LoraTrainConfig:
 
     def chosen(self, module: KohyaModule) -> bool:
         """kohya's targets: transformer blocks always, ResNet blocks and samplers with LoCon, text with
-        ``train_text_encoder``; never conv_in, conv_out or the time embedding."""
+        ``train_text_encoder``; never conv_in, conv_out or the time embedding. Then the patterns: a module
+        an exclude pattern finds is left out, and with include patterns only one they find is kept."""
         if module.block == "transformer":
-            return True
-        if module.block in ("resnet", "sampler"):
-            return self.conv_rank is not None
-        return module.block == "text" and self.train_text_encoder
+            kohya = True
+        elif module.block in ("resnet", "sampler"):
+            kohya = self.conv_rank is not None
+        else:
+            kohya = module.block == "text" and self.train_text_encoder
+        if not kohya or any(re.search(p, module.name) for p in self.exclude_patterns):
+            return False
+        return not self.include_patterns or any(re.search(p, module.name) for p in self.include_patterns)
 
 
 class LoraModule(nn.Module):
@@ -316,6 +331,12 @@ class TrainableLoRA(nn.Module):
             relative = module.target.key.removeprefix(_PART_PREFIX[module.target.part])
             self.targets[module.name] = _Target(module, path, relative)
         if not self.targets:
+            if config.include_patterns or config.exclude_patterns:
+                raise SdStudioError(
+                    f"{self.architecture}: the module patterns leave no LoRA target (include "
+                    f"{list(config.include_patterns)}, exclude {list(config.exclude_patterns)}); they are "
+                    "searched in kohya's names such as lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+                )
             raise SdStudioError(
                 f"{self.architecture}: no LoRA target found; is this a Stable Diffusion model?"
             )
@@ -523,6 +544,9 @@ def kohya_metadata(lora: TrainableLoRA, output_name: str) -> dict[str, str]:
     args = {}
     if config.conv_rank is not None:
         args = {"conv_dim": str(config.conv_rank), "conv_alpha": str(config.locon_alpha)}
+    for name in ("include_patterns", "exclude_patterns"):
+        if getattr(config, name):
+            args[name] = json.dumps(list(getattr(config, name)))
     version = ("sd_v2" if lora.v2 else "sd_v1") + ("_v" if lora.prediction == "v" else "")
     return {
         "ss_network_module": "networks.lora",
