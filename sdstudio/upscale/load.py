@@ -339,6 +339,8 @@ def load_upscaler(
     if isinstance(config, SpandrelConfig) and not config.supports(dtype):
         log.warning("%s: %s does not run in %s (spandrel says); float32 instead", path, config.architecture, dtype)
         dtype = torch.float32
+    if isinstance(config, SpandrelConfig) and config.whole_image:
+        tiling = Tiling(size=0, overlap=0)  # spandrel: this architecture tiles internally
     log.info("%s: %s", path, config.describe())
     return ModelUpscaler(name or path.stem, model, config, device=device, dtype=dtype, tiling=tiling, path=path)
 

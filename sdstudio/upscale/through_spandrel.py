@@ -38,6 +38,7 @@ class SpandrelConfig:
     multiple_of: int = 1  # spandrel's size requirement: sides padded to a multiple of this
     supports_half: bool = False
     supports_bfloat16: bool = False
+    whole_image: bool = False  # spandrel's ModelTiling.INTERNAL: the model tiles itself
 
     @property
     def align(self) -> int:  # tiles start on the grid the architecture pads to
@@ -109,6 +110,7 @@ def from_spandrel(state: Mapping[str, Tensor]) -> tuple[SpandrelNet, SpandrelCon
         architecture=name, scale=int(descriptor.scale), image_channels=channels,
         multiple_of=max(1, int(descriptor.size_requirements.multiple_of)),
         supports_half=bool(descriptor.supports_half), supports_bfloat16=bool(descriptor.supports_bfloat16),
+        whole_image=descriptor.tiling == spandrel.ModelTiling.INTERNAL,  # type: ignore[attr-defined]
     )  # fmt: skip
     log.info("spandrel: %s", config.describe())
     return SpandrelNet(descriptor).eval(), config

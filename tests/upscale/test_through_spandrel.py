@@ -92,6 +92,7 @@ with torch.no_grad():
     theirs = ref(x)
 image = up.upscale_by(Image.new("RGB", (30, 21), (200, 40, 90)), 2)
 json.dump({"describe": up.config.describe(), "scale": up.scale, "align": up.config.align,
+           "whole": up.config.whole_image, "tile": up.tiling.size,
            "shape": list(ours.shape), "err": float((ours - theirs).abs().max()), "range": float(theirs.std()),
            "size": list(image.size)}, open(out, "w"))
 """
@@ -110,7 +111,7 @@ def test_a_file_spandrel_knows_runs_through_it(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(out.read_text())
     assert got["describe"] == "SAFMN x2 (run by spandrel)" and got["scale"] == 2 and got["align"] == 8
-    assert got["shape"] == [1, 3, 42, 60]
+    assert got["shape"] == [1, 3, 42, 60] and not got["whole"] and got["tile"] == 192  # tiled as ESRGAN
     assert got["size"] == [56, 40]  # A1111 rounds the target down to multiples of 8
     # through sdstudio's tiles (one here: 30x21 fits a tile) and spandrel's padding to a multiple of 8
     assert got["range"] > 0.05 and got["err"] < 1e-5, got
