@@ -80,7 +80,7 @@ def add_caption_commands(top_sub: argparse._SubParsersAction) -> None:
                      help="put TEXT before every caption written, as it is (a trigger word: --prefix 'sks, ')")
     cap.add_argument("--postfix", default="", metavar="TEXT", help="put TEXT after every caption written")
     cap.add_argument("--replace", action="append", default=[], metavar="OLD=NEW",
-                     help="replace the word OLD by NEW in every caption written (repeatable): the captioner's "
+                     help="replace the word OLD by NEW (whole words, case-sensitive) in every caption written (repeatable): the captioner's "
                      "name for your concept by your own word (--replace purple=pink)")
     cap.add_argument(
         "--caption-extension", default=".txt", metavar="EXT", help="caption file extension (default .txt)"

@@ -75,11 +75,21 @@ class CaptionFolderRequest:
                     f"--replace {old}={new}: give OLD=NEW, OLD a word or phrase of the captions, on one line"
                 )
 
-    def edit(self, text: str) -> str:
-        """A new caption as written: the replacements (whole words), then the prefix and postfix."""
+    def edit(self, text: str, existing: str | None = None) -> str:
+        """A caption as written: the new caption's replacements (whole words, case-sensitive), merged into
+        ``existing`` with ``append_tags``, then the prefix (unless the caption starts with it already) and
+        the postfix (likewise at its end): a trigger word stays first, as kohya's keep_tokens needs it."""
         for old, new in self.replace:
-            text = re.sub(rf"(?<!\w){re.escape(old)}(?!\w)", lambda _, new=new: new, text)
-        return self.prefix + text + self.postfix
+            start = r"(?<!\w)" if re.match(r"\w", old) else ""  # whole words; punctuation as it is
+            end = r"(?!\w)" if re.search(r"\w$", old) else ""
+            text = re.sub(start + re.escape(old) + end, lambda _, new=new: new, text)
+        if existing is not None:
+            text = _merge_tags(existing, text)
+        if self.prefix and not text.startswith(self.prefix):
+            text = self.prefix + text
+        if self.postfix and not text.endswith(self.postfix):
+            text = text + self.postfix
+        return text
 
 
 @dataclass(frozen=True)
@@ -173,10 +183,10 @@ def caption_folder(
         captions = captioner.caption([im for _, im in batch], request.mode) if batch else []
         for (path, _), caption in zip(batch, captions, strict=True):
             target = path.with_suffix(request.extension)
-            text = request.edit(caption.text)
+            existing = None
             if request.append_tags and target.exists():
-                text = _merge_tags(target.read_text(encoding="utf-8", errors="replace"), text)
-            write_text_atomic(target, text + "\n")
+                existing = target.read_text(encoding="utf-8", errors="replace").strip()
+            write_text_atomic(target, request.edit(caption.text, existing) + "\n")
             written.append(target.name)
         done += len(todo[i : i + request.batch_size])
         if progress:

@@ -216,6 +216,17 @@ def test_caption_folder_writes_keeps_replaces_and_appends(tmp_path) -> None:
     request = CaptionFolderRequest(str(tmp_path), mode="fast", overwrite=True, replace=(("blue", "pink"), ("a", "the")))
     caption_folder(request, folder_captioner())
     assert (tmp_path / "b.txt").read_text() == "the pink star top\n"
+    # NEW as it is (no regex escapes), punctuation replaced as it is; the trigger stays first when appending
+    request = CaptionFolderRequest(str(tmp_path), mode="fast", overwrite=True, replace=(("blue", r"\1 b\\"), (" top", ",")))
+    caption_folder(request, folder_captioner())
+    assert (tmp_path / "b.txt").read_text() == "a \\1 b\\\\ star,\n"
+    (tmp_path / "b.txt").write_text("sks, my words", encoding="utf-8")
+    request = CaptionFolderRequest(str(tmp_path), mode="fast", append_tags=True, prefix="sks, ")
+    caption_folder(request, folder_captioner())
+    assert (tmp_path / "b.txt").read_text() == "sks, my words, a blue star top\n"
+    (tmp_path / "b.txt").write_text("my words", encoding="utf-8")
+    caption_folder(request, folder_captioner())
+    assert (tmp_path / "b.txt").read_text() == "sks, my words, a blue star top\n"
 
 
 def test_caption_folder_bad_input(tmp_path) -> None:
