@@ -339,8 +339,9 @@ def load_upscaler(
     if isinstance(config, SpandrelConfig) and not config.supports(dtype):
         log.warning("%s: %s does not run in %s (spandrel says); float32 instead", path, config.architecture, dtype)
         dtype = torch.float32
-    if isinstance(config, SpandrelConfig) and config.whole_image:
-        tiling = Tiling(size=0, overlap=0)  # spandrel: this architecture tiles internally
+    if isinstance(config, SpandrelConfig) and config.whole_image and tiling.size:
+        log.info("%s: %s tiles internally (spandrel says): the whole image at once", path, config.architecture)
+        tiling = Tiling(size=0, overlap=0)
     log.info("%s: %s", path, config.describe())
     return ModelUpscaler(name or path.stem, model, config, device=device, dtype=dtype, tiling=tiling, path=path)
 

@@ -96,7 +96,12 @@ def from_spandrel(state: Mapping[str, Tensor]) -> tuple[SpandrelNet, SpandrelCon
     except spandrel.UnsupportedModelError:  # type: ignore[attr-defined]
         return None
     except Exception as e:  # noqa: BLE001  spandrel knew the keys; the file does not fit the architecture
-        raise SdStudioError(f"spandrel could not load it: {type(e).__name__}: {e}"[:300]) from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = (lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]) if lines else repr(e)
+        raise SdStudioError(
+            f"spandrel knows its keys but could not load it ({type(e).__name__}: {detail[:200]}); "
+            "a truncated or modified file?"
+        ) from None
     name = descriptor.architecture.name
     if not isinstance(descriptor, spandrel.ImageModelDescriptor) or descriptor.purpose not in _IMAGE_PURPOSES:
         raise SdStudioError(f"spandrel reads it as {name}, a {descriptor.purpose} model, not an upscaler")

@@ -10,6 +10,7 @@ upscale through sdstudio exactly as through spandrel's own descriptor.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -47,6 +48,8 @@ def safmn_state(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def test_without_spandrel_the_refusal_says_why(tmp_path):
+    if importlib.util.find_spec("spandrel") is None:
+        pytest.fail("spandrel is not installed; it is a test dependency: pip install --no-deps spandrel==0.4.2")
     why = spandrel_unavailable()
     if not why:
         pytest.skip("spandrel imports in this environment: the refusal does not apply")
@@ -80,7 +83,7 @@ import numpy as np, torch
 from PIL import Image
 import spandrel
 from sdstudio.upscale import load_upscaler
-from sdstudio.upscale.load import Upscaler
+from sdstudio.upscale.tiling import Tiling
 
 path, out = sys.argv[1], sys.argv[2]
 up = load_upscaler(path)
@@ -91,10 +94,17 @@ ref.model.eval()
 with torch.no_grad():
     theirs = ref(x)
 image = up.upscale_by(Image.new("RGB", (30, 21), (200, 40, 90)), 2)
+# in tiles of 48 (starts on spandrel's grid of 8): the first tile's inner part equals the whole image's
+tiled = load_upscaler(path, tiling=Tiling(48, 16))
+big = torch.rand(1, 3, 96, 96, generator=torch.Generator().manual_seed(2))
+with torch.no_grad():
+    whole = ref(big)
+parts = tiled.upscale_tensor(big)
 json.dump({"describe": up.config.describe(), "scale": up.scale, "align": up.config.align,
            "whole": up.config.whole_image, "tile": up.tiling.size,
            "shape": list(ours.shape), "err": float((ours - theirs).abs().max()), "range": float(theirs.std()),
-           "size": list(image.size)}, open(out, "w"))
+           "size": list(image.size), "inner": float((parts - whole)[..., :32, :32].abs().max()),
+           "seams": float((parts - whole).abs().max())}, open(out, "w"))
 """
 
 
@@ -115,3 +125,4 @@ def test_a_file_spandrel_knows_runs_through_it(tmp_path):
     assert got["size"] == [56, 40]  # A1111 rounds the target down to multiples of 8
     # through sdstudio's tiles (one here: 30x21 fits a tile) and spandrel's padding to a multiple of 8
     assert got["range"] > 0.05 and got["err"] < 1e-5, got
+    assert got["inner"] < 1e-5 < got["seams"], got  # tiles differ only near their cut edges
