@@ -727,7 +727,7 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         rank=args.rank, alpha=args.alpha, conv_rank=args.conv_rank, conv_alpha=args.conv_alpha,
         train_text_encoder=args.train_text_encoder, unet_lr=args.lr,
         text_lr=args.lr / 2 if args.text_lr is None else args.text_lr,
-        include_patterns=tuple(args.include_patterns), exclude_patterns=tuple(args.exclude_patterns),
+        modules=tuple(args.modules), skip_modules=tuple(args.skip_modules),
     )  # fmt: skip
     run_options = LoraRunOptions(
         name=args.name, noise_offset=args.noise_offset, lr_schedule=args.lr_schedule,
@@ -1046,11 +1046,11 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--alpha", type=float, help="network alpha (default: the rank, scale 1)")
     lo.add_argument("--conv-rank", type=int, help="LoCon: also the ResNet 3x3 convolutions at this rank")
     lo.add_argument("--conv-alpha", type=float, help="LoCon alpha (default: the conv rank)")
-    lo.add_argument("--include-patterns", nargs="+", default=[], metavar="REGEX",
-                    help="train only the modules whose kohya name one of these finds (kohya's include_patterns; "
-                    "'attn2_to_[kv]$': the cross-attention's keys and values)")  # fmt: skip
-    lo.add_argument("--exclude-patterns", nargs="+", default=[], metavar="REGEX",
-                    help="leave out the modules whose kohya name one of these finds (kohya's exclude_patterns)")
+    lo.add_argument("--modules", nargs="+", default=[], metavar="REGEX",
+                    help="of the modules kohya would train, only those whose kohya name one of these regular "
+                    "expressions finds ('attn2_to_[kv]$': the cross-attention's keys and values)")  # fmt: skip
+    lo.add_argument("--skip-modules", nargs="+", default=[], metavar="REGEX",
+                    help="leave out the modules whose kohya name one of these regular expressions finds")
     _prior_arguments(lo)
     lo.add_argument("--embeddings", metavar="DIR", help="textual-inversion files the captions may name (by file "
                     "stem), their vectors kept as they are, as prompts use them")  # fmt: skip

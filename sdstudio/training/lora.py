@@ -145,17 +145,22 @@ class LoraTrainConfig:
     train_text_encoder: bool = False
     unet_lr: float = 1e-4
     text_lr: float = 5e-5
-    # kohya's network_args include_patterns / exclude_patterns: regular expressions searched in each chosen
-    # module's kohya name (lora_unet_..._attn2_to_k); with includes, only modules one matches are trained
-    include_patterns: tuple[str, ...] = ()
-    exclude_patterns: tuple[str, ...] = ()
+    # sdstudio's own module filter (--modules / --skip-modules): regular expressions searched in the kohya
+    # name of each module kohya would train (lora_unet_..._attn2_to_k); with ``modules`` only those one of
+    # them finds, never one a ``skip_modules`` pattern finds. (kohya's include_patterns differ: they only
+    # take modules back from its exclude_patterns.)
+    modules: tuple[str, ...] = ()
+    skip_modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for pattern in (*self.include_patterns, *self.exclude_patterns):
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise SdStudioError(f"LoRA module pattern {pattern!r}: not a regular expression ({e})") from None
+        for option, patterns in (("--modules", self.modules), ("--skip-modules", self.skip_modules)):
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise SdStudioError(
+                        f"{option} {pattern!r}: not a regular expression ({e}); escape brackets as \\[ "
+                    ) from None
         if self.rank < 1:
             raise SdStudioError(f"LoRA rank {self.rank}: must be at least 1")
         if self.conv_rank is not None and self.conv_rank < 1:
@@ -199,9 +204,9 @@ class LoraTrainConfig:
             kohya = self.conv_rank is not None
         else:
             kohya = module.block == "text" and self.train_text_encoder
-        if not kohya or any(re.search(p, module.name) for p in self.exclude_patterns):
+        if not kohya or any(re.search(p, module.name) for p in self.skip_modules):
             return False
-        return not self.include_patterns or any(re.search(p, module.name) for p in self.include_patterns)
+        return not self.modules or any(re.search(p, module.name) for p in self.modules)
 
 
 class LoraModule(nn.Module):
@@ -331,11 +336,11 @@ class TrainableLoRA(nn.Module):
             relative = module.target.key.removeprefix(_PART_PREFIX[module.target.part])
             self.targets[module.name] = _Target(module, path, relative)
         if not self.targets:
-            if config.include_patterns or config.exclude_patterns:
+            if config.modules or config.skip_modules:
                 raise SdStudioError(
-                    f"{self.architecture}: the module patterns leave no LoRA target (include "
-                    f"{list(config.include_patterns)}, exclude {list(config.exclude_patterns)}); they are "
-                    "searched in kohya's names such as lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+                    f"{self.architecture}: --modules {list(config.modules)} / --skip-modules "
+                    f"{list(config.skip_modules)} leave no LoRA target; they are searched in kohya's names "
+                    "such as lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
                 )
             raise SdStudioError(
                 f"{self.architecture}: no LoRA target found; is this a Stable Diffusion model?"
@@ -542,11 +547,9 @@ def kohya_metadata(lora: TrainableLoRA, output_name: str) -> dict[str, str]:
     seed, resolution, ...) come from the caller."""
     config = lora.config
     args = {}
-    if config.conv_rank is not None:
+    if config.conv_rank is not None and any(t.module.convolution for t in lora.targets.values()):
         args = {"conv_dim": str(config.conv_rank), "conv_alpha": str(config.locon_alpha)}
-    for name in ("include_patterns", "exclude_patterns"):
-        if getattr(config, name):
-            args[name] = json.dumps(list(getattr(config, name)))
+    filters = {"modules": list(config.modules), "skip_modules": list(config.skip_modules)}
     version = ("sd_v2" if lora.v2 else "sd_v1") + ("_v" if lora.prediction == "v" else "")
     return {
         "ss_network_module": "networks.lora",
@@ -561,7 +564,7 @@ def kohya_metadata(lora: TrainableLoRA, output_name: str) -> dict[str, str]:
         "ss_output_name": output_name,
         "ss_training_started_at": str(lora.created_at),
         "ss_training_finished_at": str(time.time()),
-    }
+    } | ({"ss_sdstudio_module_filter": json.dumps(filters)} if config.modules or config.skip_modules else {})
 
 
 def save_kohya(

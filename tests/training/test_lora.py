@@ -285,25 +285,31 @@ def test_file_loads_and_merges_to_the_training_forward(models, tmp_path, arch, c
                 assert error > 1e-3, (how, error)
 
 
-def test_include_and_exclude_patterns_choose_modules(models, tmp_path):
-    """kohya's include_patterns / exclude_patterns: regular expressions searched in the kohya names of the
-    modules kohya would train (LoCon's convolutions and text only when asked for), written to the metadata."""
+def test_module_filters_choose_modules(models, tmp_path):
+    """--modules / --skip-modules: regular expressions searched in the kohya names of the modules kohya would
+    train (LoCon's convolutions and text only when asked for), written to the metadata."""
     model = models["tiny"]
     every = TrainableLoRA(model, LoraTrainConfig(rank=2, conv_rank=2), seed=0).names()
-    kv = TrainableLoRA(model, LoraTrainConfig(rank=2, include_patterns=("attn2_to_[kv]$",)), seed=0)
+    kv = TrainableLoRA(model, LoraTrainConfig(rank=2, modules=("attn2_to_[kv]$",)), seed=0)
     assert kv.names() and sorted(kv.names()) == sorted(n for n in every if n.endswith(("attn2_to_k", "attn2_to_v")))
-    config = LoraTrainConfig(rank=2, conv_rank=2, include_patterns=("attn", "resnets"), exclude_patterns=("ff_",))
+    config = LoraTrainConfig(rank=2, conv_rank=2, modules=("attn", "resnets"), skip_modules=("ff_",))
     chosen = TrainableLoRA(model, config, seed=0).names()
     assert sorted(chosen) == sorted(n for n in every if ("attn" in n or "resnets" in n) and "ff_" not in n)
     assert any("resnets" in n for n in chosen) and not any("ff_net" in n for n in chosen)
     # the patterns never add what kohya leaves out: no text modules without train_text_encoder
-    assert TrainableLoRA(model, LoraTrainConfig(rank=2, include_patterns=("attn",)), seed=0).names("te") == []
+    assert TrainableLoRA(model, LoraTrainConfig(rank=2, modules=("attn",)), seed=0).names("te") == []
     meta = kohya_metadata(kv, "kv")
-    assert json.loads(meta["ss_network_args"]) == {"include_patterns": '["attn2_to_[kv]$"]'}
+    assert json.loads(meta["ss_network_args"]) == {}
+    assert json.loads(meta["ss_sdstudio_module_filter"]) == {"modules": ["attn2_to_[kv]$"], "skip_modules": []}
+    # LoCon asked for, every convolution filtered out: no conv_dim in kohya's network args
+    no_conv = TrainableLoRA(model, LoraTrainConfig(rank=2, conv_rank=2, skip_modules=("resnets", "samplers")), seed=0)
+    assert not any("resnets" in n for n in no_conv.names())
+    assert json.loads(kohya_metadata(no_conv, "x")["ss_network_args"]) == {}
+    assert "ss_sdstudio_module_filter" not in kohya_metadata(TrainableLoRA(model, LORA, seed=0), "x")
     with pytest.raises(SdStudioError, match="leave no LoRA target"):
-        TrainableLoRA(model, LoraTrainConfig(rank=2, include_patterns=("nothing_is_called_this",)), seed=0)
-    with pytest.raises(SdStudioError, match="not a regular expression"):
-        LoraTrainConfig(include_patterns=("attn[",))
+        TrainableLoRA(model, LoraTrainConfig(rank=2, modules=("nothing_is_called_this",)), seed=0)
+    with pytest.raises(SdStudioError, match=r"--modules 'attn\[': not a regular expression"):
+        LoraTrainConfig(modules=("attn[",))
 
 
 def test_file_metadata_and_hash(models, tmp_path):
