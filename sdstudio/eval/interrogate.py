@@ -151,6 +151,48 @@ def _similarity(image: Tensor, texts: Tensor) -> Tensor:
     return texts @ image  # both L2-normalised: cosine similarities [n]
 
 
+MIRRORED_WORDS = {"left": "right", "right": "left"}
+PAIR_BLOCK_MAX = 100  # sentences in the joint block of one parallel group searched with the template's blocks
+JOINT_BLOCK_MAX = 150  # sentences in the final joint block of several parallel groups
+
+
+def mirrored(text: str) -> str:
+    """What ``text`` says of the mirrored image (left and right exchanged)."""
+    return " ".join(MIRRORED_WORDS.get(w, w) for w in text.split(" "))
+
+
+def parallel_groups(template: Template) -> list[tuple[str, ...]]:
+    """Slots that take the same values (the same attribute of different objects: ``shape``, ``shape2``),
+    groups of two or more in the template's order."""
+    groups: dict[tuple[tuple[str, str], ...], list[str]] = {}
+    for s in template.slots:
+        groups.setdefault(s.values, []).append(s.name)
+    return [tuple(g) for g in groups.values() if len(g) > 1]
+
+
+def _joint_size(template: Template, names: Iterable[str]) -> int:
+    sizes = {s.name: len(s.values) for s in template.slots}
+    return int(np.prod([sizes[n] for n in names]))
+
+
+def pair_group(template: Template) -> tuple[str, ...]:
+    """The parallel group of the most values whose joint block holds at most ``PAIR_BLOCK_MAX`` sentences
+    (the toy world's two positions: 81), searched with the template's blocks (() when none)."""
+    fits = [g for g in parallel_groups(template) if _joint_size(template, g) <= PAIR_BLOCK_MAX]
+    return max(fits, key=lambda g: _joint_size(template, g), default=())
+
+
+def joint_groups(template: Template) -> list[tuple[str, ...]]:
+    """The parallel groups of the fewest values, fewest first, while their joint block holds at most
+    ``JOINT_BLOCK_MAX`` sentences (the toy world's sizes and shapes of both objects: 144)."""
+    out: list[tuple[str, ...]] = []
+    for g in sorted(parallel_groups(template), key=lambda g: _joint_size(template, g)):
+        if _joint_size(template, itertools.chain(*out, g)) > JOINT_BLOCK_MAX:
+            break
+        out.append(g)
+    return out
+
+
 class Captioner:
     """Captions images with ``model``; ``blip``: images -> base captions (None: no BLIP); ``grammar``:
     sentences ranked for the base caption (used when no BLIP is given); ``lists``: phrase lists."""
@@ -166,6 +208,7 @@ class Captioner:
         chain_candidates: int = 64,
         max_chain: int = 8,
         count_tokens: Callable[[str], int] | None = None,
+        mirror: bool = True,
     ) -> None:
         if grammar is None and blip is None and not lists:
             raise SdStudioError("a captioner needs BLIP weights, a grammar or phrase lists to caption with")
@@ -177,6 +220,7 @@ class Captioner:
         self.chain_candidates = chain_candidates
         self.max_chain = max_chain
         self.count_tokens = count_tokens or (lambda text: len(text.replace(",", " , ").split()))
+        self.mirror = mirror
         self._embeddings: dict[str, Tensor] = {}
 
     def embed(self, texts: Sequence[str], keep: bool = True) -> Tensor:
@@ -193,19 +237,28 @@ class Captioner:
 
     # -- grammar ------------------------------------------------------------------------------------
 
-    def _search(
-        self, template: Template, image: Tensor, start: Mapping[str, int]
-    ) -> tuple[dict[str, int], float]:
-        choice = {s.name: start.get(s.name, 0) for s in template.slots}
+    def _scores(self, template: Template, options: Sequence[Mapping[str, int]], image: Tensor,
+                mirror: Tensor | None = None) -> Tensor:  # fmt: skip
+        """Similarities of ``options`` with ``image``; with ``mirror`` (the mirrored image's embedding), the
+        mean with the mirrored sentences' similarities to it (test-time augmentation)."""
+        texts = [template.render(o) for o in options]
+        sims = _similarity(image, self.embed(texts))
+        if mirror is not None:
+            sims = 0.5 * (sims + _similarity(mirror, self.embed([mirrored(t) for t in texts])))
+        return sims
+
+    def _ascend(self, template: Template, image: Tensor, choice: dict[str, int], best: float,
+                blocks: Sequence[tuple[str, ...]], sweeps: int,
+                mirror: Tensor | None = None) -> tuple[dict[str, int], float]:  # fmt: skip
+        """Coordinate ascent: each block's best combination of values (the other slots held), until a sweep
+        changes nothing (at most ``sweeps``)."""
         sizes = {s.name: len(s.values) for s in template.slots}
-        blocks = template.blocks or (tuple(choice),)
-        best = -2.0
-        for _ in range(self.grammar.max_sweeps if self.grammar else 1):
+        for _ in range(sweeps):
             changed = False
             for block in blocks:
-                combos = list(itertools.product(*(range(sizes[n]) for n in block)))
+                combos = itertools.product(*(range(sizes[n]) for n in block))
                 options = [choice | dict(zip(block, combo)) for combo in combos]
-                sims = _similarity(image, self.embed([template.render(o) for o in options]))
+                sims = self._scores(template, options, image, mirror)
                 i = int(sims.argmax())
                 if float(sims[i]) > best + 1e-7:
                     changed = changed or options[i] != choice
@@ -214,14 +267,54 @@ class Captioner:
                 break
         return choice, best
 
-    def _grammar_caption(self, image: Tensor, mode: Mode) -> tuple[str, dict[str, str], float]:
+    def _search(
+        self, template: Template, image: Tensor, start: Mapping[str, int],
+        ranked: Sequence[Mapping[str, int]] = (), mirror: Tensor | None = None,
+    ) -> tuple[dict[str, int], float, list[dict[str, int]]]:  # fmt: skip
+        """The template's best choice of values, its similarity, and (one-block templates) every choice,
+        best first. A template of blocks: the copies of ``parallel_groups`` that ``start`` lacks start from
+        the best of ``ranked`` (an earlier template's readings) that differs from ``start`` in each group;
+        coordinate ascent over the template's blocks and the joint block of ``pair_group``'s copies; then
+        one joint block of ``joint_groups``' copies, scored with the mirrored image too when ``mirror`` is
+        given (the similarity returned is the plain one, comparable with other templates')."""
+        choice = {s.name: start.get(s.name, 0) for s in template.slots}
+        if template.blocks is None:
+            combos = itertools.product(*(range(len(s.values)) for s in template.slots))
+            options = [dict(zip(choice, combo)) for combo in combos]
+            sims = self._scores(template, options, image)
+            order = torch.argsort(sims, descending=True).tolist()
+            return options[order[0]], float(sims[order[0]]), [options[i] for i in order]
+        groups = parallel_groups(template)
+        firsts = [g[0] for g in groups]
+        for reading in ranked:
+            if all(n in reading and reading[n] != choice[n] for n in firsts):
+                for g in groups:
+                    choice |= {n: reading[g[0]] for n in g[1:] if n not in start}
+                break
+        sweeps = self.grammar.max_sweeps if self.grammar else 1
+        pair = pair_group(template)
+        blocks = tuple(template.blocks) + ((pair,) if pair else ())
+        best = float(self._scores(template, [choice], image)[0])
+        choice, best = self._ascend(template, image, choice, best, blocks, sweeps)
+        joint = tuple(itertools.chain(*joint_groups(template)))
+        if len(joint) > 1:
+            held = float(self._scores(template, [choice], image, mirror)[0])
+            choice, _ = self._ascend(template, image, choice, held, (joint,), 1, mirror)
+            best = float(self._scores(template, [choice], image)[0])
+        return choice, best, []
+
+    def _grammar_caption(
+        self, image: Tensor, mode: Mode, mirror: Tensor | None = None
+    ) -> tuple[str, dict[str, str], float]:
         assert self.grammar is not None
         templates = self.grammar.templates[:1] if mode == "fast" else self.grammar.templates
         best: tuple[str, dict[str, str], float] = ("", {}, -2.0)
         start: dict[str, int] = {}
+        ranked: list[dict[str, int]] = []
         for template in templates:
-            choice, sim = self._search(template, image, start)
+            choice, sim, readings = self._search(template, image, start, ranked, mirror)
             start = start or choice  # later templates start from the first one's reading
+            ranked = ranked or readings
             if sim + template.bias > best[2]:
                 slots = {s.name: s for s in template.slots}
                 values = {name: slots[name].values[i][1] for name, i in choice.items()}
@@ -285,6 +378,10 @@ class Captioner:
         if not len(images):
             return []
         embeddings = self.model.encode_images(list(images)).float().cpu()
+        mirrors = None
+        if self.grammar is not None and self.blip is None and self.mirror:
+            flipped = [np.ascontiguousarray(np.asarray(im)[:, ::-1]) for im in images]
+            mirrors = self.model.encode_images(flipped).float().cpu()
         blip = self.blip(images) if self.blip is not None else None
         out = []
         for k, image in enumerate(embeddings):
@@ -292,7 +389,8 @@ class Captioner:
             if blip is not None:
                 base = blip[k].strip()
             elif self.grammar is not None:
-                base, values, _ = self._grammar_caption(image, mode)
+                mirror = mirrors[k] if mirrors is not None else None
+                base, values, _ = self._grammar_caption(image, mode, mirror)
             else:
                 base = ""
             phrases = self._phrases(base, image, mode)

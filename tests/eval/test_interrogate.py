@@ -16,6 +16,10 @@ from sdstudio.eval.interrogate import (
     PhraseList,
     Slot,
     Template,
+    joint_groups,
+    mirrored,
+    pair_group,
+    parallel_groups,
     phrase_lists,
     read_phrase_list,
 )
@@ -93,8 +97,20 @@ def test_block_search_reads_two_objects() -> None:
         "shape2": "s",
         "position2": "r",
     }
-    # searched by blocks: far fewer sentences than the 729 of an exhaustive search
-    assert len([t for t in model.encoded if " and " in t]) < 100
+    # searched by blocks (and a joint block of both colours and shapes, scored mirrored too): far fewer
+    # sentences than the 729 of an exhaustive search
+    assert len([t for t in model.encoded if " and " in t]) < 250
+
+
+def test_parallel_groups_and_mirrored_sentences() -> None:
+    slots = one_object().slots
+    second = tuple(Slot(s.name + "2", s.values) for s in slots)
+    two = Template("a {colour} {shape} {position} and a {colour2} {shape2} {position2}", (*slots, *second),
+                   blocks=(("colour", "shape"), ("position",), ("colour2", "shape2"), ("position2",)))  # fmt: skip
+    assert parallel_groups(two) == [("colour", "colour2"), ("shape", "shape2"), ("position", "position2")]
+    assert pair_group(two) == ("colour", "colour2")  # 9 sentences; ties: the first
+    assert joint_groups(two) == [("colour", "colour2"), ("shape", "shape2")]  # 81; with positions 729
+    assert mirrored("a red circle left and a blue star right") == "a red circle right and a blue star left"
 
 
 def test_blocks_must_cover_each_slot_once() -> None:
