@@ -370,6 +370,7 @@ def local_ray():
             ray.shutdown()
 
 
+@pytest.mark.slow  # a local Ray cluster and two worker processes: about 18 s
 def test_two_ray_workers_give_the_single_process_images(tmp_path, local_ray, loaded_once, capsys):
     prompts = write_lines(tmp_path / "p.jsonl", [
         json.dumps({"prompt": "a red circle", "seed": 11, "steps": 2}),

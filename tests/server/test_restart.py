@@ -9,6 +9,7 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from sdstudio.server.jobs import JobStore
 from tests.server.conftest import free_port
@@ -48,6 +49,7 @@ def wait_final(url: str, ids: list[str]) -> list[dict]:
     raise AssertionError("poll count exhausted")
 
 
+@pytest.mark.slow  # two server processes, one killed: about 20 s
 def test_kill_9_and_restart_runs_each_job_once(tmp_path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -35,9 +35,9 @@ def scenes(seed: int, n: int, objects: int) -> list[world.Scene]:
 
 
 def test_shipped_pair_reads_toy_scenes(captioner) -> None:
-    """benchmarks/toy_caption.py measures 500 scenes; 24 + 12 here (about a second a caption), at a bound a
+    """benchmarks/toy_caption.py measures 500 scenes; 12 + 8 here (about a second a caption), at a bound a
     broken pair cannot reach."""
-    one, two = scenes(1, 24, 1), scenes(2, 12, 2)
+    one, two = scenes(1, 12, 1), scenes(2, 8, 2)
     captions = captioner.caption([world.render(s) for s in one], "classic")
     accuracy = caption_accuracy(one, [c.values for c in captions])
     assert min(accuracy.values()) >= 0.9, accuracy
@@ -116,7 +116,7 @@ def test_caption_command_on_a_folder_of_renders(tmp_path, capsys) -> None:
         assert text.startswith(f"a {language.SIZE_WORDS[obj.size][0]} {language.COLOUR_WORDS[obj.colour][0]} "
                                f"{language.SHAPE_WORDS[obj.shape][0]}"), text  # fmt: skip
     assert (tmp_path / "2.txt").read_text() == "mine"
-    assert main(["caption", str(tmp_path), "--append-tags", "-q"]) == 0
+    assert main(["caption", str(tmp_path), "--append-tags", "--mode", "fast", "-q"]) == 0
     assert (tmp_path / "2.txt").read_text().startswith("mine, a ")
     assert main(["caption", str(tmp_path / "none")]) == 2
     assert "no such folder" in capsys.readouterr().err
@@ -125,7 +125,8 @@ def test_caption_command_on_a_folder_of_renders(tmp_path, capsys) -> None:
     # a trigger word and the captioner's colour word replaced by the user's, by the command's options
     obj = group[0].objects[0]
     colour = language.COLOUR_WORDS[obj.colour][0]
-    assert main(["caption", str(tmp_path), "--overwrite", "-q", "--prefix", "sks, ", "--replace", f"{colour}=pink"]) == 0
+    assert main(["caption", str(tmp_path), "--overwrite", "--mode", "fast", "-q", "--prefix", "sks, ",
+                 "--replace", f"{colour}=pink"]) == 0
     assert (tmp_path / "0.txt").read_text().startswith(f"sks, a {language.SIZE_WORDS[obj.size][0]} pink ")
     assert main(["caption", str(tmp_path), "--overwrite", "--replace", "pink"]) == 2
     assert "OLD=NEW" in capsys.readouterr().err

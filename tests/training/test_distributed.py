@@ -138,6 +138,7 @@ def vectors(path: Path | str, width: int = 32) -> torch.Tensor:
     return load_embedding(Path(path), width).vectors
 
 
+@pytest.mark.slow  # the torchrun fixture: two processes, about 25 s
 def test_two_processes_train_the_weights_of_one_at_the_global_batch(two_ranks, data, tmp_path):
     tmp, reports = two_ranks
     assert [r["shard"] for r in reports] == [[0, 2], [1, 2]] and [r["main"] for r in reports] == [True, False]
@@ -156,6 +157,7 @@ def test_two_processes_train_the_weights_of_one_at_the_global_batch(two_ranks, d
     torch.testing.assert_close(torch.tensor(logged), torch.tensor(expected), rtol=1e-5, atol=0)
 
 
+@pytest.mark.slow
 def test_two_processes_train_dreambooth_with_prior_preservation_as_one(two_ranks, data, tmp_path):
     tmp, (zero, one) = two_ranks
     assert zero["dreambooth"] == one["dreambooth"] == [str(tmp / "dreambooth" / "dreambooth.safetensors")]
@@ -171,6 +173,7 @@ def test_two_processes_train_dreambooth_with_prior_preservation_as_one(two_ranks
     assert max(float((both[k] - start[k]).abs().max()) for k in start if k in both) > 1e-4
 
 
+@pytest.mark.slow
 def test_only_rank_0_writes_and_every_rank_returns_the_paths(two_ranks):
     tmp, (zero, one) = two_ranks
     assert (
