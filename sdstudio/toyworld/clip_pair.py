@@ -129,6 +129,7 @@ def train_pair(
     text_pool: bool = False,
     scene_rng: Callable[[int], np.random.Generator],
     progress: Callable[[int, float], None] | None = None,
+    head: ContrastiveHead | None = None,
 ) -> tuple[ImageEncoder, ContrastiveHead]:
     """The image side of the pair trained against the frozen text encoder: a copy of ``image_encoder``
     (fine-tuned; the original is left as it is) and a new contrastive head, by symmetric InfoNCE over
@@ -136,14 +137,18 @@ def train_pair(
     scenes repeated with their places swapped, as the ``text`` stage draws them; ``shape_swaps``: share
     repeated with their shapes exchanged, never making a held-out colour-shape pair). ``text_pool``: the
     head pools all token states (``TextPool``), not the EOS state alone. ``scene_rng(step)``: the scenes'
-    randomness. Resumable from ``out_dir`` as every ``train`` run."""
+    randomness. ``head``: train a copy of this head (a pair trained further: ``image_encoder`` its encoder;
+    ``text_pool`` then follows the head), not a new one. Resumable from ``out_dir`` as every ``train`` run."""
     from sdstudio.toyworld.recipe import text_batch_scenes
 
     text_encoder.requires_grad_(False).eval()
     encoder = copy.deepcopy(image_encoder).requires_grad_(True).train()
-    with torch.random.fork_rng():  # initial weights from the seed alone
-        torch.manual_seed(seed)
-        head = ContrastiveHead(config.text.width, encoder.proj.out_features, text_pool=text_pool)
+    if head is not None:
+        head = copy.deepcopy(head).requires_grad_(True).train()
+    else:
+        with torch.random.fork_rng():  # initial weights from the seed alone
+            torch.manual_seed(seed)
+            head = ContrastiveHead(config.text.width, encoder.proj.out_features, text_pool=text_pool)
     modules = nn.ModuleDict({"image_encoder": encoder, "head": head})
     tokenizer = ClipTokenizer()
     # caption -> the frozen encoder's token states up to EOS [length, width] (the world's captions repeat)
