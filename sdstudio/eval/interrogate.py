@@ -378,8 +378,8 @@ class Captioner:
         if not len(images):
             return []
         embeddings = self.model.encode_images(list(images)).float().cpu()
-        mirrors = None
-        if self.grammar is not None and self.blip is None and self.mirror:
+        mirrors = None  # used by the final joint block of a two-object search, which "fast" never runs
+        if self.grammar is not None and self.blip is None and self.mirror and mode != "fast":
             flipped = [np.ascontiguousarray(np.asarray(im)[:, ::-1]) for im in images]
             mirrors = self.model.encode_images(flipped).float().cpu()
         blip = self.blip(images) if self.blip is not None else None
