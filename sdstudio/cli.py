@@ -719,7 +719,6 @@ def _print_paths(paths: list) -> int:
 
 
 def cmd_train_lora(args: argparse.Namespace) -> int:
-    from sdstudio.training.embedding import EmbeddingTrainConfig
     from sdstudio.training.lora import LoraRunOptions, LoraTrainConfig, train_lora
 
     model, run, options = _training_setup(args)
@@ -732,8 +731,7 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
     run_options = LoraRunOptions(
         name=args.name, noise_offset=args.noise_offset, lr_schedule=args.lr_schedule,
         gradient_accumulation=args.grad_accumulation, optimizer=args.optimizer, save_dtype=args.save_dtype,
-        prior=_prior(args), embeddings=args.embeddings, pivotal_lr=args.pivotal_lr,
-        pivotal=EmbeddingTrainConfig(args.pivotal, args.pivotal_vectors, args.pivotal_init) if args.pivotal else None,
+        prior=_prior(args), embeddings=args.embeddings, pivotal_lr=args.pivotal_lr, pivotal=_pivotal(args),
     )  # fmt: skip
     bar, update = _progress_bar(args, args.steps)
     with bar:
@@ -780,6 +778,23 @@ def _prior(args: argparse.Namespace) -> object:
     )  # fmt: skip
 
 
+def _pivotal_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--pivotal", metavar="WORD", help=f"pivotal tuning: also learn the vectors of WORD (a "
+                        f"word the captions use) with {what}; written as OUT/embeddings/WORD.safetensors, to "
+                        "generate with --embeddings OUT/embeddings")  # fmt: skip
+    parser.add_argument("--pivotal-init", default="*", metavar="TEXT",
+                        help="the text WORD's vectors start from (default '*'; a related word: 'red' for pink)")  # fmt: skip
+    parser.add_argument("--pivotal-vectors", type=int, default=1, help="vectors of WORD (default 1)")
+    parser.add_argument("--pivotal-lr", type=float, default=5e-3, help="learning rate of WORD's vectors (default "
+                        "5e-3, textual inversion's)")  # fmt: skip
+
+
+def _pivotal(args: argparse.Namespace) -> object:
+    from sdstudio.training.embedding import EmbeddingTrainConfig
+
+    return EmbeddingTrainConfig(args.pivotal, args.pivotal_vectors, args.pivotal_init) if args.pivotal else None
+
+
 def _prior_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--class-prompt", help="prior preservation: class images of this prompt ('a photo of a "
                         "dog'), made by the model itself and cached in --class-data")  # fmt: skip
@@ -805,7 +820,7 @@ def cmd_train_model(args: argparse.Namespace) -> int:
         "noise_offset": args.noise_offset, "gradient_accumulation": args.grad_accumulation,
         "gradient_checkpointing": args.gradient_checkpointing, "optimizer": args.optimizer,
         "lr_schedule": args.lr_schedule, "prediction": args.prediction_target, "save_dtype": args.save_dtype,
-        "ema_warmup": args.ema_warmup,
+        "ema_warmup": args.ema_warmup, "pivotal": _pivotal(args), "pivotal_lr": args.pivotal_lr,
     }  # fmt: skip
     if args.ema_decay is not None:
         common["ema_decay"] = args.ema_decay
@@ -1054,14 +1069,7 @@ def build_parser() -> argparse.ArgumentParser:
     _prior_arguments(lo)
     lo.add_argument("--embeddings", metavar="DIR", help="textual-inversion files the captions may name (by file "
                     "stem), their vectors kept as they are, as prompts use them")  # fmt: skip
-    lo.add_argument("--pivotal", metavar="WORD", help="pivotal tuning: also learn the vectors of WORD (a word "
-                    "the captions use) with the LoRA; written as OUT/embeddings/WORD.safetensors, to generate "
-                    "with --embeddings OUT/embeddings")  # fmt: skip
-    lo.add_argument("--pivotal-init", default="*", metavar="TEXT",
-                    help="the text WORD's vectors start from (default '*'; a related word: 'red' for pink)")  # fmt: skip
-    lo.add_argument("--pivotal-vectors", type=int, default=1, help="vectors of WORD (default 1)")
-    lo.add_argument("--pivotal-lr", type=float, default=5e-3, help="learning rate of WORD's vectors (default "
-                    "5e-3, textual inversion's)")  # fmt: skip
+    _pivotal_arguments(lo, "the LoRA")
     lo.set_defaults(func=cmd_train_lora)
     hn = trn_sub.add_parser(
         "hypernetwork", help="hypernetwork (AUTOMATIC1111): a style learnt in the attention's keys and values",
@@ -1100,6 +1108,7 @@ def build_parser() -> argparse.ArgumentParser:
             mp.add_argument("--instance-prompt", help="the caption of every instance image ('a photo of sks "
                             "dog'); default: the images' own captions")  # fmt: skip
             _prior_arguments(mp)
+        _pivotal_arguments(mp, "the UNet")
         mp.set_defaults(func=cmd_train_model)
 
     ev = sub.add_parser("eval", help="measure models")

@@ -52,11 +52,15 @@ from sdstudio.models.stablediffusion import EMA_PREFIX, UNET_PREFIX, ema_key
 from sdstudio.models.tokenizer import ClipTokenizer
 from sdstudio.models.unet import UNetModel, timestep_embedding
 from sdstudio.prompt.conditioning import encode_captions
+from sdstudio.prompt.embeddings import EmbeddingDatabase
+from sdstudio.training.datasets import scan_dataset
 from sdstudio.training.distributed import Shard, shard_from_env
+from sdstudio.training.embedding import EmbeddingTrainConfig, TrainableEmbedding, save_embedding
 from sdstudio.training.finetune import (
     LoopOptions,
     RunConfig,
     TrainingData,
+    check_names_embedding,
     dataset_config_for,
     jsonable,
     prepare_run_folder,
@@ -68,7 +72,7 @@ from sdstudio.training.trainer import EMA, EmaWarmup, TrainConfig, bf16_native, 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CLASS_MANIFEST", "CheckpointedUNet", "ClassImages", "DreamBoothConfig", "FinetuneConfig",
+    "CLASS_MANIFEST", "EMBEDDINGS_FOLDER", "CheckpointedUNet", "ClassImages", "DreamBoothConfig", "FinetuneConfig",
     "PriorPreservation", "bf16_native", "check_class_folder", "class_captions", "class_folder", "ema_tensors",
     "open_class_data", "prepare_class_images",
     "prior_preservation_loss", "train_dreambooth", "train_finetune",
@@ -76,6 +80,7 @@ __all__ = [
 
 CLASS_MANIFEST = "class_images.jsonl"  # one line per generated class image: file, prompt, seed, settings
 CLASS_FOLDER = "class_images"  # the default class data folder inside the run folder
+EMBEDDINGS_FOLDER = "embeddings"  # a pivotal run's trained word, for --embeddings
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 Progress = Callable[[int, float], None]
 # (model, prior, first seed, count) -> [(image, seed)]: how class images are made
@@ -123,10 +128,17 @@ class PriorPreservation:
 class _ModelTraining(LoopOptions):
     """What DreamBooth and full fine-tuning share: the loop options, the text encoder (``text_lr`` None: the
     run's learning rate), gradient checkpointing, the target (``prediction`` None: the model's own; ``"v"`` on
-    an eps model teaches it v-prediction, and the checkpoint says so) and the EMA of the UNet."""
+    an eps model teaches it v-prediction, and the checkpoint says so) and the EMA of the UNet.
+
+    ``pivotal``: a caption word's vectors (textual inversion, started from its ``init_text``) trained with the
+    UNet at ``pivotal_lr``, as the LoRA's pivotal tuning does (``lora.LoraRunOptions``), and written as
+    ``embeddings/WORD.safetensors`` beside the checkpoint: a word the text encoder never learnt then stands
+    for the concept in new combinations, while the rest of the text encoder stays as it was."""
 
     train_text_encoder: bool = False
     text_lr: float | None = None
+    pivotal: EmbeddingTrainConfig | None = None
+    pivotal_lr: float = 5e-3
     gradient_checkpointing: bool = False
     prediction: Prediction | None = None
     ema_decay: float = 0.0  # 0: no EMA
@@ -139,6 +151,8 @@ class _ModelTraining(LoopOptions):
             )
         if self.prediction not in (None, "epsilon", "v"):
             raise SdStudioError(f"prediction {self.prediction!r}: choose epsilon or v")
+        if not 0 < self.pivotal_lr < 10:
+            raise SdStudioError(f"pivotal learning rate {self.pivotal_lr}: must be a positive number below 10")
         super().__post_init__()  # the name, the shared options and the loop's own checks
 
     def train_config(self, run: RunConfig, bf16: bool | None = None, lr: float | None = None) -> TrainConfig:
@@ -388,7 +402,8 @@ def train_dreambooth(
     preview: PreviewSettings | None = None,
 ) -> list[Path]:
     """DreamBooth on the instance images in ``data``, with prior preservation if ``config.prior``; writes
-    ``NAME.safetensors`` (the whole model, single file) into ``out`` and returns its path."""
+    ``NAME.safetensors`` (the whole model, single file) into ``out`` and returns its path (then, with
+    ``config.pivotal``, the word's ``embeddings/WORD.safetensors``)."""
     return _train_model("dreambooth", model, data, out, config, run, dataset_options, overwrite, progress,
                         make_class_images, preview)  # fmt: skip
 
@@ -406,18 +421,25 @@ def train_finetune(
     preview: PreviewSettings | None = None,
 ) -> list[Path]:
     """Full fine-tuning on the captioned images in ``data``; writes ``NAME.safetensors`` (the whole model,
-    single file, with ``model_ema.*`` keys when ``config.ema_decay > 0``) into ``out``."""
+    single file, with ``model_ema.*`` keys when ``config.ema_decay > 0``) into ``out`` (then, with
+    ``config.pivotal``, the word's ``embeddings/WORD.safetensors``)."""
     return _train_model("finetune", model, data, out, config, run, dataset_options, overwrite, progress,
                         pipeline_class_images, preview)  # fmt: skip
 
 
-def _encode(model: LoadedModel, tokenizer: ClipTokenizer, captions: Sequence[str], trained: bool) -> Tensor:
+def _encode(
+    model: LoadedModel,
+    tokenizer: ClipTokenizer,
+    captions: Sequence[str],
+    trained: bool,
+    words: EmbeddingDatabase | None = None,
+) -> Tensor:
     clip_skip = model.config.text.default_clip_skip
     text_config = model.config.text
     if trained:
-        return encode_captions(model.model.text_encoder, tokenizer, text_config, captions, clip_skip)
+        return encode_captions(model.model.text_encoder, tokenizer, text_config, captions, clip_skip, words)
     with torch.no_grad():  # a frozen text encoder keeps no graph
-        return encode_captions(model.model.text_encoder, tokenizer, text_config, captions, clip_skip)
+        return encode_captions(model.model.text_encoder, tokenizer, text_config, captions, clip_skip, words)
 
 
 def _train_model(
@@ -443,7 +465,11 @@ def _train_model(
     instance_prompt = config.instance_prompt if isinstance(config, DreamBoothConfig) else ""
     if instance_prompt:  # every image's caption is the instance prompt (diffusers --instance_prompt)
         options |= {"template": (instance_prompt,), "missing_caption": "empty"}
+    if config.pivotal is not None:
+        options |= {"name": config.pivotal.name}  # the template's [name]
     data_config = dataset_config_for(model, **options)
+    if config.pivotal is not None:  # a word no caption names would get no gradient
+        check_names_embedding(scan_dataset(data, data_config), data_config, config.pivotal.name, data)
     prior = config.prior if isinstance(config, DreamBoothConfig) else None
     classes_at = None
     if prior is not None:
@@ -473,24 +499,32 @@ def _train_model(
     if config.train_text_encoder:
         trained["text_encoder"] = sd.text_encoder
         groups.append({"params": list(sd.text_encoder.parameters()), "lr": config.text_lr or run.lr})
+    tokenizer = ClipTokenizer()
+    words = None  # pivotal tuning: the word's vectors, trained at their own rate
+    if config.pivotal is not None:
+        words = TrainableEmbedding.create(config.pivotal, sd.text_encoder.token_embedding, tokenizer)
+        trained["embedding"] = words
+        groups.append({"params": [words.vectors], "lr": config.pivotal_lr, "name": "embedding"})
+    database = words.database if words is not None else None
     trained.requires_grad_(True)
     prediction = config.prediction or model.config.prediction
     unet: nn.Module = CheckpointedUNet(sd.unet) if config.gradient_checkpointing else sd.unet
     schedule = DiscreteSchedule.from_config(model.config.schedule).to(model.device)
     denoiser = Denoiser(unet, schedule, prediction)
-    tokenizer = ClipTokenizer()
-    text_trained = config.train_text_encoder
+    text_trained = config.train_text_encoder or words is not None
 
     def loss_fn(index: int, generator: torch.Generator) -> Tensor:
         latents, captions = source.batch(index, generator)
-        context = _encode(model, tokenizer, captions, text_trained)
+        context = _encode(model, tokenizer, captions, text_trained, database)
         instance = denoiser.training_loss(latents, context, generator, snr_gamma=run.snr_gamma,
                                           noise_offset=config.noise_offset,
                                           rows=source.rows(index))  # fmt: skip
+        if words is not None:  # a batch whose captions were all dropped: a zero gradient, every rank alike
+            instance = instance + 0.0 * words.vectors.sum()
         if classes is None or prior is None:
             return instance.mean()
         class_latents, captions_of_class = classes.batch(index, generator)
-        class_context = _encode(model, tokenizer, class_captions(prior, captions_of_class), text_trained)
+        class_context = _encode(model, tokenizer, class_captions(prior, captions_of_class), text_trained, database)
         kept = denoiser.training_loss(class_latents, class_context, generator, snr_gamma=run.snr_gamma,
                                       noise_offset=config.noise_offset, rows=classes.rows(index))  # fmt: skip
         return prior_preservation_loss(instance, kept, prior.prior_loss_weight)
@@ -513,9 +547,14 @@ def _train_model(
     extra = ema_tensors(ema, updates, config.ema_decay)
     metadata = {"sdstudio.training": json.dumps({"method": method, "steps": run.steps, "base_model": model.name,
                                                  "base_hash": model.short_hash})}  # fmt: skip
-    path = out / f"{config.name}.safetensors"
+    paths = [out / f"{config.name}.safetensors"]
+    if words is not None:
+        paths.append(out / EMBEDDINGS_FOLDER / f"{words.config.name}.safetensors")
     if shard.main:
-        save_model(sd, path, dtype=DTYPES[config.save_dtype], metadata=metadata, overwrite=True, extra=extra,
+        save_model(sd, paths[0], dtype=DTYPES[config.save_dtype], metadata=metadata, overwrite=True, extra=extra,
                    config=saved_config)  # fmt: skip
-    shard.barrier()  # the file exists when any rank returns
-    return [path]
+        if words is not None:
+            paths[1].parent.mkdir(exist_ok=True)
+            save_embedding(words, paths[1], step=run.steps, overwrite=True)
+    shard.barrier()  # the files exist when any rank returns
+    return paths

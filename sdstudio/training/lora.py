@@ -90,6 +90,7 @@ from sdstudio.prompt.embeddings import EmbeddingDatabase, load_embeddings_for
 from sdstudio.training.datasets import scan_dataset
 from sdstudio.training.distributed import Rows, shard_from_env
 from sdstudio.training.dreambooth import (
+    EMBEDDINGS_FOLDER,
     PriorPreservation,
     check_class_folder,
     class_captions,
@@ -756,9 +757,6 @@ def train_lora(
             save_embedding(words, paths[1], step=run.steps, overwrite=True)
     shard.barrier()  # the files exist when any rank returns
     return paths
-
-
-EMBEDDINGS_FOLDER = "embeddings"  # a pivotal run's trained word, for --embeddings
 
 
 def caption_words(

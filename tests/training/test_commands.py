@@ -124,6 +124,8 @@ def test_defaults_follow_the_model_and_bad_options_fail_before_any_work(data, ck
         (["lora", "--embeddings", str(tmp_path / "no-emb")], "no-emb: no such folder of embeddings"),
         (["lora", "--pivotal", "a<b"], "embedding name 'a<b'"),
         (["lora", "--pivotal", "sksdog"], "holds the embedding's name 'sksdog'"),
+        (["finetune", "--pivotal", "sksdog"], "holds the embedding's name 'sksdog'"),
+        (["dreambooth", "--pivotal-lr", "0"], "pivotal learning rate 0"),
         (["finetune", "--ema-decay", "1.5"], "EMA decay 1.5"),
         (["finetune", "--name", "a/b"], "output name 'a/b'"),
     ]

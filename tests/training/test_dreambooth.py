@@ -18,7 +18,7 @@ from torch import nn
 
 from sdstudio.errors import SdStudioError
 from sdstudio.models.loading import LoadedModel, load_model
-from sdstudio.models.stablediffusion import EMA_PREFIX, UNET_PREFIX, ema_key
+from sdstudio.models.stablediffusion import EMA_PREFIX, TEXT_PREFIX, UNET_PREFIX, ema_key
 from sdstudio.models.tokenizer import ClipTokenizer
 from sdstudio.prompt.conditioning import encode_captions
 from sdstudio.training.dreambooth import (
@@ -527,3 +527,46 @@ def test_lora_pivotal_tuning_learns_the_word_with_the_lora(data, tmp_path):
     with pytest.raises(SdStudioError, match="nowhere: no such folder of embeddings"):
         train_lora(fresh(), data, tmp_path / "missing", LoraTrainConfig(rank=2), run, missing)
     assert not (tmp_path / "missing").exists()  # refused before the run folder is made
+
+
+def test_finetune_pivotal_tuning_learns_the_word_with_the_unet(data, tmp_path):
+    """Pivotal tuning in a full fine-tune (and DreamBooth, the same loop): step 1's logged loss is, by hand
+    with the base model, the loss with the word's starting vectors (those of "red circle") in its place; the
+    vectors move and are written as an embedding file beside the checkpoint, whose UNet moved too and whose
+    text encoder did not. A word no caption uses is refused before the run folder is made."""
+    from sdstudio.prompt.embeddings import Embedding, EmbeddingDatabase, load_embedding
+    from sdstudio.training.embedding import EmbeddingTrainConfig, initial_vectors
+
+    run = RunConfig(steps=3, batch_size=2, lr=1e-3, bf16=False, seed=4)
+    word = EmbeddingTrainConfig("zqxring", vectors=2, init_text="red circle")
+    config = FinetuneConfig(name="ftpiv", save_dtype="fp32", pivotal=word, pivotal_lr=5e-2)
+    ckpt, emb_path = train_finetune(fresh(), data, tmp_path / "run", config, run)
+    assert emb_path == tmp_path / "run" / "embeddings" / "zqxring.safetensors" and ckpt.exists()
+    first = read_log(tmp_path / "run" / "state" / LOG_FILE)[0]
+
+    base, tokenizer = fresh(), ClipTokenizer()
+    start = initial_vectors(base.model.text_encoder.token_embedding, tokenizer, "red circle", 2)
+    database = EmbeddingDatabase.build([Embedding("zqxring", start)], tokenizer)
+    generator = torch.Generator().manual_seed(run.seed)
+    instance = TrainingData.open(data, dataset_config_for(base), base, tmp_path / "run" / "latents", 2, run.seed)
+    latents, captions = instance.batch(0, generator)
+    assert all("zqxring" in c for c in captions)
+    state = generator.get_state()
+    assert first["loss"] == pytest.approx(float(by_hand_mse(base, generator, latents, captions, database)), rel=1e-5)
+    generator.set_state(state)
+    assert first["loss"] != pytest.approx(float(by_hand_mse(base, generator, latents, captions)), rel=1e-3)
+
+    trained = load_embedding(emb_path, base.config.text.width)
+    assert trained.name == "zqxring" and (trained.vectors - start).abs().max() > 1e-3
+    saved = load_file(ckpt)
+    unet = base.model.unet.state_dict()
+    assert any(not torch.equal(saved[UNET_PREFIX + k], v) for k, v in unet.items())  # the UNet trained
+    text = base.model.text_encoder.state_dict()
+    assert all(torch.equal(saved[TEXT_PREFIX + k], v) for k, v in text.items())  # the encoder itself did not
+
+    unused = FinetuneConfig(pivotal=EmbeddingTrainConfig("sksdog"))
+    with pytest.raises(SdStudioError, match="holds the embedding's name 'sksdog'"):
+        train_finetune(fresh(), data, tmp_path / "unused", unused, run)
+    assert not (tmp_path / "unused").exists()
+    with pytest.raises(SdStudioError, match="pivotal learning rate 0"):
+        FinetuneConfig(pivotal=word, pivotal_lr=0)
