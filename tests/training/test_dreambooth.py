@@ -474,29 +474,20 @@ def test_lora_with_regularisation_images_adds_their_weighted_loss(data, tmp_path
         PriorPreservation("")
 
 
-def test_lora_pivotal_tuning_learns_the_word_with_the_lora(data, tmp_path):
-    """Pivotal tuning: the captions' word "zqxring" is a trained vector pair, started from the token vectors
-    of "red circle". Step 1's logged loss is, by hand with the base model, the loss with those starting
-    vectors in the word's place (not its plain tokens); the vectors then move, are written as an embedding
-    file, and a second LoRA run that loads that file with ``embeddings`` (frozen) starts from the loss of
-    the trained vectors. A word no caption uses, or a missing embeddings folder, is refused."""
-    from sdstudio.prompt.embeddings import Embedding, EmbeddingDatabase, load_embedding
-    from sdstudio.training.embedding import EmbeddingTrainConfig, initial_vectors
-    from sdstudio.training.lora import LoraRunOptions, LoraTrainConfig, train_lora
+def first_loss_is_the_starting_vectors(data: Path, out: Path, run: RunConfig):
+    """A pivotal run's step-1 logged loss is, by hand with the base model, the loss with the word "zqxring"'s
+    starting vectors (those of "red circle") in its place, not its plain BPE tokens'. Returns the base model,
+    the starting vectors and the instance data."""
+    from sdstudio.prompt.embeddings import Embedding, EmbeddingDatabase
+    from sdstudio.training.embedding import initial_vectors
 
-    run = RunConfig(steps=3, batch_size=2, lr=1e-3, bf16=False, seed=4)
-    word = EmbeddingTrainConfig("zqxring", vectors=2, init_text="red circle")
-    options = LoraRunOptions(name="piv", save_dtype="fp32", pivotal=word, pivotal_lr=5e-2)
-    lora_path, emb_path = train_lora(fresh(), data, tmp_path / "run", LoraTrainConfig(rank=2), run, options)
-    assert emb_path == tmp_path / "run" / "embeddings" / "zqxring.safetensors" and lora_path.exists()
-    first = read_log(tmp_path / "run" / "state" / LOG_FILE)[0]
-
+    first = read_log(out / "state" / LOG_FILE)[0]
     base, tokenizer = fresh(), ClipTokenizer()
     start = initial_vectors(base.model.text_encoder.token_embedding, tokenizer, "red circle", 2)
     assert start.abs().sum() > 0 and not torch.equal(start[0], start[1])
     database = EmbeddingDatabase.build([Embedding("zqxring", start)], tokenizer)
     generator = torch.Generator().manual_seed(run.seed)
-    instance = TrainingData.open(data, dataset_config_for(base), base, tmp_path / "run" / "latents", 2, run.seed)
+    instance = TrainingData.open(data, dataset_config_for(base), base, out / "latents", 2, run.seed)
     latents, captions = instance.batch(0, generator)
     assert all("zqxring" in c for c in captions)
     state = generator.get_state()
@@ -504,6 +495,26 @@ def test_lora_pivotal_tuning_learns_the_word_with_the_lora(data, tmp_path):
     generator.set_state(state)
     plain = by_hand_mse(base, generator, latents, captions)  # the word's own BPE tokens: another loss
     assert first["loss"] != pytest.approx(float(plain), rel=1e-3)
+    return base, start, instance
+
+
+def test_lora_pivotal_tuning_learns_the_word_with_the_lora(data, tmp_path):
+    """Pivotal tuning: the captions' word "zqxring" is a trained vector pair, started from the token vectors
+    of "red circle". Step 1's logged loss is, by hand with the base model, the loss with those starting
+    vectors in the word's place (not its plain tokens); the vectors then move, are written as an embedding
+    file, and a second LoRA run that loads that file with ``embeddings`` (frozen) starts from the loss of
+    the trained vectors. A word no caption uses, or a missing embeddings folder, is refused."""
+    from sdstudio.prompt.embeddings import EmbeddingDatabase, load_embedding
+    from sdstudio.training.embedding import EmbeddingTrainConfig
+    from sdstudio.training.lora import LoraRunOptions, LoraTrainConfig, train_lora
+
+    run = RunConfig(steps=3, batch_size=2, lr=1e-3, bf16=False, seed=4)
+    word = EmbeddingTrainConfig("zqxring", vectors=2, init_text="red circle")
+    options = LoraRunOptions(name="piv", save_dtype="fp32", pivotal=word, pivotal_lr=5e-2)
+    lora_path, emb_path = train_lora(fresh(), data, tmp_path / "run", LoraTrainConfig(rank=2), run, options)
+    assert emb_path == tmp_path / "run" / "embeddings" / "zqxring.safetensors" and lora_path.exists()
+    base, start, instance = first_loss_is_the_starting_vectors(data, tmp_path / "run", run)
+    tokenizer = ClipTokenizer()
 
     trained = load_embedding(emb_path, base.config.text.width)
     assert trained.name == "zqxring" and trained.vectors.shape == start.shape
@@ -534,27 +545,15 @@ def test_finetune_pivotal_tuning_learns_the_word_with_the_unet(data, tmp_path):
     with the base model, the loss with the word's starting vectors (those of "red circle") in its place; the
     vectors move and are written as an embedding file beside the checkpoint, whose UNet moved too and whose
     text encoder did not. A word no caption uses is refused before the run folder is made."""
-    from sdstudio.prompt.embeddings import Embedding, EmbeddingDatabase, load_embedding
-    from sdstudio.training.embedding import EmbeddingTrainConfig, initial_vectors
+    from sdstudio.prompt.embeddings import load_embedding
+    from sdstudio.training.embedding import EmbeddingTrainConfig
 
     run = RunConfig(steps=3, batch_size=2, lr=1e-3, bf16=False, seed=4)
     word = EmbeddingTrainConfig("zqxring", vectors=2, init_text="red circle")
     config = FinetuneConfig(name="ftpiv", save_dtype="fp32", pivotal=word, pivotal_lr=5e-2)
     ckpt, emb_path = train_finetune(fresh(), data, tmp_path / "run", config, run)
     assert emb_path == tmp_path / "run" / "embeddings" / "zqxring.safetensors" and ckpt.exists()
-    first = read_log(tmp_path / "run" / "state" / LOG_FILE)[0]
-
-    base, tokenizer = fresh(), ClipTokenizer()
-    start = initial_vectors(base.model.text_encoder.token_embedding, tokenizer, "red circle", 2)
-    database = EmbeddingDatabase.build([Embedding("zqxring", start)], tokenizer)
-    generator = torch.Generator().manual_seed(run.seed)
-    instance = TrainingData.open(data, dataset_config_for(base), base, tmp_path / "run" / "latents", 2, run.seed)
-    latents, captions = instance.batch(0, generator)
-    assert all("zqxring" in c for c in captions)
-    state = generator.get_state()
-    assert first["loss"] == pytest.approx(float(by_hand_mse(base, generator, latents, captions, database)), rel=1e-5)
-    generator.set_state(state)
-    assert first["loss"] != pytest.approx(float(by_hand_mse(base, generator, latents, captions)), rel=1e-3)
+    base, start, _ = first_loss_is_the_starting_vectors(data, tmp_path / "run", run)
 
     trained = load_embedding(emb_path, base.config.text.width)
     assert trained.name == "zqxring" and (trained.vectors - start).abs().max() > 1e-3
