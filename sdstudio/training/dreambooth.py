@@ -62,6 +62,7 @@ from sdstudio.training.finetune import (
     TrainingData,
     check_names_embedding,
     dataset_config_for,
+    holds_word,
     jsonable,
     prepare_run_folder,
     run_settings,
@@ -469,7 +470,13 @@ def _train_model(
         options |= {"name": config.pivotal.name}  # the template's [name]
     data_config = dataset_config_for(model, **options)
     if config.pivotal is not None:  # a word no caption names would get no gradient
-        check_names_embedding(scan_dataset(data, data_config), data_config, config.pivotal.name, data)
+        if not instance_prompt:
+            check_names_embedding(scan_dataset(data, data_config), data_config, config.pivotal.name, data)
+        elif "[name]" not in instance_prompt and not holds_word(instance_prompt, config.pivotal.name):
+            raise SdStudioError(
+                f"the instance prompt {instance_prompt!r} does not hold the pivotal word "
+                f"{config.pivotal.name!r}, so it would never be trained; write it in --instance-prompt"
+            )
     prior = config.prior if isinstance(config, DreamBoothConfig) else None
     classes_at = None
     if prior is not None:

@@ -274,12 +274,16 @@ def training_denoiser(model: LoadedModel) -> Denoiser:
                     model.config.prediction)  # fmt: skip
 
 
+def holds_word(text: str, word: str) -> bool:
+    """Whether ``text`` holds ``word`` as a word of its own (any case, not inside a longer word)."""
+    return re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", text, re.IGNORECASE) is not None
+
+
 def check_names_embedding(dataset: Dataset, config: DatasetConfig, name: str, data: object) -> None:
     """Refuse a run whose prompts never hold the embedding's name: its vectors would get no gradient."""
     if any("[name]" in line for line in config.template):
         return
-    word = re.compile(rf"(?<![\w-]){re.escape(name)}(?![\w-])", re.IGNORECASE)
-    if not any(word.search(c) for item in dataset.items for c in item.captions):
+    if not any(holds_word(c, name) for item in dataset.items for c in item.captions):
         where = "the template has no [name] and no caption" if config.template else "no caption"
         raise SdStudioError(
             f"{data}: {where} holds the embedding's name {name!r}, so it would never be trained; pass "

@@ -126,6 +126,8 @@ def test_defaults_follow_the_model_and_bad_options_fail_before_any_work(data, ck
         (["lora", "--pivotal", "sksdog"], "holds the embedding's name 'sksdog'"),
         (["finetune", "--pivotal", "sksdog"], "holds the embedding's name 'sksdog'"),
         (["dreambooth", "--pivotal-lr", "0"], "pivotal learning rate 0"),
+        (["dreambooth", "--instance-prompt", "a photo of a dog", "--pivotal", "sks"],
+         "does not hold the pivotal word 'sks'"),
         (["finetune", "--ema-decay", "1.5"], "EMA decay 1.5"),
         (["finetune", "--name", "a/b"], "output name 'a/b'"),
     ]
