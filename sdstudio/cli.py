@@ -771,10 +771,16 @@ def _prior(args: argparse.Namespace) -> object:
     from sdstudio.training.dreambooth import PriorPreservation
 
     if not (args.class_prompt or args.class_data):
+        if args.prior_target != "noise":
+            raise SdStudioError(
+                f"--prior-target {args.prior_target} is the class images' target: give them with "
+                "--class-prompt or --class-data"
+            )
         return None
     return PriorPreservation(
         args.class_prompt or "", class_data=args.class_data, num_class_images=args.num_class_images,
-        prior_loss_weight=args.prior_loss_weight, steps=args.class_steps, seed=args.seed,
+        prior_loss_weight=args.prior_loss_weight, target=args.prior_target, steps=args.class_steps,
+        seed=args.seed,
     )  # fmt: skip
 
 
@@ -796,6 +802,8 @@ def _pivotal(args: argparse.Namespace) -> object:
 
 
 def _prior_arguments(parser: argparse.ArgumentParser) -> None:
+    from sdstudio.training.dreambooth import PRIOR_TARGETS
+
     parser.add_argument("--class-prompt", help="prior preservation: class images of this prompt ('a photo of a "
                         "dog'), made by the model itself and cached in --class-data")  # fmt: skip
     parser.add_argument("--class-data", metavar="DIR", help="class (regularisation) images folder, captioned by "
@@ -803,6 +811,10 @@ def _prior_arguments(parser: argparse.ArgumentParser) -> None:
                         "there are used first")  # fmt: skip
     parser.add_argument("--num-class-images", type=int, default=100, help="class images (default 100)")
     parser.add_argument("--prior-loss-weight", type=float, default=1.0, help="weight of the class loss")
+    parser.add_argument("--prior-target", choices=PRIOR_TARGETS, default="noise",
+                        help="what the class images' loss compares with: the noise (DreamBooth's, default) or "
+                        "the base model's own prediction at the same noised latents and caption (a distillation that "
+                        "holds the base closer; DreamBooth keeps a copy of the UNet for it)")  # fmt: skip
     parser.add_argument("--class-steps", type=int, default=20, help="sampler steps per class image")
 
 

@@ -106,11 +106,17 @@ class Denoiser:
         snr_gamma: float = 0.0,
         vector: Tensor | None = None,
         control: ControlFn | None = None,
+        teacher: Denoiser | None = None,
     ) -> Tensor:
         """Per-sample MSE between F and its target (eps, or v), the DDPM objective. [B]
 
         ``vector`` / ``control``: SDXL's y and ControlNet residuals, as for :meth:`raw` (training a
         ControlNet passes its residuals here, the UNet frozen).
+
+        ``teacher``: the target is instead the teacher's own output F at the same noised latents, sigma and
+        context (without a gradient): a distillation loss, zero while the network equals its teacher. Prior
+        preservation against the base model (``PriorPreservation.target == "base"``) uses it; the teacher
+        must predict what this denoiser predicts.
 
         ``snr_gamma > 0`` weights it by Min-SNR-gamma (Hang et al. 2023, as diffusers' ``--snr_gamma``):
         ``min(SNR, gamma) / SNR`` for eps, ``min(SNR, gamma) / (SNR + 1)`` for v, with SNR = 1 / sigma^2.
@@ -119,7 +125,13 @@ class Denoiser:
         sigma = to_device(sigma, x0.device)
         c_skip, c_out, _ = self.scalings(sigma)
         noised = x0.float() + noise.float() * sigma.float()[:, None, None, None]
-        target = (x0.float() - c_skip * noised) / c_out
+        if teacher is None:
+            target = (x0.float() - c_skip * noised) / c_out
+        else:
+            if teacher.prediction != self.prediction:
+                raise ValueError(f"a {teacher.prediction} teacher for a {self.prediction} denoiser")
+            with torch.no_grad():
+                target = teacher.raw(noised, sigma, context, extra, vector, control).float()
         mse = (self.raw(noised, sigma, context, extra, vector, control) - target).pow(2).flatten(1).mean(1)
         if snr_gamma <= 0:
             return mse
@@ -138,6 +150,7 @@ class Denoiser:
         rows: Rows | None = None,
         vector: Tensor | None = None,
         control: ControlFn | None = None,
+        teacher: Denoiser | None = None,
     ) -> Tensor:
         """:meth:`loss` at random training timesteps, what every fine-tuning method minimises. [B]
 
@@ -164,6 +177,7 @@ class Denoiser:
             t, noise = rows.take(t), rows.take(noise)
         sigma = sigmas.cpu()[t].to(x0.device)
         losses = self.loss(
-            x0, noise.to(x0), sigma, context, extra, snr_gamma=snr_gamma, vector=vector, control=control
+            x0, noise.to(x0), sigma, context, extra, snr_gamma=snr_gamma, vector=vector, control=control,
+            teacher=teacher,
         )
         return losses if rows is None else rows.weigh(losses)

@@ -29,6 +29,7 @@ class folder must be one every rank sees) and writes the checkpoint; every rank 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -73,9 +74,9 @@ from sdstudio.training.trainer import EMA, EmaWarmup, TrainConfig, bf16_native, 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CLASS_MANIFEST", "EMBEDDINGS_FOLDER", "CheckpointedUNet", "ClassImages", "DreamBoothConfig", "FinetuneConfig",
-    "PriorPreservation", "bf16_native", "check_class_folder", "class_captions", "class_folder", "ema_tensors",
-    "open_class_data", "prepare_class_images",
+    "CLASS_MANIFEST", "EMBEDDINGS_FOLDER", "PRIOR_TARGETS", "CheckpointedUNet", "ClassImages", "DreamBoothConfig",
+    "FinetuneConfig", "PriorPreservation", "bf16_native", "check_class_folder", "class_captions", "class_folder",
+    "ema_tensors", "open_class_data", "prepare_class_images",
     "prior_preservation_loss", "train_dreambooth", "train_finetune",
 ]  # fmt: skip
 
@@ -86,6 +87,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 Progress = Callable[[int, float], None]
 # (model, prior, first seed, count) -> [(image, seed)]: how class images are made
 ClassImageMaker = Callable[[LoadedModel, "PriorPreservation", int, int], list[tuple[Image.Image, int]]]
+
+
+PRIOR_TARGETS = ("noise", "base")
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,10 @@ class PriorPreservation:
     class_data: str | None = None
     num_class_images: int = 100  # diffusers' default
     prior_loss_weight: float = 1.0
+    # what the class images' loss compares with: "noise", DreamBooth's (the noise, or v, as for the instance
+    # images), or "base", the base model's own prediction at the same noised latents (a distillation: zero
+    # until the network moves, and without the noise target's variance, so it holds the base closer)
+    target: str = "noise"
     negative_prompt: str = ""
     sampler: str = "Euler a"
     steps: int = 20
@@ -122,6 +130,10 @@ class PriorPreservation:
         if self.prior_loss_weight < 0:
             raise SdStudioError(
                 f"prior loss weight {self.prior_loss_weight}: must not be negative (1.0 is usual)"
+            )
+        if self.target not in PRIOR_TARGETS:
+            raise SdStudioError(
+                f"prior target {self.target!r}: expected one of {', '.join(PRIOR_TARGETS)} (--prior-target)"
             )
 
 
@@ -482,6 +494,11 @@ def _train_model(
     if prior is not None:
         classes_at = class_folder(prior, out)
         check_class_folder(prior, classes_at)
+        if prior.target == "base" and config.prediction not in (None, model.config.prediction):
+            raise SdStudioError(
+                f"--prior-target base compares with the base model's own {model.config.prediction} "
+                f"prediction; a run that teaches {config.prediction} cannot use it: leave out one of the two"
+            )
     settings = jsonable({"method": method, "model": str(model.path), "data": str(data),
                           "run": run_settings(run, shard), method: asdict(config), "dataset": asdict(data_config),
                           "class_data": str(classes_at) if classes_at else None})  # fmt: skip
@@ -489,6 +506,8 @@ def _train_model(
     log.info("%s %s", "resuming" if resume else "starting", out)
     sd = model.model
     sd.requires_grad_(False)
+    # prior preservation against the base: a frozen copy of the UNet as it starts, before a resumed state
+    base_unet = copy.deepcopy(sd.unet).eval() if prior is not None and prior.target == "base" else None
     source = TrainingData.open(
         data, data_config, model, out / "latents", run.batch_size, run.seed, shard=shard
     )
@@ -519,6 +538,7 @@ def _train_model(
     schedule = DiscreteSchedule.from_config(model.config.schedule).to(model.device)
     denoiser = Denoiser(unet, schedule, prediction)
     text_trained = config.train_text_encoder or words is not None
+    teacher = None if base_unet is None else Denoiser(base_unet, schedule, prediction)
 
     def loss_fn(index: int, generator: torch.Generator) -> Tensor:
         latents, captions = source.batch(index, generator)
@@ -533,7 +553,8 @@ def _train_model(
         class_latents, captions_of_class = classes.batch(index, generator)
         class_context = _encode(model, tokenizer, class_captions(prior, captions_of_class), text_trained, database)
         kept = denoiser.training_loss(class_latents, class_context, generator, snr_gamma=run.snr_gamma,
-                                      noise_offset=config.noise_offset, rows=classes.rows(index))  # fmt: skip
+                                      noise_offset=config.noise_offset, rows=classes.rows(index),
+                                      teacher=teacher)  # fmt: skip
         return prior_preservation_loss(instance, kept, prior.prior_loss_weight)
 
     try:

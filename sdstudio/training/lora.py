@@ -417,6 +417,24 @@ class AttachedLoRA:
         finally:
             self.hooks.extend(_register_hooks(self.model, self.lora))
 
+    def base(self) -> Denoiser:
+        """The denoiser of the model without the branches: the base, prior preservation's teacher
+        (``PriorPreservation.target == "base"``). Each call suspends the branches for its duration."""
+        return Denoiser(_WithoutBranches(self), self.denoiser.schedule, self.denoiser.prediction)
+
+
+class _WithoutBranches(nn.Module):
+    """The model's UNet called with the LoRA's branches suspended (``AttachedLoRA.base``)."""
+
+    def __init__(self, run: AttachedLoRA) -> None:
+        super().__init__()
+        self.unet = run.model.unet  # the model's own (its parameters: the denoiser reads their dtype)
+        self.run = run
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self.run.suspended():
+            return self.unet(*args, **kwargs)
+
 
 def _register_hooks(model: StableDiffusion, lora: TrainableLoRA) -> list[Any]:
     return [
@@ -524,6 +542,7 @@ def lora_loss(
     snr_gamma: float = 0.0,
     noise_offset: float = 0.0,
     rows: Rows | None = None,
+    teacher: Denoiser | None = None,
 ) -> Tensor:
     """One training loss (scalar): ``latents`` (scaled, as the UNet sees them) noised at timesteps drawn
     uniformly from the model's training timesteps (as kohya and diffusers draw them, here as their sigmas),
@@ -534,11 +553,12 @@ def lora_loss(
     Noise"): adds ``noise_offset * N(0, 1)`` per sample and channel to the noise, so that the model learns to
     change an image's mean brightness. Noise and timesteps come from ``generator`` (on the CPU, so a seed
     gives the same run on any device). ``rows``: this process's rows of a data-parallel global batch
-    (``TrainingData.rows``; None alone)."""
+    (``TrainingData.rows``; None alone). ``teacher``: its prediction is the target instead of the noise
+    (``Denoiser.loss``; ``run.base()`` for prior preservation against the base)."""
     if context.shape[0] != latents.shape[0]:
         raise ValueError(f"{context.shape[0]} contexts for {latents.shape[0]} latents")
     return run.denoiser.training_loss(
-        latents, context, generator, snr_gamma=snr_gamma, noise_offset=noise_offset, rows=rows
+        latents, context, generator, snr_gamma=snr_gamma, noise_offset=noise_offset, rows=rows, teacher=teacher
     ).mean()
 
 
@@ -703,8 +723,9 @@ def train_lora(
         "ss_mixed_precision": "bf16" if bf16 else "no",
         "ss_save_precision": options.save_dtype,
         "ss_tag_frequency": json.dumps(_tag_frequency(source)),
-    }
+    } | ({"ss_sdstudio_prior_target": prior.target} if prior else {})  # sdstudio's own: --prior-target
     with attached(sd, lora) as branches:
+        teacher = branches.base() if prior is not None and prior.target == "base" else None
 
         def loss_fn(index: int, generator: torch.Generator) -> Tensor:
             latents, captions = source.batch(index, generator)
@@ -722,7 +743,8 @@ def train_lora(
                 trained_words=words is not None,
             )
             kept = lora_loss(branches, class_latents, class_context, generator, snr_gamma=run.snr_gamma,
-                             noise_offset=options.noise_offset, rows=classes.rows(index))  # fmt: skip
+                             noise_offset=options.noise_offset, rows=classes.rows(index),
+                             teacher=teacher)  # fmt: skip
             return prior_preservation_loss(instance, kept, prior.prior_loss_weight)
 
         def on_save(step: int) -> None:

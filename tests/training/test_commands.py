@@ -128,6 +128,9 @@ def test_defaults_follow_the_model_and_bad_options_fail_before_any_work(data, ck
         (["dreambooth", "--pivotal-lr", "0"], "pivotal learning rate 0"),
         (["dreambooth", "--instance-prompt", "a photo of a dog", "--pivotal", "sks"],
          "does not hold the pivotal word 'sks'"),
+        (["lora", "--prior-target", "base"], "give them with --class-prompt or --class-data"),
+        (["dreambooth", "--class-data", str(data), "--num-class-images", "2", "--prior-target", "base",
+          "--prediction-target", "v"], "cannot use it"),
         (["finetune", "--ema-decay", "1.5"], "EMA decay 1.5"),
         (["finetune", "--name", "a/b"], "output name 'a/b'"),
     ]

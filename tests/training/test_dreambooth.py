@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -472,6 +473,76 @@ def test_lora_with_regularisation_images_adds_their_weighted_loss(data, tmp_path
         train_lora(fresh(), data, tmp_path / "bare", LoraTrainConfig(rank=2), run, LoraRunOptions(prior=prior))
     with pytest.raises(SdStudioError, match="needs a class prompt"):
         PriorPreservation("")
+
+
+def _class_folder(folder: Path) -> Path:
+    write_dataset(folder, n=3)
+    (folder / "broken.png").unlink()
+    for i, text in enumerate(["a red circle", "a blue square", "a green star"]):
+        (folder / f"{i:02d}.txt").write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize("method", ["lora", "dreambooth"])
+def test_prior_against_the_base_is_zero_at_the_start_and_grows_with_the_drift(method, data, tmp_path):
+    """``--prior-target base``: the class images' loss compares with the base model's own prediction. Step 1
+    (the network is still the base: a LoRA starts at zero, DreamBooth's UNet is the base) logs the instance
+    loss alone, by hand, whatever the prior weight; that step's update does not depend on the weight either
+    (the class term's gradient is zero), so at step 2 two runs differ only by their weights times the same
+    class term, which is positive once the network has moved. A DreamBooth teacher that moved with the
+    network (the UNet itself instead of a copy) would log 0 for it at step 2 as well; the LoRA's teacher is
+    checked exactly by the next test."""
+    from sdstudio.training.lora import LoraRunOptions, LoraTrainConfig, train_lora
+
+    classes_dir = _class_folder(tmp_path / "reg")
+    run = RunConfig(steps=2, batch_size=2, lr=1e-3, bf16=False, seed=4)
+    losses = {}
+    for weight in (0.5, 5.0):
+        prior = PriorPreservation("", class_data=str(classes_dir), num_class_images=3, prior_loss_weight=weight,
+                                  target="base")  # fmt: skip
+        out = tmp_path / f"run{weight}"
+        if method == "lora":
+            options = LoraRunOptions(name="reg", save_dtype="fp32", prior=prior)
+            (path,) = train_lora(fresh(), data, out, LoraTrainConfig(rank=2, unet_lr=1e-2), run, options)
+            with safe_open(str(path), "pt") as f:
+                assert f.metadata()["ss_sdstudio_prior_target"] == "base"
+        else:
+            train_dreambooth(fresh(), data, out, DreamBoothConfig(prior=prior, save_dtype="fp32"), run)
+        losses[weight] = [record["loss"] for record in read_log(out / "state" / LOG_FILE)]
+
+    base = fresh()
+    generator = torch.Generator().manual_seed(run.seed)
+    instance = TrainingData.open(data, dataset_config_for(base), base, tmp_path / "run0.5" / "latents", 2, run.seed)
+    latents, captions = instance.batch(0, generator)
+    first = float(by_hand_mse(base, generator, latents, captions))
+    assert losses[0.5][0] == pytest.approx(first, rel=1e-5) and losses[5.0][0] == pytest.approx(first, rel=1e-5)
+    # step 2: (instance + 5 * class) - (instance + 0.5 * class) = 4.5 * class, class > 0
+    class_term = (losses[5.0][1] - losses[0.5][1]) / 4.5
+    assert class_term > 1e-5, losses  # runs alike but for the weight differ by float rounding (~1e-7)
+    assert losses[0.5][1] - 0.5 * class_term > 0  # what is left is the instance loss
+
+
+def test_the_lora_teacher_is_the_model_without_its_branches():
+    """``AttachedLoRA.base()``, the LoRA's prior teacher: exactly the base model's prediction (hooked and
+    merged targets alike left out), the branches back afterwards."""
+    from sdstudio.training.lora import LoraTrainConfig, TrainableLoRA, attached
+
+    model, plain = fresh(), training_denoiser(fresh())
+    lora = TrainableLoRA(model.model, LoraTrainConfig(rank=2), seed=0)
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(p.numel()))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, model.config.unet.in_channels, 8, 8, generator=gen)
+    sigma, context = torch.tensor([0.5, 3.0]), torch.randn(2, 77, model.config.unet.context_dim, generator=gen)
+    with torch.no_grad(), attached(model.model, lora) as run:
+        with_lora = run.denoiser.raw(x, sigma, context)
+        base = run.base().raw(x, sigma, context)
+        again = run.denoiser.raw(x, sigma, context)
+        expected = plain.raw(x, sigma, context)
+    assert torch.equal(base, expected)
+    assert (with_lora - expected).abs().mean() > 0.01 * expected.abs().mean()
+    assert torch.equal(again, with_lora)
 
 
 def first_loss_is_the_starting_vectors(data: Path, out: Path, run: RunConfig):
