@@ -37,6 +37,17 @@ Results (2-core Xeon with AMX, torch 2.13, load average 1.2-1.8; seconds per ste
         ours 1.44 s, +1053 MiB;  diffusers + PEFT 1.44 s, +750 MiB: 1.00x, 1.40 (the merged GEGLU weights)
     --side ours --channels-last --variant merged: 4.38 s, +2111 MiB; --variant parametrize: 4.65 s, +2291 MiB
 
+On a 2-core AMD EPYC with AVX-512 BF16 and no AMX (2026-12-07, load average 1.0-1.6):
+
+    OMP_NUM_THREADS=2 python benchmarks/lora_train_step.py --channels-last
+        ours 7.95 s (15.5 CPU s), +1708 MiB;  diffusers + PEFT 7.76 s (15.2 CPU s), +1953 MiB: 0.98x, 0.87
+
+There PyTorch's fused attention takes 3.0 s of the step (2.0 s of it backward, 32 calls), the convolutions
+2.5 s. A backward in query slices for the sliced attention (``sdstudio.models.attention``'s inference path on
+such CPUs) was tried: one 4096 x 40 call of 8 heads took 0.33-0.37 s backward against the fused kernel's
+0.32-0.35 s at two threads (its forward 0.11 s against 0.17 s), 3 % of the step in all, so training keeps
+the fused kernel.
+
 Where the time goes (``torch.profiler``, ours, 512x512, 2 threads, self CPU time of 3.5 s): the fused
 attention's backward 32 %, convolution backward (input gradients) 18 %, mm 11 %, convolution forward 9 %,
 attention forward 7 %, addmm 5 %; diffusers spends the same in the same kernels, plus its casts and separate
