@@ -186,7 +186,10 @@ class Worker:
             refiner = checkpoint_from_record(record.get("refiner"))  # SDXL's, loaded beside it
         with self._lock:
             now = time.time()
-            self._progress = Progress(job_id=job.id, claimed=now, started=now, loading=checkpoint.title)
+            # the claim's time as the store wrote it inside the claim's transaction: claims are ordered there,
+            # while two workers may reach this line in either order
+            claimed = job.started if job.started is not None else now
+            self._progress = Progress(job_id=job.id, claimed=claimed, started=now, loading=checkpoint.title)
         try:
             pipeline = self.cache.get(checkpoint, vae, refiner)
         except Exception as e:
