@@ -426,6 +426,15 @@ def test_v_target_bf16_and_the_8bit_optimizer(data, tmp_path):
     assert any(t.dtype == torch.uint8 and t.numel() >= 4096 for t in tensors(state))  # 8-bit moments
 
 
+def _class_folder(folder: Path) -> Path:
+    """Three captioned class images (kohya's regularisation folder)."""
+    write_dataset(folder, n=3)
+    (folder / "broken.png").unlink()
+    for i, text in enumerate(["a red circle", "a blue square", "a green star"]):
+        (folder / f"{i:02d}.txt").write_text(text)
+    return folder
+
+
 def test_lora_with_regularisation_images_adds_their_weighted_loss(data, tmp_path):
     """LoRA with prior preservation (kohya's --reg_data_dir): a folder of captioned class images and no class
     prompt. Step 1's logged loss is, by hand with the base model (the LoRA starts at it exactly), the
@@ -434,11 +443,7 @@ def test_lora_with_regularisation_images_adds_their_weighted_loss(data, tmp_path
     by name before any training."""
     from sdstudio.training.lora import LoraRunOptions, LoraTrainConfig, train_lora
 
-    classes_dir = tmp_path / "reg"
-    write_dataset(classes_dir, n=3)
-    (classes_dir / "broken.png").unlink()
-    for i, text in enumerate(["a red circle", "a blue square", "a green star"]):
-        (classes_dir / f"{i:02d}.txt").write_text(text)
+    classes_dir = _class_folder(tmp_path / "reg")
     prior = PriorPreservation("", class_data=str(classes_dir), num_class_images=3, prior_loss_weight=0.25)
     run = RunConfig(steps=1, batch_size=2, lr=1e-3, bf16=False, seed=4)
     options = LoraRunOptions(name="reg", save_dtype="fp32", prior=prior)
@@ -473,14 +478,6 @@ def test_lora_with_regularisation_images_adds_their_weighted_loss(data, tmp_path
         train_lora(fresh(), data, tmp_path / "bare", LoraTrainConfig(rank=2), run, LoraRunOptions(prior=prior))
     with pytest.raises(SdStudioError, match="needs a class prompt"):
         PriorPreservation("")
-
-
-def _class_folder(folder: Path) -> Path:
-    write_dataset(folder, n=3)
-    (folder / "broken.png").unlink()
-    for i, text in enumerate(["a red circle", "a blue square", "a green star"]):
-        (folder / f"{i:02d}.txt").write_text(text)
-    return folder
 
 
 @pytest.mark.parametrize("method", ["lora", "dreambooth"])
