@@ -833,6 +833,7 @@ def cmd_train_model(args: argparse.Namespace) -> int:
         "gradient_checkpointing": args.gradient_checkpointing, "optimizer": args.optimizer,
         "lr_schedule": args.lr_schedule, "prediction": args.prediction_target, "save_dtype": args.save_dtype,
         "ema_warmup": args.ema_warmup, "pivotal": _pivotal(args), "pivotal_lr": args.pivotal_lr,
+        "modules": tuple(args.modules),
     }  # fmt: skip
     if args.ema_decay is not None:
         common["ema_decay"] = args.ema_decay
@@ -1116,6 +1117,9 @@ def build_parser() -> argparse.ArgumentParser:
                         + ("0: none" if method == "dreambooth" else "0.9999") + ")")  # fmt: skip
         mp.add_argument("--ema-warmup", choices=("none", "ldm", "power"), default="ldm",
                         help="EMA warm-up: ldm min(decay, (1+n)/(10+n)) (default), power, none")  # fmt: skip
+        mp.add_argument("--modules", nargs="+", default=[], metavar="REGEX",
+                        help="train only the UNet weights whose checkpoint key one of these regular expressions "
+                        "finds ('transformer_blocks': attention and feed-forward, no convolution); default: all")  # fmt: skip
         if method == "dreambooth":
             mp.add_argument("--instance-prompt", help="the caption of every instance image ('a photo of sks "
                             "dog'); default: the images' own captions")  # fmt: skip

@@ -34,6 +34,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -156,8 +157,19 @@ class _ModelTraining(LoopOptions):
     prediction: Prediction | None = None
     ema_decay: float = 0.0  # 0: no EMA
     ema_warmup: EmaWarmup = "ldm"
+    # regular expressions searched in the UNet's checkpoint keys (model.diffusion_model.input_blocks.1.1.
+    # transformer_blocks.0.attn2.to_k.weight): only the weights one of them finds train, as OneTrainer's
+    # layer filter ("transformer_blocks": attention and feed-forward, no convolution); empty: the whole UNet
+    modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for pattern in self.modules:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise SdStudioError(
+                    f"--modules {pattern!r}: not a regular expression ({e}); escape brackets as \\[ "
+                ) from None
         if self.text_lr is not None and not 0 < self.text_lr < 10:
             raise SdStudioError(
                 f"text encoder learning rate {self.text_lr}: must be a positive number below 10"
@@ -440,6 +452,23 @@ def train_finetune(
                         pipeline_class_images, preview)  # fmt: skip
 
 
+def trained_unet_weights(model: LoadedModel, modules: Sequence[str]) -> list[nn.Parameter]:
+    """The UNet weights a DreamBooth or fine-tuning run trains: all of them, or with ``modules`` those whose
+    checkpoint key (``model.diffusion_model.``...) one of the regular expressions finds (refused by name when
+    none does)."""
+    named = list(model.model.unet.named_parameters())
+    if not modules:
+        return [weight for _, weight in named]
+    chosen = [weight for name, weight in named if any(re.search(p, UNET_PREFIX + name) for p in modules)]
+    if not chosen:
+        example = next((name for name, _ in named if "attn2.to_k" in name), named[0][0])
+        raise SdStudioError(
+            f"--modules {list(modules)}: no UNet weight of {model.name} matches; they are searched in checkpoint "
+            f"keys such as {UNET_PREFIX + example} ('transformer_blocks': attention and feed-forward)"
+        )
+    return chosen
+
+
 def _encode(
     model: LoadedModel,
     tokenizer: ClipTokenizer,
@@ -499,6 +528,7 @@ def _train_model(
                 f"--prior-target base compares with the base model's own {model.config.prediction} "
                 f"prediction; a run that teaches {config.prediction} cannot use it: leave out one of the two"
             )
+    unet_weights = trained_unet_weights(model, config.modules)  # refused before the run folder is made
     settings = jsonable({"method": method, "model": str(model.path), "data": str(data),
                           "run": run_settings(run, shard), method: asdict(config), "dataset": asdict(data_config),
                           "class_data": str(classes_at) if classes_at else None})  # fmt: skip
@@ -521,7 +551,7 @@ def _train_model(
         log.info("%s has no native bf16: training in fp32", model.device)
     train_config = config.train_config(run, bf16)
     trained = nn.ModuleDict({"unet": sd.unet})
-    groups: list[dict] = [{"params": list(sd.unet.parameters()), "lr": run.lr}]
+    groups: list[dict] = [{"params": unet_weights, "lr": run.lr}]
     if config.train_text_encoder:
         trained["text_encoder"] = sd.text_encoder
         groups.append({"params": list(sd.text_encoder.parameters()), "lr": config.text_lr or run.lr})
@@ -533,6 +563,10 @@ def _train_model(
         groups.append({"params": [words.vectors], "lr": config.pivotal_lr, "name": "embedding"})
     database = words.database if words is not None else None
     trained.requires_grad_(True)
+    if config.modules:  # the UNet's other weights stay frozen: no gradient, no optimizer state
+        chosen = {id(p) for p in unet_weights}
+        for weight in sd.unet.parameters():
+            weight.requires_grad_(id(weight) in chosen)
     prediction = config.prediction or model.config.prediction
     unet: nn.Module = CheckpointedUNet(sd.unet) if config.gradient_checkpointing else sd.unet
     schedule = DiscreteSchedule.from_config(model.config.schedule).to(model.device)

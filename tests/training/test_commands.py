@@ -132,6 +132,8 @@ def test_defaults_follow_the_model_and_bad_options_fail_before_any_work(data, ck
         (["dreambooth", "--class-data", str(data), "--num-class-images", "2", "--prior-target", "base",
           "--prediction-target", "v"], "cannot use it"),
         (["finetune", "--ema-decay", "1.5"], "EMA decay 1.5"),
+        (["finetune", "--modules", "attn["], "--modules 'attn[': not a regular expression"),
+        (["dreambooth", "--modules", "no_such_block"], "no UNet weight of"),
         (["finetune", "--name", "a/b"], "output name 'a/b'"),
     ]
     for args, message in bad:

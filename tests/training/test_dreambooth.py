@@ -637,3 +637,22 @@ def test_finetune_pivotal_tuning_learns_the_word_with_the_unet(data, tmp_path):
     assert not (tmp_path / "unused").exists()
     with pytest.raises(SdStudioError, match="pivotal learning rate 0"):
         FinetuneConfig(pivotal=word, pivotal_lr=0)
+
+
+def test_modules_train_only_the_unet_weights_they_name(data, tmp_path):
+    """``modules`` (``--modules``): only the UNet weights whose checkpoint key a pattern finds move (here the
+    transformer blocks' attention and feed-forward); every other weight, the convolutions among them, is
+    written bit for bit as it was. A pattern that finds nothing is refused before the run folder is made."""
+    run = RunConfig(steps=3, batch_size=2, lr=1e-3, bf16=False, seed=4)
+    config = FinetuneConfig(name="blocks", save_dtype="fp32", ema_decay=0.0, modules=("transformer_blocks",))
+    (ckpt,) = train_finetune(fresh(), data, tmp_path / "run", config, run)
+    saved = load_file(ckpt)
+    base = fresh().model.unet.state_dict()
+    moved = {k for k, v in base.items() if not torch.equal(saved[UNET_PREFIX + k], v)}
+    assert moved and all(".transformer_blocks." in k for k in moved), sorted(moved)[:5]
+    assert any(k.endswith("attn2.to_k.weight") for k in moved) and any(".ff." in k for k in moved)
+    assert not any(k.endswith("in_layers.2.weight") for k in moved)  # a ResNet convolution
+
+    with pytest.raises(SdStudioError, match="no UNet weight of .* matches"):
+        train_finetune(fresh(), data, tmp_path / "none", FinetuneConfig(modules=("no_such_block",)), run)
+    assert not (tmp_path / "none").exists()
