@@ -63,6 +63,7 @@ from sdstudio.training.finetune import (
     RunConfig,
     TrainingData,
     check_names_embedding,
+    check_patterns,
     dataset_config_for,
     holds_word,
     jsonable,
@@ -163,13 +164,7 @@ class _ModelTraining(LoopOptions):
     modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for pattern in self.modules:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise SdStudioError(
-                    f"--modules {pattern!r}: not a regular expression ({e}); escape brackets as \\[ "
-                ) from None
+        check_patterns("--modules", self.modules)
         if self.text_lr is not None and not 0 < self.text_lr < 10:
             raise SdStudioError(
                 f"text encoder learning rate {self.text_lr}: must be a positive number below 10"
@@ -564,9 +559,9 @@ def _train_model(
     database = words.database if words is not None else None
     trained.requires_grad_(True)
     if config.modules:  # the UNet's other weights stay frozen: no gradient, no optimizer state
-        chosen = {id(p) for p in unet_weights}
-        for weight in sd.unet.parameters():
-            weight.requires_grad_(id(weight) in chosen)
+        sd.unet.requires_grad_(False)
+        for weight in unet_weights:
+            weight.requires_grad_(True)
     prediction = config.prediction or model.config.prediction
     unet: nn.Module = CheckpointedUNet(sd.unet) if config.gradient_checkpointing else sd.unet
     schedule = DiscreteSchedule.from_config(model.config.schedule).to(model.device)

@@ -26,7 +26,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -229,6 +229,17 @@ class TrainingData:
             posterior.mean + (0.5 * posterior.logvar).exp() * noise
         ) * self.model.config.vae.scale_factor
         return latents.to(self.model.device), captions
+
+
+def check_patterns(option: str, patterns: Sequence[str]) -> None:
+    """Refuse by name a module filter (``--modules``, ``--skip-modules``) that is not a regular expression."""
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise SdStudioError(
+                f"{option} {pattern!r}: not a regular expression ({e}); escape brackets as \\[ "
+            ) from None
 
 
 def run_settings(run: RunConfig, shard: Shard = ALONE) -> dict:

@@ -104,6 +104,7 @@ from sdstudio.training.finetune import (
     RunConfig,
     TrainingData,
     check_names_embedding,
+    check_patterns,
     dataset_config_for,
     jsonable,
     prepare_run_folder,
@@ -154,14 +155,8 @@ class LoraTrainConfig:
     skip_modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for option, patterns in (("--modules", self.modules), ("--skip-modules", self.skip_modules)):
-            for pattern in patterns:
-                try:
-                    re.compile(pattern)
-                except re.error as e:
-                    raise SdStudioError(
-                        f"{option} {pattern!r}: not a regular expression ({e}); escape brackets as \\[ "
-                    ) from None
+        check_patterns("--modules", self.modules)
+        check_patterns("--skip-modules", self.skip_modules)
         if self.rank < 1:
             raise SdStudioError(f"LoRA rank {self.rank}: must be at least 1")
         if self.conv_rank is not None and self.conv_rank < 1:
