@@ -7,7 +7,9 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -194,9 +196,7 @@ class Worker:
             pipeline = self.cache.get(checkpoint, vae, refiner)
         except Exception as e:
             log.exception("loading %s failed", checkpoint.title)
-            self.store.fail(job.id, f"model load failed: {checkpoint.title}: {e}")
-            with self._lock:
-                self._progress = Progress()
+            self._end(partial(self.store.fail, job.id, f"model load failed: {checkpoint.title}: {e}"))
             return
         previewer, scale = self._previewer(cache_key(checkpoint, vae), pipeline)
         self._set(previewer=previewer, preview_scale=scale)
@@ -233,6 +233,7 @@ class Worker:
         infotexts: list[str] = []
         warnings: list[str] = []
         self._set(n_iter=n_iter, loading=None, started=time.time())
+        end: Callable[[], object] | None = None  # the job's final state, written by _end
         try:
             for k in range(n_iter):
                 request = to_request(job.kind, payload, self.limits, seed=seed + k * int(p["batch_size"]))
@@ -253,18 +254,28 @@ class Worker:
                     infotexts.append(image.infotext)
         except _Stopped:
             if not self._stop.is_set():
-                self.store.mark_canceled(job.id)
+                end = partial(self.store.mark_canceled, job.id)
         except (SdStudioError, FieldError) as e:
-            self.store.fail(job.id, str(e))
+            end = partial(self.store.fail, job.id, str(e))
         except Exception as e:
             log.exception("job %s failed", job.id)
-            self.store.fail(job.id, f"{type(e).__name__}: {e}")
+            end = partial(self.store.fail, job.id, f"{type(e).__name__}: {e}")
         else:
             result_json = {"files": files, "seeds": seeds, "subseeds": subseeds, "infotexts": infotexts,
                            "warnings": warnings}  # fmt: skip
-            self.store.complete(job.id, result_json)
+            end = partial(self.store.complete, job.id, result_json)
         finally:
-            with self._lock:
+            self._end(end)
+
+    def _end(self, write: Callable[[], object] | None) -> None:
+        """A job's end: its final state written to the store (``write``; None: none, a stopping worker leaves
+        it running for the next start) and the progress cleared, both under the lock that readers of the
+        progress take, so that one who sees the job ended in the store never sees it still running here."""
+        with self._lock:
+            try:
+                if write is not None:
+                    write()
+            finally:
                 self._progress = Progress()
 
     def _callback(self, step: Any) -> None:

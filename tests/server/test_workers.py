@@ -19,6 +19,7 @@ from sdstudio.errors import SdStudioError
 from sdstudio.server.a1111 import ServerLimits
 from sdstudio.server.app import ServerConfig, config_from_args, worker_devices
 from sdstudio.server.jobs import JobStore
+from sdstudio.server.worker import Worker
 from sdstudio.types import GenerationRequest
 from tests.server.conftest import serve
 
@@ -75,6 +76,37 @@ def test_claims_from_many_threads_take_each_job_once_in_order(tmp_path) -> None:
     for name, got in taken.items():
         assert [order[j] for j in got] == sorted(order[j] for j in got)  # each thread takes them oldest first
         assert all(store.get(j).worker == name and store.get(j).attempts == 1 for j in got)
+    store.close()
+
+
+def test_a_reader_who_sees_a_job_ended_does_not_see_it_running(tmp_path) -> None:
+    """A worker writes a job's end to the store and clears its progress under the lock that readers of the
+    progress take: a reader woken by the end (``store.wait``, as the interrupt test's client is) reads no
+    progress of that job, even while the store's write has not yet returned to the worker."""
+
+    class LateStore(JobStore):
+        def _notify_ended(self) -> None:
+            super()._notify_ended()
+            time.sleep(0.3)  # the waiters are awake; the worker is still inside the store's write
+
+    store = LateStore(tmp_path / "jobs.sqlite")
+    store.submit("txt2img", {})
+    job = store.claim_next("worker-0")
+    worker = Worker(store, None, None, tmp_path, ServerLimits())  # type: ignore[arg-type]  # no model needed
+    worker._set(job_id=job.id, claimed=job.started)
+    seen = {}
+
+    def read() -> None:
+        seen["job"] = store.wait(job.id, timeout=LIMIT_S)
+        seen["progress"] = worker.progress()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    time.sleep(0.1)  # the reader waits for the end
+    worker._end(lambda: store.complete(job.id, {"files": []}))
+    reader.join(LIMIT_S)
+    assert seen["job"].state == "done"
+    assert seen["progress"].job_id is None
     store.close()
 
 
